@@ -54,8 +54,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skipside import conv
+
 PyTree = Any
 CACHE_POLICIES = ('last', 'avg', 'max')
+
+
+def _conv(*args, **kwargs) -> nnx.Conv:
+  # Our convolution keeps its gradients fast inside the tick scan on XLA:CPU
+  # (see skipside/conv.py); parameters are those of a plain nnx.Conv.
+  return nnx.Conv(*args, conv_general_dilated=conv.conv_general_dilated,
+                  **kwargs)
 
 
 def fragment_cache(window: jax.Array, *, policy: str, momentum,
@@ -127,7 +136,7 @@ class Conv(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *,
                kernel_size: int = 3, stride: int = 1, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size),
+    self.conv = _conv(in_features, out_features, (kernel_size, kernel_size),
                          strides=(stride, stride), padding='SAME', rngs=rngs)
 
   def __call__(self, x):
@@ -143,13 +152,13 @@ class ResidualConv(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *,
                stride: int = 1, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(in_features, out_features, (3, 3),
+    self.conv1 = _conv(in_features, out_features, (3, 3),
                           strides=(stride, stride), padding='SAME', rngs=rngs)
-    self.conv2 = nnx.Conv(out_features, out_features, (3, 3), padding='SAME',
+    self.conv2 = _conv(out_features, out_features, (3, 3), padding='SAME',
                           rngs=rngs)
     needs_projection = stride != 1 or in_features != out_features
     self.shortcut = (
-        nnx.Conv(in_features, out_features, (1, 1), strides=(stride, stride),
+        _conv(in_features, out_features, (1, 1), strides=(stride, stride),
                  rngs=rngs) if needs_projection else None)
 
   def __call__(self, x):
@@ -245,8 +254,8 @@ class FrameDecoderHead(nnx.Module):
   def __init__(self, in_features: int, frame_size: tuple[int, int],
                out_channels: int, *, hidden: int = 32, rngs: nnx.Rngs):
     self.frame_size = tuple(frame_size)
-    self.conv1 = nnx.Conv(in_features, hidden, (3, 3), padding='SAME', rngs=rngs)
-    self.conv2 = nnx.Conv(hidden, out_channels, (3, 3), padding='SAME',
+    self.conv1 = _conv(in_features, hidden, (3, 3), padding='SAME', rngs=rngs)
+    self.conv2 = _conv(hidden, out_channels, (3, 3), padding='SAME',
                           rngs=rngs)
 
   def __call__(self, x):
