@@ -48,6 +48,7 @@ Example -- a custom stage is a plain NNX module::
         return nnx.relu(self.fc(x))
 """
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -245,20 +246,32 @@ class ClassifierHead(nnx.Module):
 
 
 class FrameDecoderHead(nnx.Module):
-  """Next-frame prediction: upsample features to the frame size and decode.
+  """Next-frame prediction: decode features at 1/``upscale`` of the frame size.
 
   Shapes: ``(B, h, w, C) -> (B, H, W, out_channels)`` with ``H, W`` from
-  ``frame_size``; nearest-neighbour upsampling then two 3x3 convolutions.
+  ``frame_size``. Nearest-neighbour upsampling to ``(H / r, W / r)`` with
+  ``r = upscale`` (default: the largest of 4, 2, 1 dividing ``H`` and ``W``), two 3x3 convolutions there, the last with ``r * r *
+  out_channels`` features, then depth-to-space (sub-pixel convolution, Shi et
+  al. 2016): r^2 times cheaper than convolving at full resolution.
   """
 
   def __init__(self, in_features: int, frame_size: tuple[int, int],
-               out_channels: int, *, hidden: int = 32, rngs: nnx.Rngs):
-    self.frame_size = tuple(frame_size)
+               out_channels: int, *, hidden: int = 32,
+               upscale: int | None = None, rngs: nnx.Rngs):
+    upscale = upscale or math.gcd(4, *frame_size)
+    if any(s % upscale for s in frame_size):
+      raise ValueError(f'FrameDecoderHead: frame size {tuple(frame_size)} is '
+                       f'not divisible by upscale={upscale}')
+    self.frame_size, self.upscale = tuple(frame_size), upscale
+    self.out_channels = out_channels
     self.conv1 = _conv(in_features, hidden, (3, 3), padding='SAME', rngs=rngs)
-    self.conv2 = _conv(hidden, out_channels, (3, 3), padding='SAME',
-                          rngs=rngs)
+    self.conv2 = _conv(hidden, upscale * upscale * out_channels, (3, 3),
+                       padding='SAME', rngs=rngs)
 
   def __call__(self, x):
-    shape = (x.shape[0], *self.frame_size, x.shape[-1])
-    x = jax.image.resize(x, shape, method='nearest')
-    return self.conv2(nnx.relu(self.conv1(x)))
+    r, (h, w) = self.upscale, self.frame_size
+    b = x.shape[0]
+    x = jax.image.resize(x, (b, h // r, w // r, x.shape[-1]), method='nearest')
+    y = self.conv2(nnx.relu(self.conv1(x)))  # (B, H/r, W/r, r*r*C)
+    y = y.reshape(b, h // r, w // r, r, r, self.out_channels)
+    return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, self.out_channels)
