@@ -47,6 +47,29 @@ def _is_channels_last(dimension_numbers, nd: int) -> bool:
   return False
 
 
+def _vma(x) -> frozenset:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (else {})."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, 'vma', None)  # jax >= 0.11
+  if vma is None:
+    vma = getattr(getattr(aval, 'mat', None), 'varying', None)
+  return frozenset(vma or ())
+
+
+def _same_variance(x, w):
+  """Inside ``shard_map``, marks ``x`` and ``w`` varying over the same axes.
+
+  A custom VJP must return gradients of its inputs' exact types; lax's own
+  conv would vary an invariant input implicitly. Doing it here, outside the
+  custom VJP, lets JAX transpose that cast (a ``psum``) itself.
+  """
+  both = _vma(x) | _vma(w)
+  def cast(a):
+    missing = tuple(sorted(both - _vma(a)))
+    return lax.pcast(a, missing, to='varying') if missing else a
+  return cast(x), cast(w)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, pads, dilation, precision):
   return lax.conv_general_dilated(
@@ -118,4 +141,5 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
     padding = lax.padtype_to_pads(lhs.shape[1:-1], k_eff, window_strides,
                                   padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  lhs, rhs = _same_variance(lhs, rhs)
   return _conv(lhs, rhs, tuple(window_strides), pads, dilation, precision)

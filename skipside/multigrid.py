@@ -54,6 +54,7 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import threading
@@ -503,10 +504,22 @@ class CompileCounter:
     self.count = 0
     self.seconds = 0.0
     self._lock = threading.Lock()
+    self._paused = False
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Compilations inside are not counted (e.g. orbax's host-transfer
+    slices of replicated arrays at the first checkpoint of a mesh run: one
+    per parameter shape, not a step's)."""
+    self._paused = True
+    try:
+      yield
+    finally:
+      self._paused = False
 
   def _listener(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
-    if event == BACKEND_COMPILE_EVENT:
+    if event == BACKEND_COMPILE_EVENT and not self._paused:
       with self._lock:
         self.count += 1
         self.seconds += duration

@@ -71,12 +71,12 @@ the cache policies act on its carry through ``to_stream_carry`` /
 Shapes and multigrid: nothing is fixed but ``Options``; the number of
 fragments comes from the video's shape and a ``NetworkSpec`` follows the frame
 size (``network.for_frame_shape``), so every batch shape is one compilation.
-For multigrid buckets ``(b, t, s)`` each bucket needs ``t`` to split into
-fragments (``Options.num_fragments``; PGT's multigrid also changes the
-fragment length per long-cycle stage: an ``Options`` per bucket) and
-``train._compile_multigrid`` would lower ``progressive.train_step`` (or the
-step of ``make_train_step``) per bucket instead of the engine's step; until
-then ``validate_config`` refuses the combination.
+With multigrid buckets ``(b, t, s)`` the fragment length stays the
+configured one and each bucket's ``t`` must split into fragments
+(``Options.num_fragments``; the error names the bucket); the training loop
+compiles ``make_train_step`` per bucket ahead of time
+(``train._compile_multigrid``). PGT's own multigrid also changes the fragment
+length per long-cycle stage; here it is fixed.
 """
 
 import dataclasses
@@ -817,12 +817,6 @@ def validate_config(config) -> Options:
         'config.progressive.enabled cannot be combined with '
         'config.train.update_every, stream or flush (fragments already carry '
         'the stream within a video; step_per sets the updates)')
-  mg = config.get('multigrid')
-  if mg and (mg.get('long_cycle') or mg.get('short_cycle')):
-    raise ValueError(
-        'config.progressive with config.multigrid is not wired into the '
-        'training loop yet: compile make_train_step per bucket (see '
-        'make_train_step)')
   frag = config.data.get('fragment_frames', 0)
   if frag and (frag != opts.fragment_frames
                or config.data.fragment_overlap != opts.overlap):
@@ -831,7 +825,9 @@ def validate_config(config) -> Options:
         f'{config.data.fragment_overlap}) differ from config.progressive '
         f'({opts.fragment_frames}, {opts.overlap}); set the data keys to 0 '
         '(whole videos, cut here) or to the same values')
-  opts.num_fragments(config.data.num_frames)
+  mg = config.get('multigrid')
+  if not (mg and (mg.get('long_cycle') or mg.get('short_cycle'))):
+    opts.num_fragments(config.data.num_frames)  # Multigrid: per bucket.
   return opts
 
 

@@ -254,9 +254,6 @@ def _mesh_config_errors(config, num_stages: int, devices: int) -> list[str]:
     errors.append(
         f'config.mesh ({config.mesh.data} x {config.mesh.stage}) must use all '
         f'{devices} devices of a multi-process job')
-  if multigrid.enabled(config):
-    errors.append('config.multigrid with config.mesh: the training loop '
-                  'compiles multigrid buckets for one device only')
   return errors
 
 
@@ -312,9 +309,11 @@ def _data_shard(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
 
 
 def _mesh_eval(mspec: mesh_lib.MeshSpec, batches, batch_size: int, *,
-               mode: str, compute_dtype):
+               mode: str, compute_dtype, compiled=None):
   """``(batches, forward)`` for ``evaluate`` on the mesh: clips as global
-  arrays, labels and masks as host copies of the whole global batch."""
+  arrays, labels and masks as host copies of the whole global batch.
+  ``compiled(params, clip, targets)`` replaces ``mesh.forward`` (multigrid:
+  compiled ahead of time)."""
   m = mspec.mesh
   sharded = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec('data'))
 
@@ -332,8 +331,8 @@ def _mesh_eval(mspec: mesh_lib.MeshSpec, batches, batch_size: int, *,
     if not isinstance(targets, jax.Array):  # A host copy of the global batch.
       t = np.asarray(targets)
       targets = jax.make_array_from_callback(t.shape, sharded, lambda i: t[i])
-    out = mesh_lib.forward(mspec, params, clip, targets, mode=mode,
-                           compute_dtype=compute_dtype)
+    out = (compiled(params, clip, targets) if compiled else mesh_lib.forward(
+        mspec, params, clip, targets, mode=mode, compute_dtype=compute_dtype))
     preds = None if out.predictions is None else _host(out.predictions)
     return out._replace(carry=None, predictions=preds, metrics={
         k: _host(v) for k, v in out.metrics.items()}), None
@@ -634,38 +633,80 @@ def evaluate_workdir(workdir: str,
 
 
 def _compile_multigrid(config, spec, optimizer, state, schedule, info,
-                       compute_dtype):
+                       compute_dtype, mesh=None, groups=None):
   """Every train shape of ``schedule`` and the eval shape, compiled ahead of
   time: ``(train step table, eval forward table)`` (``multigrid.BucketTable``,
-  keyed by the per-process clip shape)."""
+  keyed by the clip shape the loop passes: per process on one device, global
+  on a mesh).
+
+  Each bucket gets the spec of its frame size (``network.for_frame_shape``),
+  placed on the mesh with the same stage ``groups`` when there is one, and
+  the step of its kind: the engine's, or PGT's (``config.progressive``: the
+  bucket's frames cut into fragments of the configured length).
+  """
   static = dict(mode=config.mode, compute_dtype=compute_dtype,
                 update_every=None, flush=config.train.flush,
                 skip_nonfinite=config.train.on_nonfinite == 'skip')
+  pgt = config.get('progressive') and config.progressive.enabled
+  if pgt:
+    from skipside import progressive  # pylint: disable=g-import-not-at-top
+  data_sharding = None if mesh is None else jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+
+  def bucket_spec(key, pooled):
+    spec_b = network.for_frame_shape(spec, state.params, key[2:])
+    if pooled:  # PGT's 'avg'/'max' caches pool the stages' inputs.
+      spec_b = progressive.pooled_spec(spec_b, config.progressive.cache_policy)
+    return spec_b if mesh is None else mesh_lib.place(spec_b, mesh, groups)
 
   def abstract(key):
-    clip = jax.ShapeDtypeStruct(key, jnp.float32)
-    return (network.for_frame_shape(spec, state.params, key[2:]), clip,
-            jax.ShapeDtypeStruct(key[:1], jnp.int32))
+    if mesh is not None and key[0] % mesh.shape['data']:
+      raise ConfigError(
+          f'multigrid bucket of clip shape {key}: batch {key[0]} is not '
+          f"divisible by the data axis config.mesh.data={mesh.shape['data']}")
+    return (jax.ShapeDtypeStruct(key, jnp.float32, sharding=data_sharding),
+            jax.ShapeDtypeStruct(key[:1], jnp.int32, sharding=data_sharding))
+
+  params, opt_state = (multigrid.abstract(state.params),
+                       multigrid.abstract(state.opt_state))
 
   def lower_step(key):
-    spec_b, clip, targets = abstract(key)
-    return _train_step.lower(spec_b, optimizer, state.params, state.opt_state,
-                             clip, targets, None, **static)
+    clip, targets = abstract(key)
+    if pgt:
+      try:
+        progressive.Options.from_config(config.progressive).num_fragments(
+            key[1])
+      except ValueError as e:
+        raise ConfigError(f'multigrid bucket of clip shape {key}: '
+                          f'config.progressive: {e}') from e
+      step = progressive.make_train_step(
+          bucket_spec(key, pooled=True), optimizer, config,
+          compute_dtype=compute_dtype, skip_nonfinite=static['skip_nonfinite'])
+      return step.lower(params, opt_state, clip, targets, None)
+    return _train_step.lower(bucket_spec(key, pooled=False), optimizer, params,
+                             opt_state, clip, targets, None, **static)
 
   def lower_eval(key):
-    spec_b, clip, targets = abstract(key)
-    return engine.forward.lower(spec_b, state.params, clip, targets,
-                                mode=config.mode, compute_dtype=compute_dtype)
+    clip, targets = abstract(key)
+    if mesh is not None:
+      return mesh_lib.forward.lower(bucket_spec(key, pooled=False), params,
+                                    clip, targets, mode=config.mode,
+                                    compute_dtype=compute_dtype)
+    return engine.forward.lower(spec, params, clip, targets, mode=config.mode,
+                                compute_dtype=compute_dtype)
 
   channels = info.element_shape[-1]
   keys = [multigrid.clip_spec(s, channels, info.shard_count)[0].shape
           for s in schedule.buckets()]
+  if mesh is not None:  # The loop passes global batches.
+    keys = [(k[0] * info.shard_count, *k[1:]) for k in keys]
   threads = config.multigrid.compile_threads or None
   steps = multigrid.compile_buckets(
-      lower_step, keys, key_fn=lambda p, o, clip, t, c: tuple(clip.shape),
+      lower_step, keys, key_fn=lambda p, o, clip, t, c=None: tuple(clip.shape),
       name='train step', num_threads=threads)
+  eval_batch = info.batch_size * (1 if mesh is None else info.shard_count)
   evals = multigrid.compile_buckets(
-      lower_eval, [(info.batch_size, *info.element_shape)],
+      lower_eval, [(eval_batch, *info.element_shape)],
       key_fn=lambda p, clip, t: tuple(clip.shape), name='eval forward')
   logging.info('multigrid: compiled %d train shapes + eval in %.1fs',
                len(keys), steps.wall_seconds + evals.wall_seconds)
@@ -679,8 +720,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   Returns a summary: final step, last train and eval metrics, wall time,
   ``'preempted': True`` if a SIGTERM ended the run early, ``compile_s``
   (multigrid: every shape compiled before the loop) and
-  ``compilations_in_loop`` (XLA compilations after the loop started; 0 with
-  multigrid).
+  ``compilations_in_loop`` (XLA compilations of steps and evaluations after
+  the loop started, checkpoint writes aside; 0 with multigrid).
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -747,9 +788,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
         config, spec, optimizer, state, schedule, train_iter.info,
-        compute_dtype)
+        compute_dtype, mesh, mspec and mspec.groups)
     compile_s = step_fn.wall_seconds + eval_forward.wall_seconds
-  if config.get('progressive') and config.progressive.enabled:
+  elif config.get('progressive') and config.progressive.enabled:
     from skipside import progressive  # PGT: videos as serial fragments.
     pspec = spec if mspec is None else mesh_lib.place(  # Pooled caches.
         progressive.pooled_spec(spec, config.progressive.cache_policy), mesh,
@@ -771,7 +812,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if mspec is not None:
       batches, forward = _mesh_eval(mspec, it, config.data.batch_size,
                                     mode=config.mode,
-                                    compute_dtype=compute_dtype)
+                                    compute_dtype=compute_dtype,
+                                    compiled=eval_forward)
     try:
       return evaluate(spec, state.params, batches, mode=config.mode,
                       compute_dtype=compute_dtype,
@@ -791,8 +833,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       batch = next(train_iter)
       clip, targets = batch['video'], _targets(batch, spec)
       if mesh is not None:  # This process's rows -> global arrays.
-        clip, targets = mesh_lib.global_batch(mesh, (clip, targets),
-                                              config.data.batch_size)
+        clip, targets = mesh_lib.global_batch(  # (Multigrid: bucket's size.)
+            mesh, (clip, targets), len(clip) * train_iter.info.shard_count)
       params, opt_state, out = step_fn(state.params, state.opt_state, clip,
                                        targets, state.carry)
       loss = float(out.metrics['loss'])
@@ -824,7 +866,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                         clips_s=f'{train_metrics["train/clips_per_s"]:.1f}')
         writer.write(state.step, train_metrics)
       if state.step % config.train.checkpoint_every == 0 or state.step == total:
-        ckpt.save(state, train_iter.get_state(), meta())
+        with compiles.paused():
+          ckpt.save(state, train_iter.get_state(), meta())
       if state.step % config.train.eval_every == 0 or state.step == total:
         eval_metrics = run_eval()
         writer.write(state.step, eval_metrics)
@@ -832,7 +875,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           bar.write(f'step {state.step}: ' + ', '.join(
               f'{k}={v:.4f}' for k, v in eval_metrics.items()))
       if preemption.requested and state.step < total:
-        ckpt.save(state, train_iter.get_state(), meta(), wait=True)
+        with compiles.paused():
+          ckpt.save(state, train_iter.get_state(), meta(), wait=True)
         summary['preempted'] = True
         if is_main:
           bar.write(f'SIGTERM: saved a checkpoint at step {state.step}; '

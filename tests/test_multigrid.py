@@ -287,3 +287,37 @@ def test_sub_batch_moments_and_merge_against_a_plain_loop():
   # A batch no larger than the base size is one group: plain batch norm.
   m1, v1 = multigrid.sub_batch_moments(x[:8], base_size=8)
   assert m1.shape == (1, 4)
+
+
+def test_schedule_on_a_mesh_trains_with_zero_compilations(tmp_path, data_dir):
+  """Multigrid + the mesh engine: every bucket placed and compiled ahead."""
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(data_dir)  # sideways, chain + skip
+  c.mesh.data, c.mesh.stage = 2, 2
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  sched = multigrid.schedule_from_config(c, 256, 32)
+  assert summary['step'] == sched.num_steps
+  assert summary['compilations_in_loop'] == 0
+  assert np.isfinite(summary['train/loss'])
+  assert 'eval/accuracy' in summary
+
+
+def test_schedule_with_progressive_training(tmp_path, data_dir):
+  """Multigrid + PGT: each bucket's frames cut into fixed-length fragments."""
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(data_dir, 'bp')
+  c.data.num_frames = 8
+  c.model.stages = 'conv:4:2,tconv,conv:8:2,tconv'
+  c.model.skips = ()
+  c.progressive.enabled = True
+  c.progressive.fragment_frames = 2
+  c.progressive.cache_policy = 'avg'
+  summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  sched = multigrid.schedule_from_config(c, 256, 32)
+  assert {s.frames for s in sched.buckets()} == {2, 4, 8}
+  assert summary['step'] == sched.num_steps
+  assert summary['compilations_in_loop'] == 0
+  assert np.isfinite(summary['train/loss'])
+  c.progressive.fragment_frames = 3  # A 4-frame bucket does not split.
+  with pytest.raises(train.ConfigError, match='bucket of clip shape'):
+    train.train_and_evaluate(c, str(tmp_path / 'run2'))
