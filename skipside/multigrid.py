@@ -27,8 +27,9 @@ silent recompile. Each bucket runs the network at its frame size through
 Pieces: ``make_schedule`` / ``schedule_from_config`` (steps, shapes, LR),
 ``MultigridIterator`` (batches of the step's shape: frames, crop, a random
 stride in ``[stride, stride·T/t]``, the scale-jitter floor shrunk with the
-crop), ``compile_buckets`` + ``CompileCounter``, and the functional core of
-sub-batch BN (``sub_batch_moments``, ``merge_moments``). The training loop
+crop), ``compile_buckets`` + ``CompileCounter``. Sub-batch BN, which keeps batch
+statistics over a fixed base size whatever the bucket's batch, is the stage
+``stages.SubBatchNorm`` (``skipside/batchnorm.py``). The training loop
 uses them when ``config.multigrid.long_cycle`` or ``short_cycle`` is on
 (``skipside/train.py``; ``experiments/configs/multigrid.py``).
 
@@ -537,66 +538,6 @@ def abstract(x: PyTree) -> PyTree:
   return jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                      sharding=getattr(a, 'sharding', None)), x)
-
-
-# ---------------------------------------------------------------------------
-# Sub-batch normalization: the functional core (not yet a stage; see
-# ``sub_batch_norm``).
-
-def sub_batch_moments(x: jax.Array, base_size: int = 8
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Per-channel mean and variance over sub-batches of ``base_size`` clips.
-
-  The batch is split into ``k = B // base_size`` *interleaved* groups
-  (group ``j`` holds examples ``j, j + k, j + 2k, ...``, as the reference's
-  ``view(B // k, C * k, ...)``), so statistics are always taken over
-  ``base_size`` examples whatever the bucket's batch. ``B < base_size``
-  gives one group.
-
-  Args:
-    x: ``(B, ..., C)``; ``B`` a multiple of ``base_size`` if larger.
-
-  Returns:
-    ``(means, variances)``, each ``(k, C)`` (population variance).
-  """
-  b, c = x.shape[0], x.shape[-1]
-  k = max(1, b // base_size)
-  if b % k:
-    raise ValueError(f'batch {b} does not split into sub-batches of '
-                     f'{base_size}')
-  groups = x.reshape(b // k, k, -1, c)  # [i, j]: example i * k + j.
-  mean = groups.mean(axis=(0, 2))
-  var = ((groups - mean[None, :, None]) ** 2).mean(axis=(0, 2))
-  return mean, var
-
-
-def merge_moments(means: jax.Array, variances: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-  """The reference's merge of sub-batch statistics for evaluation.
-
-  Mean of means, and mean of variances plus variance of means: for groups
-  of equal size, exactly the whole batch's mean and (population) variance.
-  ``(k, C), (k, C) -> (C,), (C,)``.
-  """
-  mean = means.mean(axis=0)
-  return mean, variances.mean(axis=0) + ((means - mean) ** 2).mean(axis=0)
-
-
-def sub_batch_norm(x: jax.Array, base_size: int = 8, eps: float = 1e-5
-                   ) -> jax.Array:
-  """Normalizes ``x (B, ..., C)`` with its own sub-batch statistics.
-
-  The training-time transform of sub-batch BN (no scale / bias, no running
-  averages). A stage that uses it also needs running statistics carried as
-  non-trained model state for evaluation (merged with ``merge_moments``);
-  that is not part of the stage contract yet.
-  """
-  b, c = x.shape[0], x.shape[-1]
-  k = max(1, b // base_size)
-  mean, var = sub_batch_moments(x, base_size)
-  groups = x.reshape(b // k, k, -1, c)
-  y = (groups - mean[None, :, None]) * jax.lax.rsqrt(var + eps)[None, :, None]
-  return y.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------

@@ -390,13 +390,14 @@ def for_frame_shape(spec: NetworkSpec, params: PyTree,
 
 def _split_module(module: nnx.Module, what: str):
   """Graph definition and pure-dict params; errors on non-Param variables."""
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(module, (nnx.Param, nnx.BatchStat), ...)
   leaves = jax.tree_util.tree_leaves_with_path(rest)
   if leaves:
     names = sorted({jax.tree_util.keystr(p) for p, _ in leaves})
     raise ValueError(
         f'{what} holds non-parameter variables {names}; a stage may hold '
-        'nnx.Param only, temporal state is declared with init_state '
+        'nnx.Param (and nnx.BatchStat) only, temporal state is declared with '
+        'init_state '
         '(the stage contract, skipside/stages.py)')
   return graphdef, nnx.to_pure_dict(params)
 

@@ -9,8 +9,11 @@ A *stage* is one unit of depth: the engine places each stage on its own tick
    downsamples maps ``(B, 32, 32, 3)`` to ``(B, 16, 16, 16)``).
 2. Inputs and outputs are single arrays (no tuples, no dicts).
 3. Learnable weights are ``nnx.Param``. A stage holds no other variables
-   (no ``nnx.BatchStat``, no ``nnx.Rngs``): the engine treats a stage as a pure
-   function of ``(params, x)`` and carries state itself.
+   (no ``nnx.Rngs``): the engine treats a stage as a pure function of
+   ``(params, x)`` and carries state itself. The one exception is
+   ``nnx.BatchStat`` for statistics that training never reads and evaluation
+   fills in (``SubBatchNorm``, ``skipside/batchnorm.py``); they ride in the
+   params pytree, and no gradient reaches them.
 4. A *temporal* stage keeps state across ticks (a cache of past inputs). It
    declares that state explicitly with two methods::
 
@@ -55,6 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skipside import batchnorm
 from skipside import conv
 
 PyTree = Any
@@ -130,18 +134,23 @@ class Identity(nnx.Module):
 
 
 class Conv(nnx.Module):
-  """2D convolution + ReLU, optionally strided (downsampling).
+  """2D convolution + ReLU, optionally strided (downsampling), optionally
+  with sub-batch normalization before the ReLU (``norm_base_size > 0``).
 
   Shapes: ``(B, H, W, C_in) -> (B, ceil(H / stride), ceil(W / stride), C_out)``.
   """
 
   def __init__(self, in_features: int, out_features: int, *,
-               kernel_size: int = 3, stride: int = 1, rngs: nnx.Rngs):
+               kernel_size: int = 3, stride: int = 1, norm_base_size: int = 0,
+               rngs: nnx.Rngs):
     self.conv = _conv(in_features, out_features, (kernel_size, kernel_size),
-                         strides=(stride, stride), padding='SAME', rngs=rngs)
+                      strides=(stride, stride), padding='SAME', rngs=rngs)
+    self.norm = (SubBatchNorm(out_features, base_size=norm_base_size)
+                 if norm_base_size else None)
 
   def __call__(self, x):
-    return nnx.relu(self.conv(x))
+    y = self.conv(x)
+    return nnx.relu(y if self.norm is None else self.norm(y))
 
 
 class ResidualConv(nnx.Module):
@@ -229,6 +238,46 @@ class TemporalConv(nnx.Module):
     """
     return fragment_cache(state, policy=policy, momentum=momentum,
                           pooled=pooled, previous=previous)
+
+
+class SubBatchNorm(nnx.Module):
+  """Batch norm over sub-batches of ``base_size`` clips (multigrid's BN).
+
+  Shapes: ``(B, ..., C) -> (B, ..., C)``; ``B`` a multiple of ``base_size``
+  when larger. Training normalizes each interleaved group of ``base_size``
+  examples with its own statistics over the group and every non-channel
+  axis (one tick's frame); evaluation uses the population statistics that
+  ``batchnorm.population_statistics`` stores in ``mean`` / ``var`` (and sets
+  ``ready``), merged with the reference's rule. Learned ``scale`` and
+  ``bias`` per channel.
+  """
+
+  def __init__(self, features: int, *, base_size: int = 8,
+               eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+    del rngs  # Deterministic init; accepted for a uniform constructor.
+    self.base_size, self.eps = base_size, eps
+    self.collect = False  # Set by batchnorm.clip_moments.
+    self.scale = nnx.Param(jnp.ones((features,)))
+    self.bias = nnx.Param(jnp.zeros((features,)))
+    self.mean = nnx.BatchStat(jnp.zeros((features,)))
+    self.var = nnx.BatchStat(jnp.ones((features,)))
+    self.ready = nnx.BatchStat(jnp.zeros(()))
+
+  def __call__(self, x):
+    means, variances = batchnorm.sub_batch_moments(x, self.base_size)
+    if self.collect:
+      self.sow(nnx.Intermediate, 'moments', (means, variances))
+    # Stored statistics once set (evaluation), else the batch's (training).
+    # Gradients never reach them: the optimizer sees zeros.
+    ready = jax.lax.stop_gradient(self.ready[...]) > 0
+    means = jnp.where(ready, jax.lax.stop_gradient(self.mean[...])[None],
+                      means)
+    variances = jnp.where(ready, jax.lax.stop_gradient(self.var[...])[None],
+                          variances)
+    y = batchnorm.normalize(x, means.astype(x.dtype),
+                            variances.astype(x.dtype), self.eps)
+    return y * self.scale[...].astype(x.dtype) + self.bias[...].astype(
+        x.dtype)
 
 
 class ClassifierHead(nnx.Module):

@@ -43,12 +43,12 @@ from absl import logging
 from flax import nnx
 
 from skipside import data as data_lib
-from skipside import engine, multigrid, network, placement, stages
+from skipside import batchnorm, engine, multigrid, network, placement, stages
 from skipside import mesh as mesh_lib
 
 PyTree = Any
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-STAGE_KINDS = ('conv', 'res', 'tconv', 'mlp')
+STAGE_KINDS = ('conv', 'convbn', 'res', 'tconv', 'mlp')
 
 
 class ConfigError(ValueError):
@@ -162,8 +162,12 @@ def build_network(config: ml_collections.ConfigDict,
     if kind == 'tconv':
       layers.append(stages.TemporalConv(width, rngs=rngs))
       continue
-    cls = stages.Conv if kind == 'conv' else stages.ResidualConv
-    layers.append(cls(width, out, stride=stride, rngs=rngs))
+    if kind in ('conv', 'convbn'):
+      base = config.model.get('norm_base_size', 8) if kind == 'convbn' else 0
+      layers.append(stages.Conv(width, out, stride=stride,
+                                norm_base_size=base, rngs=rngs))
+    else:
+      layers.append(stages.ResidualConv(width, out, stride=stride, rngs=rngs))
     shape = tuple(-(-d // stride) for d in shape[:-1]) + (out,)
   width = shape[-1]
   if config.model.head == 'classifier':
@@ -484,6 +488,28 @@ def _targets(batch: dict, spec: network.NetworkSpec) -> np.ndarray:
   return batch['target'] if spec.loss == 'mse' else batch['label']
 
 
+def eval_params(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
+                params: PyTree, data_config, moments_fn=None) -> PyTree:
+  """The params evaluation uses: with sub-batch norm stages, their population
+  statistics over ``config.eval.norm_batches`` training batches
+  (``batchnorm.population_statistics``), else ``params`` unchanged.
+
+  Every process reads the same batches (shard 0 of 1), so all of them set
+  the same statistics. The result lives on the host's default device.
+  """
+  if not batchnorm.has_norms(spec, params):
+    return params
+  dc = data_config.copy_and_resolve_references()
+  dc.shard_index, dc.shard_count = 0, 1
+  it = data_lib.make_iterator(dc, train=True)
+  try:
+    clips = (next(it)['video'] for _ in range(config.eval.norm_batches))
+    return batchnorm.population_statistics(
+        spec, jax.tree.map(_host, params), clips, moments_fn=moments_fn)
+  finally:
+    it.close()
+
+
 def evaluate(spec: network.NetworkSpec, params: PyTree, batches, *, mode: str,
              compute_dtype=jnp.float32, max_batches: int | None = None,
              forward=None) -> dict:
@@ -624,7 +650,8 @@ def evaluate_workdir(workdir: str,
     if restored is None:
       raise FileNotFoundError(f'no readable checkpoint in {workdir}/checkpoints')
     state = restored[0]
-    metrics = evaluate(spec, state.params, it, mode=config.mode,
+    params = eval_params(config, spec, state.params, data_config)
+    metrics = evaluate(spec, params, it, mode=config.mode,
                        compute_dtype=PRECISIONS[config.precision],
                        max_batches=config.eval.max_batches or None)
   finally:
@@ -713,6 +740,17 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
   return steps, evals
 
 
+def _compile_norm_moments(spec, params, info) -> multigrid.BucketTable:
+  """``batchnorm.clip_moments`` on the base clip shape, compiled ahead."""
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        params)
+  key = (info.batch_size * info.shard_count, *info.element_shape)
+  return multigrid.compile_buckets(
+      lambda k: jax.jit(batchnorm.clip_moments, static_argnums=0).lower(
+          spec, params, jax.ShapeDtypeStruct(k, jnp.float32)), [key],
+      key_fn=lambda p, clip: tuple(clip.shape), name='norm statistics')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict:
   """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints).
@@ -784,12 +822,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       update_every=config.train.update_every or None,
       flush=config.train.flush,
       skip_nonfinite=config.train.on_nonfinite == 'skip')
-  eval_forward, compile_s = None, 0.0
+  eval_forward, norm_moments, compile_s = None, None, 0.0
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
         config, spec, optimizer, state, schedule, train_iter.info,
         compute_dtype, mesh, mspec and mspec.groups)
     compile_s = step_fn.wall_seconds + eval_forward.wall_seconds
+    if batchnorm.has_norms(spec, state.params):  # Its statistics pass too.
+      norm_moments = _compile_norm_moments(spec, state.params,
+                                           train_iter.info)
+      compile_s += norm_moments.wall_seconds
   elif config.get('progressive') and config.progressive.enabled:
     from skipside import progressive  # PGT: videos as serial fragments.
     pspec = spec if mspec is None else mesh_lib.place(  # Pooled caches.
@@ -807,6 +849,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     return m
 
   def run_eval():
+    params = eval_params(config, spec, state.params, data_config,
+                         norm_moments)
+    if mesh is not None and params is not state.params:
+      params = _replicated(mesh, params)
     it = data_lib.make_eval_iterator(data_config)
     batches, forward = it, eval_forward
     if mspec is not None:
@@ -815,7 +861,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                     compute_dtype=compute_dtype,
                                     compiled=eval_forward)
     try:
-      return evaluate(spec, state.params, batches, mode=config.mode,
+      return evaluate(spec, params, batches, mode=config.mode,
                       compute_dtype=compute_dtype,
                       max_batches=config.eval.max_batches or None,
                       forward=forward)

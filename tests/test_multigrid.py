@@ -262,33 +262,6 @@ def test_multigrid_config_errors_name_the_key(data_dir):
     train.validate_config(c)
 
 
-# ---------------------------------------------------------------------------
-# Sub-batch normalization (functional core).
-
-def test_sub_batch_moments_and_merge_against_a_plain_loop():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(24, 3, 5, 4)).astype(np.float32) * np.arange(1, 5)
-  means, variances = multigrid.sub_batch_moments(x, base_size=8)
-  assert means.shape == variances.shape == (3, 4)
-  for j in range(3):  # Interleaved groups: examples j, j + 3, ...
-    group = x[j::3].reshape(-1, 4)
-    np.testing.assert_allclose(means[j], group.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(variances[j], group.var(0), rtol=1e-4)
-  mean, var = multigrid.merge_moments(means, variances)
-  np.testing.assert_allclose(mean, x.reshape(-1, 4).mean(0), rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(var, x.reshape(-1, 4).var(0), rtol=1e-4)
-  y = np.asarray(multigrid.sub_batch_norm(x, base_size=8))
-  for j in range(3):
-    g = x[j::3]
-    want = (g - g.reshape(-1, 4).mean(0)) / np.sqrt(
-        g.reshape(-1, 4).var(0) + 1e-5)
-    np.testing.assert_allclose(y[j::3], want, rtol=1e-4, atol=1e-4)
-  # A batch no larger than the base size is one group: plain batch norm.
-  m1, v1 = multigrid.sub_batch_moments(x[:8], base_size=8)
-  assert m1.shape == (1, 4)
-
-
 def test_schedule_on_a_mesh_trains_with_zero_compilations(tmp_path, data_dir):
   """Multigrid + the mesh engine: every bucket placed and compiled ahead."""
   from skipside import train  # pylint: disable=g-import-not-at-top

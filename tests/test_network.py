@@ -101,7 +101,7 @@ def test_stage_contract_violations_are_named():
 
   class HiddenState(nnx.Module):
     def __init__(self):
-      self.count = nnx.BatchStat(jnp.zeros(()))
+      self.count = nnx.Variable(jnp.zeros(()))  # Not Param or BatchStat.
 
     def __call__(self, x):
       return x

@@ -27,8 +27,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.mode = 'sideways'  # 'bp' | 'pipelined_bp' | 'sideways'.
   c.precision = 'float32'  # 'float32' | 'bfloat16' (compute; params stay f32).
 
-  # Stages as kind:width[:stride]; kinds: conv, res (residual conv), tconv
-  # (causal temporal conv, keeps a cache), mlp (flattens).
+  # Stages as kind:width[:stride]; kinds: conv, convbn (conv + sub-batch
+  # norm), res (residual conv), tconv (causal temporal conv, keeps a cache),
+  # mlp (flattens).
   c.model = ml_collections.ConfigDict()
   c.model.stages = 'conv:8:2,conv:16:2,res:16,conv:32:2,res:32'
   # Skip-Sideways edges (src, dst): spans of 3, each carrying features two
@@ -37,6 +38,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.model.skips = ((0, 3), (1, 4))
   c.model.combine = 'concat'  # 'sum' | 'concat' (+ projection).
   c.model.head = 'classifier'  # 'classifier' | 'next_frame'.
+  # convbn stages: batch statistics over sub-batches of this many clips
+  # (multigrid's fixed base size; skipside/batchnorm.py).
+  c.model.norm_base_size = 8
 
   c.data = data.get_config()
   c.data.task = 'motion'
@@ -65,6 +69,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.max_batches = 0  # 0: the whole eval split.
+  # Sub-batch norm: training batches whose statistics evaluation uses.
+  c.eval.norm_batches = 8
 
   # Multigrid (variable batch shapes on a schedule; off here): see
   # skipside/multigrid.py get_config and experiments/configs/multigrid.py.

@@ -1,0 +1,196 @@
+"""Sub-batch normalization: statistics over a fixed number of clips.
+
+Multigrid changes the batch a device sees by up to 32x; batch norm over the
+whole batch would change its statistics with it. The reference (SlowFast's
+``SubBatchNorm3d``) takes them over sub-batches of a fixed base size and
+merges the sub-batches' statistics for evaluation (DESIGN.md §3). Here:
+
+- ``sub_batch_moments`` / ``sub_batch_norm``: the training transform (the
+  batch split into interleaved groups of ``base_size`` clips).
+- ``merge_moments``: the reference's merge rule, mean of means and mean of
+  variances plus variance of means (exact for groups of equal size).
+- ``population_statistics``: the statistics evaluation uses, from a forward
+  pass over training batches, every sub-batch of every frame merged with the
+  rule above (*precise BN*). The reference keeps an EMA per sub-batch
+  during training and merges those; this computes the same merge over the
+  exact moments instead, and needs nothing threaded through the engines:
+  training never reads the stored statistics (``stages.SubBatchNorm``), so
+  they are computed when an evaluation needs them.
+
+Example::
+
+    net = Network([stages.Conv(1, 8, stride=2, rngs=rngs),
+                   stages.SubBatchNorm(8, rngs=rngs), ...], ...)
+    spec, params = network.split(net)
+    ...train...
+    eval_params = batchnorm.population_statistics(spec, params, train_clips)
+    engine.forward(spec, eval_params, clip, labels, mode='bp')
+"""
+
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PyTree = Any
+
+
+def sub_batch_moments(x: jax.Array, base_size: int = 8
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and variance over sub-batches of ``base_size`` clips.
+
+  The batch is split into ``k = B // base_size`` *interleaved* groups
+  (group ``j`` holds examples ``j, j + k, j + 2k, ...``, as the reference's
+  ``view(B // k, C * k, ...)``), so statistics are always taken over
+  ``base_size`` examples whatever the bucket's batch. ``B < base_size``
+  gives one group.
+
+  Args:
+    x: ``(B, ..., C)``; ``B`` a multiple of ``base_size`` if larger.
+
+  Returns:
+    ``(means, variances)``, each ``(k, C)`` (population variance).
+  """
+  b, c = x.shape[0], x.shape[-1]
+  k = num_groups(b, base_size)
+  groups = x.reshape(b // k, k, -1, c)  # [i, j]: example i * k + j.
+  mean = groups.mean(axis=(0, 2))
+  var = ((groups - mean[None, :, None]) ** 2).mean(axis=(0, 2))
+  return mean, var
+
+
+def num_groups(batch: int, base_size: int) -> int:
+  """``k``: sub-batches of ``base_size`` in ``batch``; errors if uneven."""
+  if batch > base_size and batch % base_size:
+    raise ValueError(f'batch {batch} does not split into sub-batches of '
+                     f'{base_size} clips')
+  return max(1, batch // base_size)
+
+
+def merge_moments(means: jax.Array, variances: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The reference's merge of sub-batch statistics for evaluation.
+
+  Mean of means, and mean of variances plus variance of means: for groups
+  of equal size, exactly the whole batch's mean and (population) variance.
+  ``(k, C), (k, C) -> (C,), (C,)``.
+  """
+  mean = means.mean(axis=0)
+  return mean, variances.mean(axis=0) + ((means - mean) ** 2).mean(axis=0)
+
+
+def normalize(x: jax.Array, means: jax.Array, variances: jax.Array,
+              eps: float) -> jax.Array:
+  """``x (B, ..., C)`` normalized per interleaved group with ``(k, C)``."""
+  b, c = x.shape[0], x.shape[-1]
+  k = means.shape[0]
+  groups = x.reshape(b // k, k, -1, c)
+  y = (groups - means[None, :, None]) * jax.lax.rsqrt(
+      variances + eps)[None, :, None]
+  return y.reshape(x.shape)
+
+
+def sub_batch_norm(x: jax.Array, base_size: int = 8, eps: float = 1e-5
+                   ) -> jax.Array:
+  """Normalizes ``x (B, ..., C)`` with its own sub-batch statistics (the
+  training transform, without scale and bias)."""
+  return normalize(x, *sub_batch_moments(x, base_size), eps)
+
+
+# -- Population statistics for evaluation. -----------------------------------
+
+def _norm_layers(module: nnx.Module) -> list:
+  from skipside import stages  # pylint: disable=g-import-not-at-top
+  return [m for _, m in module.iter_modules()
+          if isinstance(m, stages.SubBatchNorm)]
+
+
+def has_norms(spec, params: PyTree) -> bool:
+  """Whether any stage of ``spec`` holds a ``stages.SubBatchNorm``
+  (``params`` may be abstract)."""
+  return any(_norm_layers(nnx.merge(spec.block_defs[l], params['blocks'][l]))
+             for l in range(spec.num_stages))
+
+
+def clip_moments(spec, params: PyTree, clip: jax.Array) -> list:
+  """Sub-batch moments at every norm layer over every frame of ``clip``.
+
+  The synchronous (``bp``) forward, frame by frame: at evaluation every
+  engine gives each stage the same inputs, frame ``t``'s features (the
+  pipelined ones a few ticks later). Temporal stages carry their state.
+
+  Args:
+    clip: ``(B, T, *frame_shape)``.
+
+  Returns:
+    Per norm layer (block order, then module order) ``(means, variances)``,
+    each ``(T * k, C)``.
+  """
+  from skipside import stages  # pylint: disable=g-import-not-at-top
+  b, t = clip.shape[:2]
+  states = list(spec.init_states(params, b))
+  blocks = [nnx.merge(spec.block_defs[l], params['blocks'][l])
+            for l in range(spec.num_stages)]
+  layers = [m for blk in blocks for m in _norm_layers(blk)]
+  for m in layers:
+    m.collect = True
+  moments = [([], []) for _ in layers]
+  for i in range(t):
+    x = clip[:, i].astype(jnp.float32)
+    outs = []
+    for l, blk in enumerate(blocks):
+      inputs = (x,) if l == 0 else tuple(outs[k] for k in spec.in_edges[l])
+      y, states[l] = blk(inputs, states[l])
+      outs.append(y)
+    for (means, variances), m in zip(moments, layers):
+      (mean, var), = nnx.pop(m, nnx.Intermediate)['moments'].get_value()
+      means.append(mean)
+      variances.append(var)
+  return [(jnp.concatenate(a), jnp.concatenate(v)) for a, v in moments]
+
+
+_clip_moments = jax.jit(clip_moments, static_argnums=0)
+
+
+def population_statistics(spec, params: PyTree, clips: Iterable, *,
+                          moments_fn=None) -> PyTree:
+  """``params`` with every ``SubBatchNorm``'s evaluation statistics set.
+
+  Args:
+    spec, params: the network (``network.split``).
+    clips: training clips ``(B, T, *frame)`` (a few batches are enough).
+    moments_fn: replaces the jitted ``clip_moments`` (e.g. an executable
+      compiled ahead of time), called as ``moments_fn(params, clip)``.
+
+  Returns:
+    A copy of ``params`` whose norm layers normalize with the merged
+    statistics of every sub-batch of every frame of ``clips``
+    (``merge_moments``) instead of their input's.
+
+  Raises:
+    ValueError: if ``clips`` is empty.
+  """
+  run = moments_fn or (lambda p, c: _clip_moments(spec, p, c))
+  gathered = None
+  for clip in clips:
+    out = [(np.asarray(m), np.asarray(v)) for m, v in run(params, clip)]
+    gathered = out if gathered is None else [
+        (np.concatenate([a, m]), np.concatenate([b, v]))
+        for (a, b), (m, v) in zip(gathered, out)]
+  if gathered is None:
+    raise ValueError('population_statistics needs at least one clip')
+  # On the host, in numpy: nothing to compile between training steps.
+  merged = iter([merge_moments(m, v) for m, v in gathered])
+  new_blocks = []
+  for l in range(spec.num_stages):
+    blk = nnx.merge(spec.block_defs[l], params['blocks'][l])
+    for layer in _norm_layers(blk):
+      mean, var = next(merged)
+      layer.mean[...] = mean
+      layer.var[...] = var
+      layer.ready[...] = 1.0
+    new_blocks.append(nnx.to_pure_dict(nnx.state(blk, (nnx.Param,
+                                                       nnx.BatchStat))))
+  return {**params, 'blocks': new_blocks}

@@ -1,0 +1,138 @@
+"""Sub-batch normalization: the functional core, the stage, population
+statistics for evaluation, and the training loop with multigrid."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from skipside import batchnorm, engine, mesh, network, stages
+
+def test_sub_batch_moments_and_merge_against_a_plain_loop():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(24, 3, 5, 4)).astype(np.float32) * np.arange(1, 5)
+  means, variances = batchnorm.sub_batch_moments(x, base_size=8)
+  assert means.shape == variances.shape == (3, 4)
+  for j in range(3):  # Interleaved groups: examples j, j + 3, ...
+    group = x[j::3].reshape(-1, 4)
+    np.testing.assert_allclose(means[j], group.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variances[j], group.var(0), rtol=1e-4)
+  mean, var = batchnorm.merge_moments(means, variances)
+  np.testing.assert_allclose(mean, x.reshape(-1, 4).mean(0), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(var, x.reshape(-1, 4).var(0), rtol=1e-4)
+  y = np.asarray(batchnorm.sub_batch_norm(x, base_size=8))
+  for j in range(3):
+    g = x[j::3]
+    want = (g - g.reshape(-1, 4).mean(0)) / np.sqrt(
+        g.reshape(-1, 4).var(0) + 1e-5)
+    np.testing.assert_allclose(y[j::3], want, rtol=1e-4, atol=1e-4)
+  # A batch no larger than the base size is one group: plain batch norm.
+  m1, v1 = batchnorm.sub_batch_moments(x[:8], base_size=8)
+  assert m1.shape == (1, 4)
+
+
+def _net(base_size=4):
+  rngs = nnx.Rngs(0)
+  net = network.Network(
+      [stages.Conv(1, 4, stride=2, norm_base_size=base_size, rngs=rngs),
+       stages.TemporalConv(4, rngs=rngs),
+       stages.Conv(4, 8, stride=2, norm_base_size=base_size, rngs=rngs)],
+      stages.ClassifierHead(8, 3, rngs=rngs), frame_shape=(8, 8, 1),
+      skips=[(0, 2)], rngs=rngs)
+  return network.split(net)
+
+
+CLIP = jax.random.normal(jax.random.key(1), (8, 4, 8, 8, 1))
+LABELS = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
+
+
+def test_stage_trains_on_sub_batch_statistics_and_no_gradient_reaches_them():
+  layer = stages.SubBatchNorm(3, base_size=4)
+  layer.scale.value = jnp.array([1.0, 2.0, 0.5])
+  layer.bias.value = jnp.array([0.0, 1.0, -1.0])
+  x = jax.random.normal(jax.random.key(0), (8, 5, 5, 3)) * 3 + 1
+  want = (np.asarray(batchnorm.sub_batch_norm(x, 4)) * [1.0, 2.0, 0.5]
+          + [0.0, 1.0, -1.0])
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
+  spec, params = _net()
+  _, grads, _ = engine.loss_and_grads(spec, params, CLIP, LABELS, mode='bp')
+  norm = grads['blocks'][0]['stage']['norm']
+  for name in ('mean', 'var', 'ready'):
+    assert not np.any(np.asarray(norm[name]))
+  assert np.any(np.asarray(norm['scale']))  # The affine part does learn.
+
+
+def test_population_statistics_merge_every_sub_batch_of_every_frame():
+  spec, params = _net()
+  clips = [CLIP, 2 * CLIP + 1]
+  ev = batchnorm.population_statistics(spec, params, clips)
+  # Reference: stage 0's conv output for every frame, sub-batch moments of
+  # each (interleaved groups of 4 -> 2 groups), merged by the rule.
+  conv = nnx.merge(spec.block_defs[0], params['blocks'][0]).stage.conv
+  means, variances = [], []
+  for clip in clips:
+    for t in range(clip.shape[1]):
+      y = np.asarray(conv(clip[:, t]))
+      for j in range(2):
+        g = y[j::2].reshape(-1, 4)
+        means.append(g.mean(0))
+        variances.append(g.var(0))
+  means, variances = np.stack(means), np.stack(variances)
+  want_mean = means.mean(0)
+  want_var = variances.mean(0) + ((means - want_mean) ** 2).mean(0)
+  got = ev['blocks'][0]['stage']['norm']
+  np.testing.assert_allclose(got['mean'], want_mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got['var'], want_var, rtol=1e-4, atol=1e-5)
+  assert float(got['ready']) == 1.0
+  assert float(ev['blocks'][2]['stage']['norm']['ready']) == 1.0
+  # Training params are untouched; evaluation now uses the stored values:
+  # one example's prediction no longer depends on the rest of its batch.
+  assert float(params['blocks'][0]['stage']['norm']['ready']) == 0.0
+  full, _ = engine.forward(spec, ev, CLIP, LABELS, mode='bp')
+  half, _ = engine.forward(spec, ev, CLIP[:4], LABELS[:4], mode='bp')
+  np.testing.assert_allclose(full.predictions[:4], half.predictions,
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='at least one clip'):
+    batchnorm.population_statistics(spec, params, [])
+
+
+def test_uneven_batch_names_the_sizes():
+  with pytest.raises(ValueError, match='batch 12 does not split into '
+                     'sub-batches of 8'):
+    batchnorm.sub_batch_moments(jnp.ones((12, 3)), 8)
+
+
+@pytest.mark.parametrize('mode', ['pipelined_bp', 'sideways'])
+def test_mesh_engine_equals_single_device(mode):
+  spec, params = _net()
+  m = mesh.make_mesh(1, 3)
+  mspec = mesh.place(spec, m, [[0], [1], [2]])
+  _, g_one, out_one = engine.loss_and_grads(spec, params, CLIP, LABELS,
+                                            mode=mode)
+  _, g_mesh, out_mesh = mesh.loss_and_grads(mspec, params, CLIP, LABELS,
+                                            mode=mode)
+  np.testing.assert_allclose(out_mesh.metrics['loss'],
+                             out_one.metrics['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_mesh), jax.tree.leaves(g_one)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_multigrid_training_loop_with_sub_batch_norm(tmp_path):
+  """convbn stages under multigrid: batches of 4..64 clips, statistics over
+  groups of 4, evaluation on population statistics, nothing compiled in the
+  loop."""
+  from experiments.configs import multigrid as mg_config  # pylint: disable=g-import-not-at-top
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  c = mg_config.get_config('tiny,bp')
+  c.data.data_dir = str(tmp_path / 'tfds')
+  c.model.stages = 'convbn:4:2,convbn:8:2,res:8'
+  c.model.norm_base_size = 4
+  c.eval.norm_batches = 2
+  summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert summary['compilations_in_loop'] == 0
+  assert np.isfinite(summary['train/loss'])
+  assert 0.0 <= summary['eval/accuracy'] <= 1.0
+  again = train.evaluate_workdir(str(tmp_path / 'run'))
+  assert again['eval/accuracy'] == pytest.approx(summary['eval/accuracy'])
