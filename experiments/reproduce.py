@@ -287,7 +287,9 @@ def write_report(out_path, args, results, next_frame, fid, bench, env):
       f'{env["date"]}. Settings: {args.steps} steps, batch {args.batch}, '
       f'{args.frames}-frame clips, Adam lr {args.lr}, flush {args.flush}, '
       f'{args.seeds} seed(s), MovingDigits `{args.dataset_config}`, held-out '
-      f'evaluation on {"at most " + str(args.eval_batches) + " batches" if args.eval_batches else "the whole test split"}.',
+      f'evaluation on {"at most " + str(args.eval_batches) + " batches" if args.eval_batches else "the whole test split"}.'
+      + (f' Training and evaluating every run took {env["wall_s"] / 60:.1f} '
+         'min.' if 'wall_s' in env else ''),
       '',
       '## 1. Accuracy of the modes (MovingDigits)', '',
       f'```bash\n{cmd}\n```', '',
@@ -418,6 +420,7 @@ def main(argv=None):
   env = {'device': f'{dev.device_kind} ({dev.platform})', 'jax': jax.__version__,
          'host': f'{platform.machine()}, {os.cpu_count()} cores',
          'date': time.strftime('%Y-%m-%d')}
+  env['wall_s'] = round(time.time() - t0)
   write_report(args.out, args, results, next_frame, fid, bench, env)
   raw = os.path.splitext(args.out)[0] + '.json'
   with open(raw, 'w') as f:
