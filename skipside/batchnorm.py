@@ -103,7 +103,7 @@ def sub_batch_norm(x: jax.Array, base_size: int = 8, eps: float = 1e-5
 
 def _norm_layers(module: nnx.Module) -> list:
   from skipside import stages  # pylint: disable=g-import-not-at-top
-  return [m for _, m in module.iter_modules()
+  return [m for _, m in nnx.iter_modules(module)
           if isinstance(m, stages.SubBatchNorm)]
 
 
@@ -188,9 +188,11 @@ def population_statistics(spec, params: PyTree, clips: Iterable, *,
     blk = nnx.merge(spec.block_defs[l], params['blocks'][l])
     for layer in _norm_layers(blk):
       mean, var = next(merged)
-      layer.mean[...] = mean
-      layer.var[...] = var
-      layer.ready[...] = 1.0
+      # New values, not in-place writes: host copies of jax arrays are
+      # read-only.
+      layer.mean.set_value(np.asarray(mean, np.float32))
+      layer.var.set_value(np.asarray(var, np.float32))
+      layer.ready.set_value(np.ones((), np.float32))
     new_blocks.append(nnx.to_pure_dict(nnx.state(blk, (nnx.Param,
                                                        nnx.BatchStat))))
   return {**params, 'blocks': new_blocks}
