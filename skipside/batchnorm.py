@@ -133,22 +133,35 @@ def clip_moments(spec, params: PyTree, clip: jax.Array) -> list:
   states = list(spec.init_states(params, b))
   blocks = [nnx.merge(spec.block_defs[l], params['blocks'][l])
             for l in range(spec.num_stages)]
-  layers = [m for blk in blocks for m in _norm_layers(blk)]
-  for m in layers:
-    m.collect = True
+  # Every norm layer sows its moments; nnx.capture collects them per block.
+  layers = []
+  for l, blk in enumerate(blocks):
+    for path, m in nnx.iter_modules(blk):
+      if isinstance(m, stages.SubBatchNorm):
+        m.collect = True
+        layers.append((l, path))
+  forwards = [nnx.capture(blk, nnx.Intermediate) for blk in blocks]
   moments = [([], []) for _ in layers]
   for i in range(t):
     x = clip[:, i].astype(jnp.float32)
-    outs = []
-    for l, blk in enumerate(blocks):
+    outs, sown = [], []
+    for l, forward in enumerate(forwards):
       inputs = (x,) if l == 0 else tuple(outs[k] for k in spec.in_edges[l])
-      y, states[l] = blk(inputs, states[l])
+      (y, states[l]), captured = forward(inputs, states[l])
       outs.append(y)
-    for (means, variances), m in zip(moments, layers):
-      (mean, var), = nnx.pop(m, nnx.Intermediate)['moments'].get_value()
+      sown.append(captured)
+    for (means, variances), (l, path) in zip(moments, layers):
+      (mean, var), = _at(sown[l], path)['moments'].get_value()
       means.append(mean)
       variances.append(var)
   return [(jnp.concatenate(a), jnp.concatenate(v)) for a, v in moments]
+
+
+def _at(tree, path):
+  """The node of a ``State`` at a module ``path``."""
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 _clip_moments = jax.jit(clip_moments, static_argnums=0)

@@ -50,8 +50,8 @@ LABELS = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
 
 def test_stage_trains_on_sub_batch_statistics_and_no_gradient_reaches_them():
   layer = stages.SubBatchNorm(3, base_size=4)
-  layer.scale.value = jnp.array([1.0, 2.0, 0.5])
-  layer.bias.value = jnp.array([0.0, 1.0, -1.0])
+  layer.scale[...] = jnp.array([1.0, 2.0, 0.5])
+  layer.bias[...] = jnp.array([0.0, 1.0, -1.0])
   x = jax.random.normal(jax.random.key(0), (8, 5, 5, 3)) * 3 + 1
   want = (np.asarray(batchnorm.sub_batch_norm(x, 4)) * [1.0, 2.0, 0.5]
           + [0.0, 1.0, -1.0])
