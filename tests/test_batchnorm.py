@@ -119,14 +119,17 @@ def test_mesh_engine_equals_single_device(mode):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_multigrid_training_loop_with_sub_batch_norm(tmp_path):
+@pytest.mark.parametrize('on_mesh', [False, True])
+def test_multigrid_training_loop_with_sub_batch_norm(tmp_path, on_mesh):
   """convbn stages under multigrid: batches of 4..64 clips, statistics over
   groups of 4, evaluation on population statistics, nothing compiled in the
-  loop."""
+  loop; on one device and on a 2 x 2 mesh."""
   from experiments.configs import multigrid as mg_config  # pylint: disable=g-import-not-at-top
   from skipside import train  # pylint: disable=g-import-not-at-top
   c = mg_config.get_config('tiny,bp')
   c.data.data_dir = str(tmp_path / 'tfds')
+  if on_mesh:
+    c.mesh.data, c.mesh.stage = 2, 2
   c.model.stages = 'convbn:4:2,convbn:8:2,res:8'
   c.model.norm_base_size = 4
   c.eval.norm_batches = 2
