@@ -55,7 +55,8 @@ def sub_batch_moments(x: jax.Array, base_size: int = 8
   """
   b, c = x.shape[0], x.shape[-1]
   k = num_groups(b, base_size)
-  groups = x.reshape(b // k, k, -1, c)  # [i, j]: example i * k + j.
+  # Statistics in float32 whatever the compute dtype (as flax's BatchNorm).
+  groups = x.astype(jnp.float32).reshape(b // k, k, -1, c)  # [i, j]: i*k + j.
   mean = groups.mean(axis=(0, 2))
   var = ((groups - mean[None, :, None]) ** 2).mean(axis=(0, 2))
   return mean, var
@@ -86,10 +87,10 @@ def normalize(x: jax.Array, means: jax.Array, variances: jax.Array,
   """``x (B, ..., C)`` normalized per interleaved group with ``(k, C)``."""
   b, c = x.shape[0], x.shape[-1]
   k = means.shape[0]
-  groups = x.reshape(b // k, k, -1, c)
+  groups = x.astype(jnp.float32).reshape(b // k, k, -1, c)
   y = (groups - means[None, :, None]) * jax.lax.rsqrt(
       variances + eps)[None, :, None]
-  return y.reshape(x.shape)
+  return y.reshape(x.shape).astype(x.dtype)
 
 
 def sub_batch_norm(x: jax.Array, base_size: int = 8, eps: float = 1e-5
@@ -164,7 +165,7 @@ def _at(tree, path):
   return tree
 
 
-_clip_moments = jax.jit(clip_moments, static_argnums=0)
+jitted_clip_moments = jax.jit(clip_moments, static_argnums=0)
 
 
 def population_statistics(spec, params: PyTree, clips: Iterable, *,
@@ -185,7 +186,7 @@ def population_statistics(spec, params: PyTree, clips: Iterable, *,
   Raises:
     ValueError: if ``clips`` is empty.
   """
-  run = moments_fn or (lambda p, c: _clip_moments(spec, p, c))
+  run = moments_fn or (lambda p, c: jitted_clip_moments(spec, p, c))
   gathered = None
   for clip in clips:
     out = [(np.asarray(m), np.asarray(v)) for m, v in run(params, clip)]

@@ -143,8 +143,10 @@ class Conv(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *,
                kernel_size: int = 3, stride: int = 1, norm_base_size: int = 0,
                rngs: nnx.Rngs):
+    # A bias before a normalization would be subtracted away.
     self.conv = _conv(in_features, out_features, (kernel_size, kernel_size),
-                      strides=(stride, stride), padding='SAME', rngs=rngs)
+                      strides=(stride, stride), padding='SAME',
+                      use_bias=not norm_base_size, rngs=rngs)
     self.norm = (SubBatchNorm(out_features, base_size=norm_base_size)
                  if norm_base_size else None)
 
@@ -163,13 +165,13 @@ class ResidualConv(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *,
                stride: int = 1, rngs: nnx.Rngs):
     self.conv1 = _conv(in_features, out_features, (3, 3),
-                          strides=(stride, stride), padding='SAME', rngs=rngs)
+                       strides=(stride, stride), padding='SAME', rngs=rngs)
     self.conv2 = _conv(out_features, out_features, (3, 3), padding='SAME',
-                          rngs=rngs)
+                       rngs=rngs)
     needs_projection = stride != 1 or in_features != out_features
     self.shortcut = (
         _conv(in_features, out_features, (1, 1), strides=(stride, stride),
-                 rngs=rngs) if needs_projection else None)
+              rngs=rngs) if needs_projection else None)
 
   def __call__(self, x):
     h = self.conv2(nnx.relu(self.conv1(x)))
@@ -264,9 +266,13 @@ class SubBatchNorm(nnx.Module):
     self.ready = nnx.BatchStat(jnp.zeros(()))
 
   def __call__(self, x):
-    means, variances = batchnorm.sub_batch_moments(x, self.base_size)
-    if self.collect:
+    if self.collect:  # Population statistics (batchnorm.clip_moments): for
+      # groups of equal size the merge is the same whatever the grouping, so
+      # the whole batch is one group here and any batch size works.
+      means, variances = batchnorm.sub_batch_moments(x, x.shape[0])
       self.sow(nnx.Intermediate, 'moments', (means, variances))
+    else:
+      means, variances = batchnorm.sub_batch_moments(x, self.base_size)
     # Stored statistics once set (evaluation), else the batch's (training).
     # Gradients never reach them: the optimizer sees zeros.
     ready = jax.lax.stop_gradient(self.ready[...]) > 0
@@ -274,8 +280,7 @@ class SubBatchNorm(nnx.Module):
                       means)
     variances = jnp.where(ready, jax.lax.stop_gradient(self.var[...])[None],
                           variances)
-    y = batchnorm.normalize(x, means.astype(x.dtype),
-                            variances.astype(x.dtype), self.eps)
+    y = batchnorm.normalize(x, means, variances, self.eps)
     return y * self.scale[...].astype(x.dtype) + self.bias[...].astype(
         x.dtype)
 
@@ -299,9 +304,11 @@ class FrameDecoderHead(nnx.Module):
 
   Shapes: ``(B, h, w, C) -> (B, H, W, out_channels)`` with ``H, W`` from
   ``frame_size``. Nearest-neighbour upsampling to ``(H / r, W / r)`` with
-  ``r = upscale`` (default: the largest of 4, 2, 1 dividing ``H`` and ``W``), two 3x3 convolutions there, the last with ``r * r *
+  ``r = upscale``, two 3x3 convolutions there, the last with ``r * r *
   out_channels`` features, then depth-to-space (sub-pixel convolution, Shi et
-  al. 2016): r^2 times cheaper than convolving at full resolution.
+  al. 2016): r^2 times cheaper than convolving at full resolution. Pick ``r``
+  no larger than the network's total stride ``H / h``, or the resize drops
+  feature pixels (default: the largest of 4, 2, 1 dividing ``H`` and ``W``).
   """
 
   def __init__(self, in_features: int, frame_size: tuple[int, int],

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -140,6 +141,9 @@ def validate_config(config: ml_collections.ConfigDict,
         'stream)')
   for error in multigrid.config_errors(config):
     raise ConfigError(error)
+  if any(kind == 'convbn' for kind, _, _ in kinds):
+    for error in _norm_config_errors(config):
+      raise ConfigError(error)
   if config.train.update_every and config.data.num_frames % \
       config.train.update_every:
     raise ConfigError(
@@ -173,8 +177,11 @@ def build_network(config: ml_collections.ConfigDict,
   if config.model.head == 'classifier':
     head, loss = stages.ClassifierHead(width, num_classes, rngs=rngs), 'xent'
   else:
-    head = stages.FrameDecoderHead(width, frame_shape[:2], frame_shape[-1],
-                                   rngs=rngs)
+    h, w = frame_shape[:2]
+    stride = (h // shape[0], w // shape[1]) if len(shape) == 3 else (1, 1)
+    head = stages.FrameDecoderHead(
+        width, frame_shape[:2], frame_shape[-1], rngs=rngs,
+        upscale=math.gcd(4, h, w, *stride))  # Never above the net's stride.
     loss = 'mse'
   skips = [tuple(int(v) for v in e) for e in config.model.skips]
   try:
@@ -258,6 +265,29 @@ def _mesh_config_errors(config, num_stages: int, devices: int) -> list[str]:
     errors.append(
         f'config.mesh ({config.mesh.data} x {config.mesh.stage}) must use all '
         f'{devices} devices of a multi-process job')
+  return errors
+
+
+def _norm_config_errors(config) -> list[str]:
+  """Batch sizes sub-batch norm cannot split into equal groups of
+  ``config.model.norm_base_size`` clips (per device and whole batch)."""
+  base = config.model.norm_base_size
+  batch = config.data.batch_size
+  per_device = batch // config.mesh.data
+  if base < 1:
+    return [f'config.model.norm_base_size={base} must be >= 1']
+  errors = []
+  for what, b in (('config.data.batch_size', batch),
+                  ('the batch per device (config.data.batch_size / '
+                   'config.mesh.data)', per_device)):
+    if b > base and b % base:
+      errors.append(f'{what} = {b} does not split into sub-batches of '
+                    f'config.model.norm_base_size={base} clips')
+  if multigrid.enabled(config) and per_device % base:
+    errors.append(
+        f'multigrid with convbn stages: the base batch per device ({per_device}'
+        f') must be a multiple of config.model.norm_base_size={base}, so every '
+        'bucket normalizes over groups of that size')
   return errors
 
 
@@ -746,7 +776,7 @@ def _compile_norm_moments(spec, params, info) -> multigrid.BucketTable:
                         params)
   key = (info.batch_size * info.shard_count, *info.element_shape)
   return multigrid.compile_buckets(
-      lambda k: jax.jit(batchnorm.clip_moments, static_argnums=0).lower(
+      lambda k: batchnorm.jitted_clip_moments.lower(
           spec, params, jax.ShapeDtypeStruct(k, jnp.float32)), [key],
       key_fn=lambda p, clip: tuple(clip.shape), name='norm statistics')
 

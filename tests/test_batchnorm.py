@@ -128,10 +128,11 @@ def test_multigrid_training_loop_with_sub_batch_norm(tmp_path, on_mesh):
   from skipside import train  # pylint: disable=g-import-not-at-top
   c = mg_config.get_config('tiny,bp')
   c.data.data_dir = str(tmp_path / 'tfds')
-  if on_mesh:
-    c.mesh.data, c.mesh.stage = 2, 2
   c.model.stages = 'convbn:4:2,convbn:8:2,res:8'
   c.model.norm_base_size = 4
+  if on_mesh:
+    c.mesh.data, c.mesh.stage = 2, 2
+    c.model.norm_base_size = 2  # The base batch per device.
   c.eval.norm_batches = 2
   summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert summary['compilations_in_loop'] == 0
@@ -139,3 +140,31 @@ def test_multigrid_training_loop_with_sub_batch_norm(tmp_path, on_mesh):
   assert 0.0 <= summary['eval/accuracy'] <= 1.0
   again = train.evaluate_workdir(str(tmp_path / 'run'))
   assert again['eval/accuracy'] == pytest.approx(summary['eval/accuracy'])
+
+
+def test_config_errors_name_the_batch_that_does_not_split():
+  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  c = default.get_config('tiny')
+  c.model.stages = 'convbn:4:2,conv:8:2'
+  c.model.skips = ()
+  c.model.norm_base_size = 8
+  c.data.batch_size = 12
+  with pytest.raises(train.ConfigError, match=r'config.data.batch_size = 12 '
+                     'does not split into sub-batches of '
+                     r'config.model.norm_base_size=8'):
+    train.validate_config(c)
+  c.data.batch_size = 16
+  train.validate_config(c)
+
+
+def test_population_statistics_with_a_batch_that_does_not_split():
+  """Eval statistics group the whole batch: any batch size works."""
+  spec, params = _net(base_size=4)
+  ev = batchnorm.population_statistics(spec, params, [CLIP[:6]])
+  conv = nnx.merge(spec.block_defs[0], params['blocks'][0]).stage.conv
+  y = np.stack([np.asarray(conv(CLIP[:6, t])) for t in range(4)])
+  np.testing.assert_allclose(ev['blocks'][0]['stage']['norm']['mean'],
+                             y.reshape(-1, 4).mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ev['blocks'][0]['stage']['norm']['var'],
+                             y.reshape(-1, 4).var(0), rtol=1e-4, atol=1e-5)
