@@ -68,8 +68,11 @@ NOTES = [
     'skipside/conv.py, when a per-step overhead dominated on CPU.)',
     'Before the conv stages had sub-batch BN (model.stages '
     "'conv:8:2,conv:16:2,res:16,conv:32:2'), bp multigrid lost 39.8 points "
-    '(long cycle only: 9.2), sideways 27.6. With BN, lr_scaling sqrt: 50.2% '
-    '(none: 49.0%), linear: 28.8%.',
+    '(long cycle only: 9.2), sideways 27.6. With BN and a conv bias ahead of '
+    'it (a different init): 24.6 (long only 3.8), sideways 14.8; there, '
+    'lr_scaling sqrt gave 50.2% (none: 49.0%), linear 28.8%. One run per '
+    'row: the init alone moved the bp baseline from 73.6% to 79.4%, so '
+    'differences of ~5 points are noise.',
     'On the 2-core CPU the loader reads 1.5x the clips (1.5x the epochs) and '
     'takes as long as the steps: multigrid saves 2.9x (bp) and 1.6x '
     '(sideways) in compute_s but about nothing in train_s.',
