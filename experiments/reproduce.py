@@ -216,7 +216,7 @@ def read_benchmarks() -> dict:
   """Headlines of every benchmark JSON (CPU runs, and ``*_h100`` runs)."""
   out = {}
   results = os.path.join(HERE, 'results')
-  for name in ('memory', 'mesh', 'multigrid', 'pgt', 'input'):
+  for name in ('conv', 'memory', 'mesh', 'multigrid', 'pgt', 'input'):
     for suffix in ('', '_h100'):
       path = os.path.join(results, f'{name}{suffix}.json')
       if os.path.exists(path):

@@ -28,7 +28,8 @@ class GatedConv(nnx.Module):
 
   def __init__(self, cin: int, cout: int, *, stride: int = 1, rngs: nnx.Rngs):
     # conv.conv_general_dilated keeps the gradients fast inside the engine's
-    # scan on CPU (a plain nnx.Conv works too, up to 40x slower there).
+    # scan on CPU (a plain nnx.Conv works too, up to 39x slower there:
+    # python -m experiments.benchmarks.conv).
     fast = {'conv_general_dilated': conv.conv_general_dilated}
     self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, rngs=rngs, **fast)
     self.gate = nnx.Conv(cin, cout, (3, 3), strides=stride, rngs=rngs, **fast)
