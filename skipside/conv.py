@@ -47,7 +47,7 @@ def _is_channels_last(dimension_numbers, nd: int) -> bool:
   return False
 
 
-def _vma(x) -> frozenset:
+def varying_axes(x) -> frozenset:
   """The manual mesh axes ``x`` varies over inside ``shard_map`` (else {})."""
   aval = jax.typeof(x)
   vma = getattr(aval, 'vma', None)  # jax >= 0.11
@@ -63,9 +63,9 @@ def _same_variance(x, w):
   conv would vary an invariant input implicitly. Doing it here, outside the
   custom VJP, lets JAX transpose that cast (a ``psum``) itself.
   """
-  both = _vma(x) | _vma(w)
+  both = varying_axes(x) | varying_axes(w)
   def cast(a):
-    missing = tuple(sorted(both - _vma(a)))
+    missing = tuple(sorted(both - varying_axes(a)))
     return lax.pcast(a, missing, to='varying') if missing else a
   return cast(x), cast(w)
 

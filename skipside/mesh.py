@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from skipside import engine
 from skipside import placement
 from skipside import tick as tick_lib
+from skipside.conv import varying_axes
 from skipside.network import NetworkSpec
 
 PyTree = Any
@@ -470,17 +471,11 @@ def init_carry(mspec: MeshSpec, params: PyTree, clip: jax.Array,
 
 # -- One device's work in one tick (the branches of lax.switch). -------------
 
-def _vma(x) -> frozenset:
-  aval = jax.typeof(x)
-  vma = getattr(aval, 'vma', None)  # jax >= 0.11
-  return vma if vma is not None else aval.mat.varying
-
-
 def _varying(tree: PyTree) -> PyTree:
   """Marks every leaf as varying over both axes (scan carries and switch
   branches must agree on it, DESIGN.md §6)."""
   def one(x):
-    missing = tuple(a for a in AXES if a not in _vma(x))
+    missing = tuple(a for a in AXES if a not in varying_axes(x))
     return lax.pcast(x, missing, to='varying') if missing else x
   return jax.tree.map(one, tree)
 

@@ -27,6 +27,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _wait_all(procs, timeout: int, what: str) -> list[str]:
+  """Each process's output; fails the test if one times out or fails."""
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f'{what} timed out')
+  for pid, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f'process {pid} failed:\n{log[-3000:]}'
+  return logs
+
+
 def _platform_reason() -> str | None:
   if jax.default_backend() != 'cpu':
     return 'needs the CPU backend (simulated devices)'
@@ -63,16 +78,8 @@ def test_two_processes_match_one(tmp_path, data, stage):
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail('multi-process run timed out')
-  for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f'process {pid} failed:\n{log[-3000:]}'
+  logs = _wait_all(procs, 240, 'multi-process run')
+  for pid, log in enumerate(logs):
     assert f'process {pid}/2' in log
 
   got = dict(np.load(out))
@@ -139,16 +146,7 @@ def test_launch_train_two_processes_match_one(tmp_path):
                       '--num_processes=2', f'--process_id={pid}'),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=300)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail('multi-process launch.train timed out')
-  for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f'process {pid} failed:\n{log[-3000:]}'
+  for log in _wait_all(procs, 300, 'multi-process launch.train'):
     assert '"step": 6' in log.split('Summary: ')[-1]
 
   step_one, ref = _checkpoint_state(one)
