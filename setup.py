@@ -23,6 +23,7 @@ setuptools.setup(
         "ml_collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "pillow>=10",  # MovingDigits rendering and image decoding.
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",
