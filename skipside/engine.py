@@ -408,6 +408,9 @@ def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
   mode: a step every ``k`` ticks (``T`` must be a multiple of ``k``; no
   flush), the stream carried through.
 
+  Nothing is donated, so the inputs stay usable; a training loop that owns
+  its state should donate it (``skipside.train`` does).
+
   Returns:
     ``(params, opt_state, ClipOutput)``; with ``update_every`` the metrics are
     averaged over the windows by their valid ticks.

@@ -101,12 +101,16 @@ class MeshSpec:
     costs: the per-stage costs the groups were balanced on (``None`` if
       given explicitly).
     pad_value: fills every padded slot of every buffer.
+    params_like: the params' shapes and dtypes (``ShapeDtypeStruct``
+      pytree) when ``place`` was given ``params``: what the stage-sharded
+      train state (``shard_params``, ``train_step_sharded``) is laid out by.
   """
   spec: NetworkSpec
   mesh: Mesh
   groups: tuple[tuple[int, ...], ...]
   costs: tuple[float, ...] | None = None
   pad_value: float = 0.0
+  params_like: Any = None
 
   @property
   def num_data(self) -> int:
@@ -131,9 +135,10 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
   Args:
     groups: explicit placement (one run of consecutive stages per device;
       missing trailing groups are empty). Overrides everything else.
-    params: if given (and no ``groups``/``costs``), stages are balanced on the
-      flops XLA counts for each stage's forward + backward
-      (``placement.stage_costs``).
+    params: the params (or their ``ShapeDtypeStruct``s): recorded as
+      ``params_like`` for the stage-sharded train state; if no
+      ``groups``/``costs`` are given, stages are balanced on the flops XLA
+      counts for each stage's forward + backward (``placement.stage_costs``).
     costs: per-stage costs to balance on (e.g. measured times).
     batch_size: per-device batch for the flops count.
     pad_value: value of every padded buffer slot (NaN proves no leaks).
@@ -143,16 +148,18 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
   if tuple(mesh.axis_names) != AXES:
     raise ValueError(f'the mesh axes must be {AXES}, got {mesh.axis_names}')
   num_stage = mesh.shape['stage']
+  like = None if params is None else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   if groups is not None:
     return MeshSpec(spec, mesh, placement.validate_groups(
-        groups, spec.num_stages, num_stage), None, pad_value)
+        groups, spec.num_stages, num_stage), None, pad_value, like)
   if costs is None and params is not None:
     costs = placement.stage_costs(spec, params, batch_size)
   weights = costs if costs is not None else (1.0,) * spec.num_stages
   if len(weights) != spec.num_stages:
     raise ValueError(f'{len(weights)} costs for {spec.num_stages} stages')
   return MeshSpec(spec, mesh, placement.balance(weights, num_stage),
-                  None if costs is None else tuple(costs), pad_value)
+                  None if costs is None else tuple(costs), pad_value, like)
 
 
 def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
@@ -322,9 +329,15 @@ def _make_plan(mspec: MeshSpec, params: PyTree, act_dtype) -> _Plan:
 _PLANS = {}
 
 
-def _plan(mspec: MeshSpec, params: PyTree,
+def _plan(mspec: MeshSpec, params: PyTree = None,
           act_dtype=jnp.float32) -> _Plan:
-  """The (cached) plan for these params' shapes."""
+  """The (cached) plan for these params' shapes (default: the placed ones)."""
+  if params is None:
+    if mspec.params_like is None:
+      raise ValueError(
+          'the stage-sharded train state needs the params\' shapes: place '
+          'the network with mesh.place(spec, mesh, ..., params=params)')
+    params = mspec.params_like
   key = (id(mspec), jax.tree.structure(params), jnp.dtype(act_dtype),
          tuple((x.shape, jnp.dtype(x.dtype)) for x in jax.tree.leaves(params)))
   if key not in _PLANS or _PLANS[key].mspec is not mspec:
@@ -480,23 +493,22 @@ def _varying(tree: PyTree) -> PyTree:
   return jax.tree.map(one, tree)
 
 
-def _stage_inputs(plan: _Plan, g: int, l: int, x, own, recvs):
-  """In-edge values of stage ``l`` on device ``g`` (chain first).
-
-  ``own(k)`` gives a same-device source's value; remote sources are read
-  from the round buffers ``recvs``.
-  """
-  if l == 0:
-    return (x,)
-  values = []
-  for k in plan.spec.in_edges[l]:
+def _transport(plan: _Plan, g: int, own: jax.Array, recvs):
+  """``value_of`` of the group tick on device ``g`` (``tick.forward_group``):
+  a source on this device is read from its output buffer ``own``, a remote
+  one from the round buffer that brought it (``recvs``, ``ppermute``)."""
+  def value_of(k):
     src = plan.device_of[k]
     if src == g:
-      values.append(own(k))
-    else:
-      r = plan.round_of[g - src]
-      values.append(_unpack(recvs[r], plan.rounds[r].slots[k]))
-  return tuple(values)
+      return _unpack(own, plan.out_slots[k])
+    r = plan.round_of[g - src]
+    return _unpack(recvs[r], plan.rounds[r].slots[k])
+  return value_of
+
+
+def _params_of(plan: _Plan, pflat: jax.Array):
+  """Stage (or ``num_stages``: the head) -> its params, read from ``pflat``."""
+  return lambda l: _unravel(pflat, *plan.param_defs[l], plan.act_dtype)
 
 
 def _states_of(plan: _Plan, st: jax.Array, l: int):
@@ -516,21 +528,18 @@ def _forward_branch(plan: _Plan, g: int, sync: bool):
   w, metrics)``; returns ``(own, st, metrics)``.
   """
   spec, grp = plan.spec, plan.mspec.groups[g]
+  top = spec.num_stages - 1
 
   def branch(ops):
     pflat, recvs, own, st, x, target, w, m = ops
     b = x.shape[0]
-    ys, states = {}, {}
-    for l in grp:
-      source = (lambda k: ys[k]) if sync else (
-          lambda k: _unpack(own, plan.out_slots[k]))
-      ins = _stage_inputs(plan, g, l, x, source, recvs)
-      p = _unravel(pflat, *plan.param_defs[l], plan.act_dtype)
-      ys[l], states[l] = spec.apply_block(l, p, ins, _states_of(plan, st, l))
-    top = spec.num_stages - 1
+    params_of = _params_of(plan, pflat)
+    ys, states = tick_lib.forward_group(
+        spec, grp, params_of, _transport(plan, g, own, recvs),
+        lambda l: _states_of(plan, st, l), x, sync=sync)
     if top in grp:
-      head = _unravel(pflat, *plan.param_defs[top + 1], plan.act_dtype)
-      _, (pred, loss) = tick_lib.head_loss(spec, head, ys[top], target, w)
+      _, (pred, loss) = tick_lib.head_loss(spec, params_of(top + 1), ys[top],
+                                           target, w)
       m = engine.update_metrics(spec, m, w, loss, pred, target)
     own = _pack_group(plan, ys, grp, plan.out_width, (b,))
     st = _pack_group(plan, states, grp, plan.state_width, (b,),
@@ -545,7 +554,7 @@ def _idle_forward(ops):
 
 
 def _sideways_branch(plan: _Plan, g: int):
-  """Device ``g``'s Sideways tick (DESIGN.md §1, ``tick.sideways_tick``).
+  """Device ``g``'s Sideways tick: ``tick.sideways_group`` of its stages.
 
   Operands: ``(pflat, recvs, own, msgs, st, x, target, w, metrics)``.
   Returns ``(own, local_msgs, sends, st, grads (P,), metrics)``:
@@ -559,48 +568,30 @@ def _sideways_branch(plan: _Plan, g: int):
   def branch(ops):
     pflat, recvs, own, msgs, st, x, target, w, m = ops
     b = x.shape[0]
-    ys, states, vjps, pgrads = {}, {}, {}, {}
-    for l in grp:
-      ins = _stage_inputs(plan, g, l, x,
-                          lambda k: _unpack(own, plan.out_slots[k]), recvs)
-      s = _states_of(plan, st, l)
-
-      def block(p, ins, l=l, s=s):
-        return spec.apply_block(l, p, ins, s)
-      p = _unravel(pflat, *plan.param_defs[l], plan.act_dtype)
-      ys[l], vjps[l], states[l] = jax.vjp(block, p, ins, has_aux=True)
-
-    cot = {l: _unpack(msgs, plan.out_slots[l]) for l in grp if l != top}
-    if top in grp:
-      head = _unravel(pflat, *plan.param_defs[top + 1], plan.act_dtype)
-      # Each device's loss is a mean over its b examples; / num_data makes
-      # the messages and gradients those of the global batch mean.
-      (_, (pred, loss)), (pgrads['head'], cot[top]) = jax.value_and_grad(
-          tick_lib.head_loss, argnums=(1, 2), has_aux=True)(
-              spec, head, ys[top], target, w / num_data)
+    params_of = _params_of(plan, pflat)
+    # Each device's loss is a mean over its b examples; / num_data makes
+    # the messages and gradients those of the global batch mean.
+    ys, states, pgrads, sent, head = tick_lib.sideways_group(
+        spec, grp, params_of, _transport(plan, g, own, recvs),
+        lambda l: _states_of(plan, st, l),
+        lambda l: _unpack(msgs, plan.out_slots[l]), x,
+        params_of(top + 1) if top in grp else None, target, w / num_data)
+    keys = list(grp)
+    if head is not None:
+      pgrads['head'], loss, pred = head
       m = engine.update_metrics(spec, m, w, loss, pred, target)
-
-    local = {k: jnp.zeros_like(ys[k]) for k in grp}
-    remote = {}
-    for l in grp:
-      pgrads[l], in_grads = vjps[l](cot[l].astype(ys[l].dtype))
-      if l == 0:
-        continue
-      for k, gi in zip(spec.in_edges[l], in_grads):
-        if plan.device_of[k] == g:
-          local[k] = local[k] + gi
-        else:
-          remote[k] = remote[k] + gi if k in remote else gi
-
+      keys.append('head')
+    local = {k: sent.get(k, jnp.zeros_like(ys[k])) for k in grp}
     sends = []
     for r in plan.rounds:
       src = g - r.offset  # This device sends messages down to ``src``.
-      keys = r.payload[src] if src >= 0 else ()
-      sends.append(_pack([remote[k] for k in keys], r.width,
+      ks = r.payload[src] if src >= 0 else ()
+      sends.append(_pack([sent[k] for k in ks], r.width,
                          plan.mspec.pad_value, plan.act_dtype, (b,)))
-    keys = list(grp) + (['head'] if top in grp else [])
+    # Padding gets an exact zero gradient: the packed buffer is the train
+    # state, and the optimizer must leave its padding alone.
     grads = _pack([x for k in keys for x in jax.tree.leaves(pgrads[k])],
-                  plan.param_width, plan.mspec.pad_value, plan.dtype)
+                  plan.param_width, 0.0, plan.dtype)
     return _varying((
         _pack_group(plan, ys, grp, plan.out_width, (b,)),
         _pack_group(plan, local, grp, plan.out_width, (b,)),
@@ -732,20 +723,23 @@ def _check_batch(mspec: MeshSpec, clip: jax.Array):
                      f"{mspec.num_data} devices on 'data'")
 
 
-def _run(mspec: MeshSpec, params: PyTree, clip, targets, carry: MeshCarry, *,
-         mode: str, start, length: int, mask_fill: bool, compute_dtype):
+def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
+                carry: MeshCarry, *, mode: str, start, length: int,
+                mask_fill: bool, compute_dtype, params_like=None):
   """``length`` ticks from clip frame ``start`` on the mesh.
 
+  ``pstack (S, P)``: the packed params (``shard_params``); ``params_like``:
+  their pytree's shapes (default ``mspec.params_like``).
+
   Returns ``(loss, (carry, metrics, grads))``; ``grads`` is the Sideways
-  gradient (params pytree) or ``None``.
+  gradient in the packed layout ``(S, P)`` (zero on padding) or ``None``.
   """
   spec = mspec.spec
-  plan = _plan(mspec, params, compute_dtype)
+  plan = _plan(mspec, params_like, compute_dtype)
   num_frames = clip.shape[1]
   per_frame = engine.is_per_frame(spec, clip, targets)
   weights, count = engine.tick_weights(carry, start, length, num_frames,
                                         engine.delay(spec, mode), mask_fill)
-  pstack = _ravel_params(plan, params, mspec.pad_value)
   metric_specs = {'loss': P(), 'accuracy': P()}
   if spec.loss != 'mse':
     metric_specs['predictions'] = P('data')
@@ -768,27 +762,46 @@ def _run(mspec: MeshSpec, params: PyTree, clip, targets, carry: MeshCarry, *,
   carry = MeshCarry(outs=outs, msgs=msgs, states=states,
                     targets=carry.targets if fifo is None else fifo,
                     tick=carry.tick + length)
+  return loss, (carry, m, gstack)
+
+
+def _run(mspec: MeshSpec, params: PyTree, clip, targets, carry: MeshCarry, *,
+         mode: str, start, length: int, mask_fill: bool, compute_dtype):
+  """``_run_packed`` on a params pytree (packed here, every call).
+
+  Returns ``(loss, (carry, metrics, grads))``; ``grads`` is the Sideways
+  gradient (params pytree) or ``None``.
+  """
+  plan = _plan(mspec, params, compute_dtype)
+  pstack = _ravel_params(plan, params, mspec.pad_value)
+  loss, (carry, m, gstack) = _run_packed(
+      mspec, pstack, clip, targets, carry, mode=mode, start=start,
+      length=length, mask_fill=mask_fill, compute_dtype=compute_dtype,
+      params_like=params)
   grads = None if gstack is None else _unravel_params(plan, gstack)
   return loss, (carry, m, grads)
 
 
-def _window_grads(mspec, params, clip, targets, carry, *, mode, start, length,
-                  mask_fill, compute_dtype):
+def _window_grads_of(run, mspec, params, clip, targets, carry, *, mode,
+                     start, length, mask_fill, compute_dtype):
+  """Loss, gradient and output of one window, for ``run`` = ``_run`` (params
+  pytree) or ``_run_packed`` (packed params, packed gradient)."""
   carry = lax.stop_gradient(carry)
+  kw = dict(mode=mode, start=start, length=length, mask_fill=mask_fill,
+            compute_dtype=compute_dtype)
   if mode == 'sideways':
-    loss, (carry, m, grads) = _run(mspec, params, clip, targets, carry,
-                                   mode=mode, start=start, length=length,
-                                   mask_fill=mask_fill,
-                                   compute_dtype=compute_dtype)
+    loss, (carry, m, grads) = run(mspec, params, clip, targets, carry, **kw)
   else:
     def loss_fn(p):
-      loss, (c, m, _) = _run(mspec, p, clip, targets, carry, mode=mode,
-                             start=start, length=length, mask_fill=mask_fill,
-                             compute_dtype=compute_dtype)
+      loss, (c, m, _) = run(mspec, p, clip, targets, carry, **kw)
       return loss, (c, m)
     (loss, (carry, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params)
   return loss, grads, engine.finish(mspec.spec, carry, m)
+
+
+_window_grads = functools.partial(_window_grads_of, _run)
+_window_grads_packed = functools.partial(_window_grads_of, _run_packed)
 
 
 def _prepare(mspec, params, clip, targets, carry, mode,
@@ -858,7 +871,9 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
                targets: jax.Array, *, mode: str, carry=None, flush: int = 0,
                mask_fill: bool = True, update_every: int | None = None,
                compute_dtype=jnp.float32):
-  """One training step on the mesh; as ``engine.train_step``.
+  """One training step on the mesh; as ``engine.train_step``. A convenience: it packs the params pytree into
+  the mesh layout and back at every step; training loops keep the
+  stage-sharded state instead (``shard_tree``, ``train_step_sharded``).
 
   Returns ``(params, opt_state, ClipOutput)`` with ``params`` in the
   ``network.split`` structure.
@@ -873,3 +888,114 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
   return engine.optimize_clip(grads_fn, optimizer, params, opt_state, carry,
                               num_frames=clip.shape[1], flush=flush,
                               update_every=update_every)
+
+
+# -- The stage-sharded train state. ------------------------------------------
+#
+# On the mesh the train state is the packed layout itself: params ``(S, P)``
+# sharded over 'stage' (each device holds its own group's parameters and
+# their padding, nothing else) and an optimizer state of the same layout.
+# Elementwise optimizers (sgd, momentum, adam, adamw) and global-norm
+# clipping act on it exactly as on the params pytree, because every padded
+# slot's gradient is exactly zero; optimizers that take per-leaf norms
+# (LARS, LAMB) would see one leaf per device instead and are not supported.
+# Checkpoints and evaluation use the plain pytree (``unshard_tree``), so they
+# move between the single-device engine and every mesh shape.
+
+def _is_packed(mspec: MeshSpec, x) -> bool:
+  plan = _plan(mspec)
+  return (hasattr(x, 'shape') and
+          tuple(x.shape) == (len(mspec.groups), plan.param_width))
+
+
+def _constrain(mspec: MeshSpec, tree: PyTree) -> PyTree:
+  """Packed leaves sharded over 'stage', every other leaf replicated."""
+  stage = NamedSharding(mspec.mesh, P('stage'))
+  whole = NamedSharding(mspec.mesh, P())
+  return jax.tree.map(lambda x: lax.with_sharding_constraint(
+      x, stage if _is_packed(mspec, x) else whole), tree)
+
+
+@functools.partial(jax.jit, static_argnames=('mspec',))
+def shard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
+  """Params (or an optimizer state over them) -> the stage-sharded layout.
+
+  Every subtree of ``tree`` with the params' structure becomes one packed
+  ``(S, P)`` array sharded over 'stage'; other leaves (step counts) are
+  replicated. Needs ``place(..., params=params)``.
+
+  Example::
+
+    mspec = mesh.place(spec, m, params=params)
+    pstack = mesh.shard_tree(mspec, params)
+    opt_state = mesh.shard_tree(mspec, optimizer.init(params))
+    pstack, opt_state, out = mesh.train_step_sharded(
+        mspec, optimizer, pstack, opt_state, clip, labels, mode='sideways')
+    params = mesh.unshard_tree(mspec, pstack)   # checkpoints, evaluation
+  """
+  plan = _plan(mspec)
+  treedef = jax.tree.structure(mspec.params_like)
+  packed = jax.tree.map(
+      lambda sub: (_ravel_params(plan, sub, mspec.pad_value)
+                   if jax.tree.structure(sub) == treedef else sub),
+      tree, is_leaf=lambda sub: jax.tree.structure(sub) == treedef)
+  return _constrain(mspec, packed)
+
+
+@functools.partial(jax.jit, static_argnames=('mspec',))
+def unshard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
+  """The inverse of ``shard_tree``: every packed leaf back to a params
+  pytree (replicated over the mesh)."""
+  plan = _plan(mspec)
+  whole = NamedSharding(mspec.mesh, P())
+  return jax.tree.map(
+      lambda x: jax.tree.map(
+          lambda y: lax.with_sharding_constraint(y, whole),
+          _unravel_params(plan, x) if _is_packed(mspec, x) else x), tree)
+
+
+@functools.partial(jax.jit, static_argnames=('mspec', 'optimizer', 'mode',
+                                             'flush', 'mask_fill',
+                                             'update_every', 'compute_dtype'),
+                   donate_argnames=('pstack', 'opt_state'))
+def train_step_sharded(mspec: MeshSpec,
+                       optimizer: optax.GradientTransformation,
+                       pstack: jax.Array, opt_state: PyTree, clip: jax.Array,
+                       targets: jax.Array, *, mode: str, carry=None,
+                       flush: int = 0, mask_fill: bool = True,
+                       update_every: int | None = None,
+                       compute_dtype=jnp.float32):
+  """One training step on the stage-sharded train state (``shard_tree``).
+
+  As ``train_step``, but params and optimizer state stay in the packed
+  layout sharded over 'stage': nothing is packed, unpacked or replicated per
+  step, each device updates only its own group's parameters, and both are
+  donated (the step reuses their buffers).
+
+  Returns:
+    ``(pstack, opt_state, ClipOutput)`` in the same layouts.
+  """
+  plan = _plan(mspec)
+  params = _unravel_params(plan, pstack)  # Shapes for a fresh carry only.
+  carry = _prepare(mspec, params, clip, targets, carry, mode, compute_dtype)
+
+  def grads_fn(p, c, start, length):
+    return _window_grads_packed(mspec, p, clip, targets, c, mode=mode,
+                                start=start, length=length,
+                                mask_fill=mask_fill,
+                                compute_dtype=compute_dtype)
+  pstack, opt_state, out = engine.optimize_clip(
+      grads_fn, optimizer, pstack, opt_state, carry, num_frames=clip.shape[1],
+      flush=flush, update_every=update_every)
+  return _constrain(mspec, pstack), _constrain(mspec, opt_state), out
+
+
+def sharded_like(mspec: MeshSpec, tree: PyTree) -> PyTree:
+  """``ShapeDtypeStruct``s (with shardings) of ``shard_tree(mspec, tree)``:
+  the stage-sharded state's shapes, for ``lower`` and compile-only plans."""
+  stage = NamedSharding(mspec.mesh, P('stage'))
+  whole = NamedSharding(mspec.mesh, P())
+  shapes = jax.eval_shape(functools.partial(shard_tree, mspec), tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=stage if _is_packed(mspec, x) else whole),
+                      shapes)

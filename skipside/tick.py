@@ -20,7 +20,7 @@ Notation (stages ``0 .. L-1``): at tick ``t`` frame ``x_t`` arrives.
 Nothing here loops over time; ``skipside.engine`` scans these functions.
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,53 +68,122 @@ def head_loss(spec: NetworkSpec, head_params: PyTree, top: jax.Array,
   return weight * loss, (pred, loss)
 
 
-def pipelined_inputs(spec: NetworkSpec, outs: Sequence[jax.Array],
-                     x: jax.Array) -> list[tuple[jax.Array, ...]]:
-  """In-edge values of every stage at a pipelined tick: last tick's outputs."""
-  return [(x,)] + [tuple(outs[k] for k in spec.in_edges[l])
-                   for l in range(1, spec.num_stages)]
+# -- One tick over a group of consecutive stages. ------------------------------
+#
+# Every engine runs these: the single-device engine with one group holding all
+# stages, the mesh engine with one group per device on the 'stage' axis. What
+# differs is only where a value on an in-edge comes from and where an input
+# gradient goes, and that is the caller's ``value_of``: a local buffer for a
+# source inside the group, a transfer buffer (``ppermute``) for one outside.
+
+def stage_inputs(spec: NetworkSpec, l: int, x: jax.Array,
+                 value_of: Callable[[int], jax.Array]) -> tuple:
+  """In-edge values of stage ``l``, chain first: ``(x,)`` for stage 0, else
+  ``value_of(k)`` for every source ``k``."""
+  if l == 0:
+    return (x,)
+  return tuple(value_of(k) for k in spec.in_edges[l])
+
+
+def forward_group(spec: NetworkSpec, group: Sequence[int], params_of,
+                  value_of, states_of, x: jax.Array, *, sync: bool):
+  """One forward tick of the stages in ``group`` (consecutive, ascending).
+
+  Args:
+    params_of, states_of: stage index -> its params / temporal state.
+    value_of: source stage -> the value its in-edge carries: last tick's
+      output (pipelined) or, with ``sync``, this tick's output of a stage
+      outside the group (a stage inside the group is read from this tick's
+      results directly).
+    x: the frame ``(B, *frame_shape)`` (read by stage 0 only).
+
+  Returns:
+    ``(ys, states)``: dicts stage -> this tick's output / new state.
+  """
+  ys, new_states = {}, {}
+  source = (lambda k: ys[k] if k in ys else value_of(k)) if sync else value_of
+  for l in group:
+    ys[l], new_states[l] = spec.apply_block(
+        l, params_of(l), stage_inputs(spec, l, x, source), states_of(l))
+  return ys, new_states
+
+
+def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
+                   value_of, states_of, msg_of, x: jax.Array, head_params,
+                   target: jax.Array, weight: jax.Array):
+  """One Sideways tick (DESIGN.md §1) of the stages in ``group``.
+
+  Each stage takes one VJP of its block at its *current* input with the
+  message ``msg_of(l)`` its successors sent last tick as cotangent; the top
+  stage (if in the group) uses this tick's loss gradient instead, with the
+  head run here.
+
+  Args:
+    params_of, value_of, states_of, x: as in ``forward_group`` (pipelined).
+    msg_of: stage -> the message it holds (gradient w.r.t. its output).
+    head_params, target, weight: the head and this tick's aligned target
+      and loss weight; used only if the top stage is in ``group``.
+
+  Returns:
+    ``(ys, states, grads, sent, head)``: dicts stage -> output, new state,
+    parameter-gradient contribution; ``sent``: source stage -> the sum of
+    the input gradients this group's stages send it (every in-edge, inside
+    the group or not); ``head``: ``(head_grads, loss, pred)`` or ``None``.
+  """
+  top = spec.num_stages - 1
+  ys, new_states, vjps = {}, {}, {}
+  for l in group:
+    def block(p, ins, l=l):
+      return spec.apply_block(l, p, ins, states_of(l))
+    ys[l], vjps[l], new_states[l] = jax.vjp(
+        block, params_of(l), stage_inputs(spec, l, x, value_of), has_aux=True)
+
+  cotangents = {l: msg_of(l) for l in group if l != top}
+  head = None
+  if top in group:  # Its only successor is the head (edges go up), same tick.
+    (_, (pred, loss)), (head_grads, cotangents[top]) = jax.value_and_grad(
+        head_loss, argnums=(1, 2), has_aux=True)(
+            spec, head_params, ys[top], target, weight)
+    head = (head_grads, loss, pred)
+
+  grads, sent = {}, {}
+  for l in group:
+    grads[l], in_grads = vjps[l](cotangents[l].astype(ys[l].dtype))
+    for k, g in zip(spec.in_edges[l], in_grads if l else ()):
+      g = g.astype(ys[l].dtype)
+      sent[k] = sent[k] + g if k in sent else g
+  return ys, new_states, grads, sent, head
+
+
+# -- The whole network as one group (the single-device engine). ---------------
+
+def _all(spec: NetworkSpec) -> range:
+  return range(spec.num_stages)
 
 
 def pipelined_forward(spec: NetworkSpec, params: PyTree, outs: tuple,
                       states: tuple, x: jax.Array):
   """One pipelined forward tick of all stages: ``(new_outs, new_states)``."""
-  inputs = pipelined_inputs(spec, outs, x)
-  results = [spec.apply_block(l, params['blocks'][l], inputs[l], states[l])
-             for l in range(spec.num_stages)]
-  return tuple(r[0] for r in results), tuple(r[1] for r in results)
+  ys, new_states = forward_group(
+      spec, _all(spec), lambda l: params['blocks'][l], lambda k: outs[k],
+      lambda l: states[l], x, sync=False)
+  return tuple(ys.values()), tuple(new_states.values())
 
 
 def synchronous_forward(spec: NetworkSpec, params: PyTree, states: tuple,
                         x: jax.Array):
   """One synchronous tick (``bp``): ``x`` passes every stage. (outs, states)."""
-  outs, new_states = [], []
-  for l in range(spec.num_stages):
-    inputs = (x,) if l == 0 else tuple(outs[k] for k in spec.in_edges[l])
-    y, s = spec.apply_block(l, params['blocks'][l], inputs, states[l])
-    outs.append(y)
-    new_states.append(s)
-  return tuple(outs), tuple(new_states)
-
-
-def route_messages(spec: NetworkSpec, input_grads: Sequence[tuple],
-                   like: Sequence[jax.Array]) -> tuple:
-  """Sums the input gradients of every stage into per-source messages.
-
-  ``input_grads[l][i]`` is the gradient w.r.t. the value stage ``l`` read
-  from its ``i``-th in-edge; the message of stage ``k`` is the sum over its
-  out-edges. ``like`` gives each stage's output (for zeros and dtype).
-  """
-  msgs = [jnp.zeros_like(y) for y in like]
-  for l in range(1, spec.num_stages):
-    for k, g in zip(spec.in_edges[l], input_grads[l]):
-      msgs[k] = msgs[k] + g.astype(msgs[k].dtype)
-  return tuple(msgs)
+  ys, new_states = forward_group(
+      spec, _all(spec), lambda l: params['blocks'][l], None,
+      lambda l: states[l], x, sync=True)
+  return tuple(ys.values()), tuple(new_states.values())
 
 
 def sideways_tick(spec: NetworkSpec, params: PyTree, outs: tuple, msgs: tuple,
                   states: tuple, x: jax.Array, target: jax.Array,
                   weight: jax.Array):
-  """One Sideways tick of the whole network.
+  """One Sideways tick of the whole network (``sideways_group`` of all
+  stages).
 
   Args:
     outs: every stage's output of the previous tick.
@@ -127,28 +196,13 @@ def sideways_tick(spec: NetworkSpec, params: PyTree, outs: tuple, msgs: tuple,
     ``(new_outs, new_msgs, new_states, grads, (loss, pred))`` where ``grads``
     has the params' structure and is this tick's gradient contribution.
   """
-  inputs = pipelined_inputs(spec, outs, x)
-  top = spec.num_stages - 1
-  ys, new_states, vjps = [], [], []
-  for l in range(spec.num_stages):
-    def block(p, ins, l=l):
-      return spec.apply_block(l, p, ins, states[l])
-    y, vjp_fn, s = jax.vjp(block, params['blocks'][l], inputs[l], has_aux=True)
-    ys.append(y)
-    new_states.append(s)
-    vjps.append(vjp_fn)
-
-  (weighted, (pred, loss)), (head_grads, top_grad) = jax.value_and_grad(
-      head_loss, argnums=(1, 2), has_aux=True)(
-          spec, params['head'], ys[top], target, weight)
-  del weighted
-  # The top stage's only successor is the head (edges go up), same tick.
-  cotangents = list(msgs[:top]) + [top_grad]
-  block_grads, input_grads = [], []
-  for l in range(spec.num_stages):
-    gp, gi = vjps[l](cotangents[l].astype(ys[l].dtype))
-    block_grads.append(gp)
-    input_grads.append(gi)
-  new_msgs = route_messages(spec, input_grads, ys)
-  grads = {'blocks': block_grads, 'head': head_grads}
-  return tuple(ys), new_msgs, tuple(new_states), grads, (loss, pred)
+  ys, new_states, grads, sent, head = sideways_group(
+      spec, _all(spec), lambda l: params['blocks'][l], lambda k: outs[k],
+      lambda l: states[l], lambda l: msgs[l], x, params['head'], target,
+      weight)
+  head_grads, loss, pred = head
+  new_msgs = tuple(sent[l] if l in sent else jnp.zeros_like(ys[l])
+                   for l in _all(spec))
+  grads = {'blocks': [grads[l] for l in _all(spec)], 'head': head_grads}
+  return (tuple(ys.values()), new_msgs, tuple(new_states.values()), grads,
+          (loss, pred))

@@ -311,7 +311,7 @@ def _batch(run: _Run, clip_shape) -> tuple:
 def _mspec(run: _Run, frame_shape) -> mesh_lib.MeshSpec:
   """The network at this frame size, placed with the run's groups."""
   spec = network.for_frame_shape(run.spec, run.params, frame_shape)
-  return mesh_lib.place(spec, run.mesh, run.groups)
+  return mesh_lib.place(spec, run.mesh, run.groups, params=run.params)
 
 
 def _lower_train(run: _Run, clip_shape):
@@ -325,8 +325,11 @@ def _lower_train(run: _Run, clip_shape):
         lambda: engine.init_carry(run.spec, run.params, clip, targets, c.mode,
                                   run.compute_dtype)),
                       NamedSharding(run.mesh, P()))
+  # The stage-sharded train state, as the training loop holds it.
+  params, opt_state = (mesh_lib.sharded_like(mspec, run.params),
+                       mesh_lib.sharded_like(mspec, run.opt_state))
   return train._train_step.lower(  # pylint: disable=protected-access
-      mspec, run.optimizer, run.params, run.opt_state, clip, targets, carry,
+      mspec, run.optimizer, params, opt_state, clip, targets, carry,
       mode=c.mode, compute_dtype=run.compute_dtype,
       update_every=c.train.update_every or None, flush=c.train.flush,
       skip_nonfinite=c.train.on_nonfinite == 'skip')

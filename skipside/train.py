@@ -307,7 +307,7 @@ def place(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
   groups = config.mesh.get('groups')
   if groups:
     return mesh_lib.place(spec, mesh, parse_groups(
-        groups, spec.num_stages, mesh.shape['stage']))
+        groups, spec.num_stages, mesh.shape['stage']), params=params)
   return mesh_lib.place(spec, mesh, params=params,
                         batch_size=config.data.batch_size // config.mesh.data)
 
@@ -496,16 +496,20 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @functools.partial(jax.jit, static_argnames=('spec', 'optimizer', 'mode',
                                              'compute_dtype', 'update_every',
-                                             'flush', 'skip_nonfinite'))
+                                             'flush', 'skip_nonfinite'),
+                   donate_argnames=('params', 'opt_state'))
 def _train_step(spec, optimizer, params, opt_state, clip, targets, carry, *,
                 mode, compute_dtype, update_every, flush, skip_nonfinite):
+  """The loop's step. On a mesh (``spec`` a ``MeshSpec``) ``params`` and
+  ``opt_state`` are the stage-sharded state (``mesh.shard_tree``)."""
   on_mesh = isinstance(spec, mesh_lib.MeshSpec)
-  new_params, new_opt_state, out = (mesh_lib if on_mesh else engine).train_step(
+  step = mesh_lib.train_step_sharded if on_mesh else engine.train_step
+  new_params, new_opt_state, out = step(
       spec, optimizer, params, opt_state, clip, targets, mode=mode,
       carry=carry, compute_dtype=compute_dtype, update_every=update_every,
       flush=flush)
   if on_mesh:  # The engine's carry layout: checkpoints fit either engine.
-    out = out._replace(carry=mesh_lib.to_stream_carry(spec, params, out.carry))
+    out = out._replace(carry=mesh_lib.to_stream_carry(spec, None, out.carry))
   if skip_nonfinite:  # Keep the old params where this step went non-finite.
     ok = jnp.isfinite(out.metrics['loss'])
     new_params, new_opt_state = jax.tree.map(
@@ -690,7 +694,8 @@ def evaluate_workdir(workdir: str,
 
 
 def _compile_multigrid(config, spec, optimizer, state, schedule, info,
-                       compute_dtype, mesh=None, groups=None):
+                       compute_dtype, mesh=None, groups=None,
+                       tree_params=None):
   """Every train shape of ``schedule`` and the eval shape, compiled ahead of
   time: ``(train step table, eval forward table)`` (``multigrid.BucketTable``,
   keyed by the clip shape the loop passes: per process on one device, global
@@ -710,11 +715,16 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
   data_sharding = None if mesh is None else jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec('data'))
 
+  if tree_params is None:
+    tree_params = state.params
+  # The params' pytree shapes (on a mesh ``state`` is stage-sharded).
+
   def bucket_spec(key, pooled):
-    spec_b = network.for_frame_shape(spec, state.params, key[2:])
+    spec_b = network.for_frame_shape(spec, tree_params, key[2:])
     if pooled:  # PGT's 'avg'/'max' caches pool the stages' inputs.
       spec_b = progressive.pooled_spec(spec_b, config.progressive.cache_policy)
-    return spec_b if mesh is None else mesh_lib.place(spec_b, mesh, groups)
+    return spec_b if mesh is None else mesh_lib.place(spec_b, mesh, groups,
+                                                      params=tree_params)
 
   def abstract(key):
     if mesh is not None and key[0] % mesh.shape['data']:
@@ -746,11 +756,12 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
   def lower_eval(key):
     clip, targets = abstract(key)
     if mesh is not None:
-      return mesh_lib.forward.lower(bucket_spec(key, pooled=False), params,
-                                    clip, targets, mode=config.mode,
+      return mesh_lib.forward.lower(bucket_spec(key, pooled=False),
+                                    tree_params, clip, targets,
+                                    mode=config.mode,
                                     compute_dtype=compute_dtype)
-    return engine.forward.lower(spec, params, clip, targets, mode=config.mode,
-                                compute_dtype=compute_dtype)
+    return engine.forward.lower(spec, tree_params, clip, targets,
+                                mode=config.mode, compute_dtype=compute_dtype)
 
   channels = info.element_shape[-1]
   keys = [multigrid.clip_spec(s, channels, info.shard_count)[0].shape
@@ -844,6 +855,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.info('resumed from step %d (%s)', state.step, meta)
     if is_main:
       print(f'Resumed from {workdir} at step {state.step}.', flush=True)
+  tree_params = multigrid.abstract(state.params)  # Shapes of the pytree.
+  pgt = bool(config.get('progressive') and config.progressive.enabled)
+  # On the mesh the train state is stage-sharded: each device holds its own
+  # stages' params and optimizer state (PGT's mesh step still takes the
+  # replicated pytree). Checkpoints and evaluation see the pytree (as_tree).
+  sharded = mspec is not None and not pgt
+  if sharded:
+    state = dataclasses.replace(
+        state, params=mesh_lib.shard_tree(mspec, state.params),
+        opt_state=mesh_lib.shard_tree(mspec, state.opt_state))
+
+  def as_tree(state: TrainState) -> TrainState:
+    """``state`` with params and optimizer state as pytrees."""
+    if not sharded:
+      return state
+    return dataclasses.replace(
+        state, params=mesh_lib.unshard_tree(mspec, state.params),
+        opt_state=mesh_lib.unshard_tree(mspec, state.opt_state))
 
   writer = MetricWriter(workdir, enabled=is_main)
   step_fn = functools.partial(
@@ -856,13 +885,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
         config, spec, optimizer, state, schedule, train_iter.info,
-        compute_dtype, mesh, mspec and mspec.groups)
+        compute_dtype, mesh, mspec and mspec.groups, tree_params)
     compile_s = step_fn.wall_seconds + eval_forward.wall_seconds
-    if batchnorm.has_norms(spec, state.params):  # Its statistics pass too.
-      norm_moments = _compile_norm_moments(spec, state.params,
+    if batchnorm.has_norms(spec, tree_params):  # Its statistics pass too.
+      norm_moments = _compile_norm_moments(spec, tree_params,
                                            train_iter.info)
       compile_s += norm_moments.wall_seconds
-  elif config.get('progressive') and config.progressive.enabled:
+  elif pgt:
     from skipside import progressive  # PGT: videos as serial fragments.
     pspec = spec if mspec is None else mesh_lib.place(  # Pooled caches.
         progressive.pooled_spec(spec, config.progressive.cache_policy), mesh,
@@ -879,9 +908,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     return m
 
   def run_eval():
-    params = eval_params(config, spec, state.params, data_config,
-                         norm_moments)
-    if mesh is not None and params is not state.params:
+    tree = as_tree(state).params
+    params = eval_params(config, spec, tree, data_config, norm_moments)
+    if mesh is not None and params is not tree:
       params = _replicated(mesh, params)
     it = data_lib.make_eval_iterator(data_config)
     batches, forward = it, eval_forward
@@ -943,7 +972,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         writer.write(state.step, train_metrics)
       if state.step % config.train.checkpoint_every == 0 or state.step == total:
         with compiles.paused():
-          ckpt.save(state, train_iter.get_state(), meta())
+          ckpt.save(as_tree(state), train_iter.get_state(), meta())
       if state.step % config.train.eval_every == 0 or state.step == total:
         eval_metrics = run_eval()
         writer.write(state.step, eval_metrics)
@@ -952,7 +981,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
               f'{k}={v:.4f}' for k, v in eval_metrics.items()))
       if preemption.requested and state.step < total:
         with compiles.paused():
-          ckpt.save(state, train_iter.get_state(), meta(), wait=True)
+          ckpt.save(as_tree(state), train_iter.get_state(), meta(),
+                    wait=True)
         summary['preempted'] = True
         if is_main:
           bar.write(f'SIGTERM: saved a checkpoint at step {state.step}; '
