@@ -506,6 +506,27 @@ def _transport(plan: _Plan, g: int, own: jax.Array, recvs):
   return value_of
 
 
+def _ups(plan: _Plan, g: int, ys: dict, b: int) -> tuple:
+  """This tick's outputs of device ``g`` that the devices above read next
+  tick: one buffer per round, packed here where ``g`` is static (a gather
+  on the traced device index would cost every tick)."""
+  return tuple(
+      _pack([ys[k] for k in r.payload[g]], r.width, plan.mspec.pad_value,
+            plan.act_dtype, (b,)) for r in plan.rounds)
+
+
+def _messages_of(plan: _Plan, g: int, local: jax.Array, got):
+  """Stage -> the message it holds: what its own device's stages sent
+  (``local``) plus what came down in each round (``got``)."""
+  def msg_of(l):
+    msg = _unpack(local, plan.out_slots[l])
+    for r, buf in zip(plan.rounds, got):
+      if l in r.payload[g]:
+        msg = msg + _unpack(buf, r.slots[l])
+    return msg
+  return msg_of
+
+
 def _params_of(plan: _Plan, pflat: jax.Array):
   """Stage (or ``num_stages``: the head) -> its params, read from ``pflat``."""
   return lambda l: _unravel(pflat, *plan.param_defs[l], plan.act_dtype)
@@ -525,7 +546,8 @@ def _forward_branch(plan: _Plan, g: int, sync: bool):
   """Device ``g``'s forward tick: pipelined, or synchronous (``bp``).
 
   Operands: ``(pflat (P,), recvs, own (b, W_out), st (b, W_state), x, target,
-  w, metrics)``; returns ``(own, st, metrics)``.
+  w, metrics)``; returns ``(own, ups, st, metrics)``: ``ups`` one buffer per
+  round for the devices above (``_ups``).
   """
   spec, grp = plan.spec, plan.mspec.groups[g]
   top = spec.num_stages - 1
@@ -544,37 +566,42 @@ def _forward_branch(plan: _Plan, g: int, sync: bool):
     own = _pack_group(plan, ys, grp, plan.out_width, (b,))
     st = _pack_group(plan, states, grp, plan.state_width, (b,),
                      jax.tree.leaves)
-    return _varying((own, st, m))
+    return _varying((own, _ups(plan, g, ys, b), st, m))
   return branch
 
 
-def _idle_forward(ops):
-  _, _, own, st, _, _, _, m = ops
-  return _varying((own, st, m))
+def _idle_forward(plan: _Plan):
+  def branch(ops):
+    _, _, own, st, x, _, _, m = ops
+    pads = tuple(jnp.full((x.shape[0], r.width), plan.mspec.pad_value,
+                          plan.act_dtype) for r in plan.rounds)
+    return _varying((own, pads, st, m))
+  return branch
 
 
 def _sideways_branch(plan: _Plan, g: int):
   """Device ``g``'s Sideways tick: ``tick.sideways_group`` of its stages.
 
-  Operands: ``(pflat, recvs, own, msgs, st, x, target, w, metrics)``.
-  Returns ``(own, local_msgs, sends, st, grads (P,), metrics)``:
-  ``local_msgs`` are the messages this device's stages send to its own
-  stages, ``sends`` one buffer per round for the devices below.
+  Operands: ``(pflat, recvs, own, local, got, st, x, target, w, metrics)``:
+  ``local`` the messages this device's stages sent its own stages last
+  tick, ``got`` the buffers that came down in each round.
+  Returns ``(own, ups, local, sends, st, grads (P,), metrics)``: ``ups``
+  one buffer per round for the devices above, ``sends`` for those below.
   """
   spec, grp = plan.spec, plan.mspec.groups[g]
   top = spec.num_stages - 1
   num_data = plan.mspec.num_data
 
   def branch(ops):
-    pflat, recvs, own, msgs, st, x, target, w, m = ops
+    pflat, recvs, own, local, got, st, x, target, w, m = ops
     b = x.shape[0]
     params_of = _params_of(plan, pflat)
     # Each device's loss is a mean over its b examples; / num_data makes
     # the messages and gradients those of the global batch mean.
     ys, states, pgrads, sent, head = tick_lib.sideways_group(
         spec, grp, params_of, _transport(plan, g, own, recvs),
-        lambda l: _states_of(plan, st, l),
-        lambda l: _unpack(msgs, plan.out_slots[l]), x,
+        lambda l: _states_of(plan, st, l), _messages_of(plan, g, local, got),
+        x,
         params_of(top + 1) if top in grp else None, target, w / num_data)
     keys = list(grp)
     if head is not None:
@@ -594,6 +621,7 @@ def _sideways_branch(plan: _Plan, g: int):
                   plan.param_width, 0.0, plan.dtype)
     return _varying((
         _pack_group(plan, ys, grp, plan.out_width, (b,)),
+        _ups(plan, g, ys, b),
         _pack_group(plan, local, grp, plan.out_width, (b,)),
         tuple(sends),
         _pack_group(plan, states, grp, plan.state_width, (b,),
@@ -604,34 +632,40 @@ def _sideways_branch(plan: _Plan, g: int):
 
 def _idle_sideways(plan: _Plan):
   def branch(ops):
-    pflat, _, own, msgs, st, x, _, _, m = ops
+    pflat, _, own, local, _, st, x, _, _, m = ops
     b = x.shape[0]
-    sends = tuple(jnp.full((b, r.width), plan.mspec.pad_value, plan.act_dtype)
-                  for r in plan.rounds)
-    return _varying((own, msgs, sends, st, jnp.zeros_like(pflat), m))
+    pads = tuple(jnp.full((b, r.width), plan.mspec.pad_value, plan.act_dtype)
+                 for r in plan.rounds)
+    return _varying((own, pads, local, pads, st, jnp.zeros_like(pflat), m))
   return branch
 
 
 # -- The clip on the mesh. ---------------------------------------------------
 
-def _transfer_up(plan: _Plan, own: jax.Array, g) -> tuple:
-  """Last tick's outputs to the devices above: one ppermute per round."""
+def _gather_ups(plan: _Plan, own: jax.Array, g) -> tuple:
+  """The per-round up-going buffers of the outputs in ``own``, on the traced
+  device index ``g`` (once per clip; every tick's come from ``_ups``)."""
   ext = jnp.concatenate(
       [own, jnp.full((own.shape[0], 1), plan.mspec.pad_value, own.dtype)], 1)
-  return tuple(
-      lax.ppermute(jnp.take(ext, jnp.asarray(r.index)[g], axis=1), 'stage',
-                   r.up) for r in plan.rounds)
+  return tuple(jnp.take(ext, jnp.asarray(r.index)[g], axis=1)
+               for r in plan.rounds)
 
 
-def _messages_down(plan: _Plan, local: jax.Array, sends, g) -> jax.Array:
-  """Messages to the devices below; received ones add to the local ones."""
+def _merge_messages(plan: _Plan, local: jax.Array, got, g) -> jax.Array:
+  """The per-stage message buffer ``(b, W_out)``: ``local`` plus what came
+  down in each round (once per clip, for the carry)."""
   ext = jnp.concatenate(
       [local, jnp.full((local.shape[0], 1), plan.mspec.pad_value,
                        local.dtype)], 1)
-  for r, send in zip(plan.rounds, sends):
-    got = lax.ppermute(send, 'stage', r.down)
-    ext = ext.at[:, jnp.asarray(r.index)[g]].add(got)  # Pads: last column.
+  for r, buf in zip(plan.rounds, got):
+    ext = ext.at[:, jnp.asarray(r.index)[g]].add(buf)  # Pads: last column.
   return ext[:, :-1]
+
+
+def _send(plan: _Plan, bufs, down: bool) -> tuple:
+  """One ``ppermute`` per round: up (activations) or down (messages)."""
+  return tuple(lax.ppermute(buf, 'stage', r.down if down else r.up)
+               for r, buf in zip(plan.rounds, bufs))
 
 
 def _sync_tick(plan: _Plan, branches, pflat, own, st, x, target, w, m, g):
@@ -642,9 +676,9 @@ def _sync_tick(plan: _Plan, branches, pflat, own, st, x, target, w, m, g):
                              plan.act_dtype))
            for r in plan.rounds]
   for p, branch in branches:
-    own, st, m = lax.switch(jnp.where(g == p, 1, 0),
-                            [_idle_forward, branch],
-                            (pflat, tuple(inbox), own, st, x, target, w, m))
+    own, _, st, m = lax.switch(jnp.where(g == p, 1, 0),
+                               [_idle_forward(plan), branch],
+                               (pflat, tuple(inbox), own, st, x, target, w, m))
     ext = jnp.concatenate(
         [own, jnp.full((b, 1), plan.mspec.pad_value, own.dtype)], 1)
     for i, r in enumerate(plan.rounds):
@@ -659,14 +693,25 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
   """The per-device program of ``length`` ticks (the body of shard_map)."""
   spec, groups = plan.spec, plan.mspec.groups
   sideways = mode == 'sideways'
+  # Exact modes differentiate through the scan. A lax.switch's residuals are
+  # the union over its branches (every device would keep every stage's), so
+  # each branch is rematerialized: what it saves per tick is its operands,
+  # the same padded buffers on every device, and its backward recomputes
+  # its own stages' forward (one more forward per tick).
+  # (``bp`` runs one switch per device phase within a tick: the whole tick is
+  # rematerialized, saving its operands once.)
+  remat = (lambda f: f) if sideways else jax.checkpoint
   if mode == 'bp':
     sync = [(g, _forward_branch(plan, g, True))
             for g, grp in enumerate(groups) if grp]
+    sync_tick = jax.checkpoint(functools.partial(_sync_tick, plan, sync),
+                               static_argnums=())
   else:
     make = _sideways_branch if sideways else functools.partial(
         _forward_branch, sync=False)
-    idle = _idle_sideways(plan) if sideways else _idle_forward
-    branches = [make(plan, g) if grp else idle for g, grp in enumerate(groups)]
+    idle = _idle_sideways(plan) if sideways else _idle_forward(plan)
+    branches = [remat(make(plan, g)) if grp else idle
+                for g, grp in enumerate(groups)]
 
   def fn(pstack, clip, targets, outs, msgs, states, fifo, start, weights):
     g = lax.axis_index('stage')
@@ -678,10 +723,14 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
     if spec.loss != 'mse':
       m['predictions'] = jnp.zeros((b, *spec.prediction_shape))
     gacc = jnp.zeros_like(pflat) if sideways else None
-    init = (_varying((outs[0], msgs[0], states[0], m, gacc)), fifo)
+    # In flight between ticks: the outputs going up and, under Sideways, the
+    # messages: ``local`` (within the device) and ``got`` (per round).
+    ups = _gather_ups(plan, outs[0], g)
+    got = tuple(jnp.zeros((b, r.width), plan.act_dtype) for r in plan.rounds)
+    init = (_varying((outs[0], ups, msgs[0], got, states[0], m, gacc)), fifo)
 
     def body(c, i):
-      (own, msg, st, m, gacc), fifo = c
+      (own, ups, local, got, st, m, gacc), fifo = c
       t = jnp.minimum(start + i, num_frames - 1)
       x = engine.read_frame(clip, t, plan.act_dtype)
       target_now = (lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)
@@ -692,21 +741,22 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
         target, fifo = engine.align_target(fifo, target_now)
       w = weights[i]
       if mode == 'bp':
-        own, st, m = _sync_tick(plan, sync, pflat, own, st, x, target, w, m, g)
+        own, st, m = sync_tick(pflat, own, st, x, target, w, m, g)
       elif not sideways:
-        recvs = _transfer_up(plan, own, g)
-        own, st, m = lax.switch(g, branches,
-                                (pflat, recvs, own, st, x, target, w, m))
+        own, ups, st, m = lax.switch(
+            g, branches, (pflat, _send(plan, ups, down=False), own, st, x,
+                          target, w, m))
       else:
-        recvs = _transfer_up(plan, own, g)
-        own, local, sends, st, gtick, m = lax.switch(
-            g, branches, (pflat, recvs, own, msg, st, x, target, w, m))
-        msg = _messages_down(plan, local, sends, g)
+        own, ups, local, sends, st, gtick, m = lax.switch(
+            g, branches, (pflat, _send(plan, ups, down=False), own, local,
+                          got, st, x, target, w, m))
+        got = _send(plan, sends, down=True)
         gacc = gacc + gtick
-      return ((own, msg, st, m, gacc), fifo), None
+      return ((own, ups, local, got, st, m, gacc), fifo), None
 
-    ((own, msg, st, m, gacc), fifo), _ = lax.scan(body, init,
-                                                  jnp.arange(length))
+    ((own, _, local, got, st, m, gacc), fifo), _ = lax.scan(
+        body, init, jnp.arange(length))
+    msg = _merge_messages(plan, local, got, g) if sideways else local
     # Only the top device adds to the metrics; each data shard's are means.
     metrics = {k: lax.psum(v, 'stage') for k, v in m.items()}
     for k in ('loss', 'accuracy'):
