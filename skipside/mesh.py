@@ -90,9 +90,10 @@ def make_mesh(data: int, stage: int, *, devices=None) -> Mesh:
                        devices=devices)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class MeshSpec:
-  """A network placed on a mesh. Hashable by identity (a static jit argument).
+  """A network placed on a mesh. Hashable by value (a static jit argument:
+  equal placements of equal networks share their compilations).
 
   Attributes:
     spec: the network's static structure.
@@ -101,16 +102,30 @@ class MeshSpec:
     costs: the per-stage costs the groups were balanced on (``None`` if
       given explicitly).
     pad_value: fills every padded slot of every buffer.
-    params_like: the params' shapes and dtypes (``ShapeDtypeStruct``
-      pytree) when ``place`` was given ``params``: what the stage-sharded
-      train state (``shard_params``, ``train_step_sharded``) is laid out by.
+    param_shapes: ``(treedef, ((shape, dtype), ...))`` of the params when
+      ``place`` was given them: what the stage-sharded train state
+      (``shard_tree``, ``train_step_sharded``) is laid out by
+      (``params_like``).
   """
   spec: NetworkSpec
   mesh: Mesh
   groups: tuple[tuple[int, ...], ...]
   costs: tuple[float, ...] | None = None
   pad_value: float = 0.0
-  params_like: Any = None
+  param_shapes: tuple | None = None
+  # Layouts per (params' shapes, activation dtype), built on first use; they
+  # live as long as this spec (no module-global cache keeps specs alive).
+  plans: dict = dataclasses.field(default_factory=dict, repr=False,
+                                  compare=False)
+
+  @property
+  def params_like(self) -> PyTree:
+    """The params' ``ShapeDtypeStruct`` pytree (``None`` if not given)."""
+    if self.param_shapes is None:
+      return None
+    treedef, leaves = self.param_shapes
+    return jax.tree.unflatten(
+        treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
 
   @property
   def num_data(self) -> int:
@@ -148,8 +163,10 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
   if tuple(mesh.axis_names) != AXES:
     raise ValueError(f'the mesh axes must be {AXES}, got {mesh.axis_names}')
   num_stage = mesh.shape['stage']
-  like = None if params is None else jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  like = None if params is None else (
+      jax.tree.structure(params),
+      tuple((tuple(x.shape), jnp.dtype(x.dtype))
+            for x in jax.tree.leaves(params)))
   if groups is not None:
     return MeshSpec(spec, mesh, placement.validate_groups(
         groups, spec.num_stages, num_stage), None, pad_value, like)
@@ -326,9 +343,6 @@ def _make_plan(mspec: MeshSpec, params: PyTree, act_dtype) -> _Plan:
       act_dtype=jnp.dtype(act_dtype))
 
 
-_PLANS = {}
-
-
 def _plan(mspec: MeshSpec, params: PyTree = None,
           act_dtype=jnp.float32) -> _Plan:
   """The (cached) plan for these params' shapes (default: the placed ones)."""
@@ -338,11 +352,11 @@ def _plan(mspec: MeshSpec, params: PyTree = None,
           'the stage-sharded train state needs the params\' shapes: place '
           'the network with mesh.place(spec, mesh, ..., params=params)')
     params = mspec.params_like
-  key = (id(mspec), jax.tree.structure(params), jnp.dtype(act_dtype),
+  key = (jax.tree.structure(params), jnp.dtype(act_dtype),
          tuple((x.shape, jnp.dtype(x.dtype)) for x in jax.tree.leaves(params)))
-  if key not in _PLANS or _PLANS[key].mspec is not mspec:
-    _PLANS[key] = _make_plan(mspec, params, act_dtype)
-  return _PLANS[key]
+  if key not in mspec.plans:
+    mspec.plans[key] = _make_plan(mspec, params, act_dtype)
+  return mspec.plans[key]
 
 
 def layout_report(mspec: MeshSpec, params: PyTree, batch_size: int,
@@ -700,12 +714,13 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
   # its own stages' forward (one more forward per tick).
   # (``bp`` runs one switch per device phase within a tick: the whole tick is
   # rematerialized, saving its operands once.)
-  remat = (lambda f: f) if sideways else jax.checkpoint
+  # (prevent_cse=False: inside a scan CSE cannot merge the recomputation.)
+  remat = ((lambda f: f) if sideways else
+           functools.partial(jax.checkpoint, prevent_cse=False))
   if mode == 'bp':
     sync = [(g, _forward_branch(plan, g, True))
             for g, grp in enumerate(groups) if grp]
-    sync_tick = jax.checkpoint(functools.partial(_sync_tick, plan, sync),
-                               static_argnums=())
+    sync_tick = remat(functools.partial(_sync_tick, plan, sync))
   else:
     make = _sideways_branch if sideways else functools.partial(
         _forward_branch, sync=False)
@@ -778,7 +793,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
                 mask_fill: bool, compute_dtype, params_like=None):
   """``length`` ticks from clip frame ``start`` on the mesh.
 
-  ``pstack (S, P)``: the packed params (``shard_params``); ``params_like``:
+  ``pstack (S, P)``: the packed params (``shard_tree``); ``params_like``:
   their pytree's shapes (default ``mspec.params_like``).
 
   Returns ``(loss, (carry, metrics, grads))``; ``grads`` is the Sideways
@@ -921,9 +936,11 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
                targets: jax.Array, *, mode: str, carry=None, flush: int = 0,
                mask_fill: bool = True, update_every: int | None = None,
                compute_dtype=jnp.float32):
-  """One training step on the mesh; as ``engine.train_step``. A convenience: it packs the params pytree into
-  the mesh layout and back at every step; training loops keep the
-  stage-sharded state instead (``shard_tree``, ``train_step_sharded``).
+  """One training step on the mesh, as ``engine.train_step``.
+
+  A convenience: it packs the params pytree into the mesh layout and back
+  at every step; training loops keep the stage-sharded state instead
+  (``shard_tree``, ``train_step_sharded``).
 
   Returns ``(params, opt_state, ClipOutput)`` with ``params`` in the
   ``network.split`` structure.
@@ -966,6 +983,20 @@ def _constrain(mspec: MeshSpec, tree: PyTree) -> PyTree:
       x, stage if _is_packed(mspec, x) else whole), tree)
 
 
+def _check_like(sub: PyTree, like: PyTree) -> PyTree:
+  """``sub`` if its leaves have the params' shapes and dtypes; else a named
+  error (bf16 or factored moments do not fit the packed layout)."""
+  for x, y in zip(jax.tree.leaves(sub), jax.tree.leaves(like)):
+    if x.shape != y.shape or jnp.dtype(x.dtype) != y.dtype:
+      raise ValueError(
+          f"shard_tree: a subtree with the params' structure holds "
+          f'{x.dtype}{list(x.shape)} where the params hold '
+          f'{y.dtype}{list(y.shape)}; the stage-sharded state needs '
+          'optimizer states shaped like the params (sgd, momentum, adam, '
+          "adamw in the params' dtype)")
+  return sub
+
+
 @functools.partial(jax.jit, static_argnames=('mspec',))
 def shard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
   """Params (or an optimizer state over them) -> the stage-sharded layout.
@@ -984,9 +1015,12 @@ def shard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
     params = mesh.unshard_tree(mspec, pstack)   # checkpoints, evaluation
   """
   plan = _plan(mspec)
-  treedef = jax.tree.structure(mspec.params_like)
+  like = mspec.params_like
+  treedef = jax.tree.structure(like)
+
   packed = jax.tree.map(
-      lambda sub: (_ravel_params(plan, sub, mspec.pad_value)
+      lambda sub: (_ravel_params(plan, _check_like(sub, like),
+                                 mspec.pad_value)
                    if jax.tree.structure(sub) == treedef else sub),
       tree, is_leaf=lambda sub: jax.tree.structure(sub) == treedef)
   return _constrain(mspec, packed)

@@ -259,11 +259,12 @@ class Network(nnx.Module):
     return len(self.blocks)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class NetworkSpec:
   """The static structure of a network: what the engines need besides params.
 
-  Hashable by identity, so it can be a static argument of ``jax.jit``.
+  Hashable by value (graph definitions, edges, shapes, loss), so it can be a
+  static argument of ``jax.jit``: equal networks share their compilations.
 
   Attributes:
     block_defs: NNX graph definitions, one per stage (its combine rule included).
@@ -290,7 +291,8 @@ class NetworkSpec:
   loss: str
   # frame_shape -> spec, shared by a spec and those derived from it
   # (``for_frame_shape``), so each frame size maps to one spec object.
-  variants: dict = dataclasses.field(default_factory=dict, repr=False)
+  variants: dict = dataclasses.field(default_factory=dict, repr=False,
+                                     compare=False)
 
   @property
   def num_stages(self) -> int:

@@ -181,7 +181,7 @@ class Options:
 
 # -- Pooled states for the 'avg' / 'max' policies. ----------------------------
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class PooledSpec(NetworkSpec):
   """A ``NetworkSpec`` whose temporal stages also pool their input.
 
@@ -216,11 +216,10 @@ def _empty_pool(pool: str, shape, dtype) -> jax.Array:
   return jnp.full(shape, 0 if pool == 'avg' else -jnp.inf, dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def pooled_spec(spec: NetworkSpec, cache_policy: str) -> NetworkSpec:
   """The spec a ``cache_policy`` needs: ``spec`` itself for ``'last'``, a
-  ``PooledSpec`` for ``'avg'`` / ``'max'`` (one object per spec and policy,
-  so jitted functions compile once)."""
+  ``PooledSpec`` for ``'avg'`` / ``'max'`` (equal by value for equal specs
+  and policies, so jitted functions compile once)."""
   if cache_policy == 'last' or (isinstance(spec, PooledSpec)
                                 and spec.pool == cache_policy):
     return spec

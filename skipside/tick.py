@@ -149,8 +149,8 @@ def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
   grads, sent = {}, {}
   for l in group:
     grads[l], in_grads = vjps[l](cotangents[l].astype(ys[l].dtype))
+    # (A VJP's input gradient has its input's dtype: the source's.)
     for k, g in zip(spec.in_edges[l], in_grads if l else ()):
-      g = g.astype(ys[l].dtype)
       sent[k] = sent[k] + g if k in sent else g
   return ys, new_states, grads, sent, head
 

@@ -694,8 +694,7 @@ def evaluate_workdir(workdir: str,
 
 
 def _compile_multigrid(config, spec, optimizer, state, schedule, info,
-                       compute_dtype, mesh=None, groups=None,
-                       tree_params=None):
+                       compute_dtype, tree_params, mesh=None, groups=None):
   """Every train shape of ``schedule`` and the eval shape, compiled ahead of
   time: ``(train step table, eval forward table)`` (``multigrid.BucketTable``,
   keyed by the clip shape the loop passes: per process on one device, global
@@ -705,6 +704,8 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
   placed on the mesh with the same stage ``groups`` when there is one, and
   the step of its kind: the engine's, or PGT's (``config.progressive``: the
   bucket's frames cut into fragments of the configured length).
+  ``tree_params``: the params' pytree (shapes suffice; on a mesh ``state``
+  is stage-sharded).
   """
   static = dict(mode=config.mode, compute_dtype=compute_dtype,
                 update_every=None, flush=config.train.flush,
@@ -714,10 +715,6 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
     from skipside import progressive  # pylint: disable=g-import-not-at-top
   data_sharding = None if mesh is None else jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec('data'))
-
-  if tree_params is None:
-    tree_params = state.params
-  # The params' pytree shapes (on a mesh ``state`` is stage-sharded).
 
   def bucket_spec(key, pooled):
     spec_b = network.for_frame_shape(spec, tree_params, key[2:])
@@ -885,7 +882,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
         config, spec, optimizer, state, schedule, train_iter.info,
-        compute_dtype, mesh, mspec and mspec.groups, tree_params)
+        compute_dtype, tree_params, mesh, mspec and mspec.groups)
     compile_s = step_fn.wall_seconds + eval_forward.wall_seconds
     if batchnorm.has_norms(spec, tree_params):  # Its statistics pass too.
       norm_moments = _compile_norm_moments(spec, tree_params,
@@ -907,8 +904,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       m['multigrid'] = schedule.position(state.step)
     return m
 
+  def eval_tree(params: PyTree) -> PyTree:
+    """The params pytree of the (possibly stage-sharded) ``params``."""
+    return mesh_lib.unshard_tree(mspec, params) if sharded else params
+
   def run_eval():
-    tree = as_tree(state).params
+    tree = eval_tree(state.params)
     params = eval_params(config, spec, tree, data_config, norm_moments)
     if mesh is not None and params is not tree:
       params = _replicated(mesh, params)
@@ -927,6 +928,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     finally:
       it.close()
 
+  if sharded:  # Compile the pytree conversions before the loop counts.
+    as_tree(state)
   total = schedule.num_steps if schedule else config.train.num_steps
   summary = {'preempted': False, 'start_step': state.step}
   train_metrics, eval_metrics = {}, {}

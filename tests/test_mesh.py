@@ -12,6 +12,8 @@ devices on 'stage') occurs on 2x4 and 4x2 for every 5- and 6-stage net; the
 1x8 cases leave devices idle.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,7 +273,10 @@ def _copy(tree):
 
 
 @pytest.mark.parametrize('mode,shape,opt', [
-    ('sideways', '2x4', optax.adamw(1e-2, weight_decay=0.1)),
+    # Global-norm clipping: one non-zero padded gradient (NaN here) would
+    # turn every parameter NaN.
+    ('sideways', '2x4', optax.chain(optax.clip_by_global_norm(0.5),
+                                    optax.adamw(1e-2, weight_decay=0.1))),
     ('pipelined_bp', '1x8', optax.chain(optax.clip_by_global_norm(0.5),
                                         optax.adam(1e-2))),
     ('bp', '4x2', optax.sgd(0.1, momentum=0.9)),
@@ -321,7 +326,9 @@ def _state_bytes_per_device(compiled, args) -> int:
   return total
 
 
-def test_sharded_state_is_a_quarter_per_device_on_1x4():
+def test_sharded_state_is_not_replicated_on_1x4():
+  """Each device holds its own row of the packed params and of each Adam
+  moment (the largest group's size, padding included), not the whole."""
   spec, params = NETS['conv_skips']
   m = mesh.make_mesh(1, 4, devices=jax.devices()[:4])
   mspec = mesh.place(spec, m, params=params)
@@ -332,10 +339,17 @@ def test_sharded_state_is_a_quarter_per_device_on_1x4():
   compiled = mesh.train_step_sharded.lower(
       mspec, opt, pstack, state, clip, targets, mode='sideways').compile()
   whole = 3 * sum(x.nbytes for x in jax.tree.leaves(params))  # p, mu, nu.
-  padding = 3 * (pstack.size - sum(x.size for x in jax.tree.leaves(params))
-                 ) * 4 // 4
+  row = 3 * pstack.shape[1] * pstack.dtype.itemsize
+  padding = 3 * 4 * (pstack.size - sum(
+      x.size for x in jax.tree.leaves(params)))
   per_device = _state_bytes_per_device(compiled, (pstack, state))
+  assert per_device <= row + 64  # (+ Adam's step count.)
   assert per_device <= whole / 4 + padding + 64, (per_device, whole, padding)
+  # The row is the largest group's params: no device holds more than that.
+  sizes = [sum(x.size for x in jax.tree.leaves(b)) for b in params['blocks']]
+  sizes[-1] += sum(x.size for x in jax.tree.leaves(params['head']))
+  largest = max(sum(sizes[l] for l in g) for g in mspec.groups)
+  assert pstack.shape[1] == largest and largest < sum(sizes)
   # And the program's own argument bytes agree (clip, labels on top).
   extra = clip.nbytes + targets.nbytes
   assert compiled.memory_analysis().argument_size_in_bytes <= (
@@ -399,3 +413,25 @@ def test_exact_modes_keep_only_their_own_stages_residuals_per_device():
         mesh.loss_and_grads, mspec, 16, mode)
     assert single > 0
     assert per_device <= (share + 0.1) * single, (mode, per_device, single)
+
+
+def test_equal_networks_and_placements_compile_once():
+  """Specs hash by value: rebuilding an equal network (a notebook rerun)
+  reuses its compilations; a different one does not."""
+  def build(seed):
+    return network.split(models.mlp_net((6,), 3, width=8, num_stages=4,
+                                        skips=((0, 2),),
+                                        rngs=nnx.Rngs(seed)))
+  (spec_a, params_a), (spec_b, params_b) = build(0), build(1)
+  assert spec_a == spec_b and hash(spec_a) == hash(spec_b)
+  assert spec_a != dataclasses.replace(spec_a, loss='mse')
+  clip, targets = _data(spec_a)
+  m = _mesh('2x4')
+  before = mesh.loss_and_grads._cache_size()
+  for spec, params in ((spec_a, params_a), (spec_b, params_b)):
+    mspec = mesh.place(spec, m, params=params)
+    mesh.loss_and_grads(mspec, params, clip, targets, mode='sideways')
+  assert mesh.loss_and_grads._cache_size() == before + 1
+  other = mesh.place(spec_a, m, groups=((0, 1), (2,), (3,)),
+                     params=params_a)
+  assert other != mspec

@@ -148,9 +148,12 @@ def test_sideways_step_memory_within_hand_computed_bounds(reports):
   assert step.temp <= temp_bound
   assert step.peak <= p_high + b_high + out_high + temp_bound + step.code
   # ... and it does not grow with the clip (DESIGN.md §1, oracle 6), while
-  # exact backprop's stores every tick and breaks the same bound at T=32.
-  assert reports['sideways', 4 * FRAMES][0].temp == step.temp
-  assert reports['bp', 4 * FRAMES][0].temp > temp_bound
+  # exact backprop's stores every tick (each chip its own stages' operands,
+  # rematerialized: several times Sideways' scratch at T=32).
+  # (XLA's schedule may differ a little between the lengths: never larger.)
+  assert reports['sideways', 4 * FRAMES][0].temp <= step.temp
+  assert reports['bp', 4 * FRAMES][0].temp > 4 * reports[
+      'sideways', 4 * FRAMES][0].temp
   assert step.flops > 0 and step.compile_s > 0
 
 
