@@ -25,3 +25,12 @@ def test_reproduce_quick_writes_every_section(tmp_path):
   reproduce.main(['--report_only', str(tmp_path / 'RESULTS.json'),
                   '--out', out])
   assert open(out).read().startswith('# Results')
+
+
+def test_mesh_benchmark_peer_matches_skipside():
+  """The benchmark's plain-JAX peer computes what skipside computes: its
+  Sideways gradients on the mesh, on one device (vmapped and unrolled) and
+  skipside's engine agree per stage (1x8 with 8 stages, 2x4 with 4)."""
+  from experiments.benchmarks import peer  # pylint: disable=g-import-not-at-top
+  errors = peer.check(batch=4, frames=16)
+  assert errors and max(errors.values()) <= 1e-5

@@ -1,6 +1,6 @@
 r"""The mesh engine against the single-device engine, side by side.
 
-  python -m experiments.benchmarks.mesh [--out PATH] [--repeats 5]
+  python -m experiments.benchmarks.mesh [--out PATH] [--repeats 5] [--quick]
 
 On 8 simulated CPU devices (set here, before jax is imported), the default
 conv net (5 stages, 32x32x1 frames, Skip-Sideways edges), batch 8, T=16:
@@ -14,13 +14,62 @@ conv net (5 stages, 32x32x1 frames, Skip-Sideways edges), batch 8, T=16:
   transfers);
 - the share of fill/flush ticks (masked out of the loss) on a 128-frame
   stream cut into 16-frame clips: with the stream carried (fill happens
-  once) vs fresh clips each flushed.
+  once) vs fresh clips each flushed;
+- a homogeneous net (8 stride-1 3x3 conv stages, 32 -> 32 channels, 16x16x32
+  frames, 10 classes, no skips; batch 8, T=32, sideways) on a 1x8 mesh, one
+  stage per device, against one device: skipside's engines and the plain
+  JAX peer of ``experiments/benchmarks/peer.py`` (the praxis / MaxText
+  pattern: stacked weights, no ``lax.switch``, no packing; on one device
+  both vmapped and unrolled), all five programs timed interleaved, with
+  counts of the HLO ops that tell the programs apart.
 
 Headline (DESIGN.md §8): ``mesh_over_single_ticks_per_s`` (sideways, 2x4),
-``fill_flush_tick_share`` (carried stream) and ``padding_bytes_share``.
+``fill_flush_tick_share`` (carried stream) and ``padding_bytes_share``;
+``homog_mesh_over_single_ticks_per_s`` (skipside, homogeneous net, 1x8),
+``peer_mesh_over_single_ticks_per_s`` (the peer, same net) and
+``homog_over_peer_ratio`` (the first over the second: 1 means skipside's
+mesh engine costs what the peer's does, relative to one device). The peer's
+one-device baseline is ``vmap`` over stacked stages, whose grouped
+convolutions XLA:CPU runs several times slower than plain ones, so on CPU
+two more keys compare without it: ``homog_mesh_over_peer_mesh_ticks_per_s``
+(the two mesh programs head to head) and
+``peer_mesh_over_single_unrolled_ticks_per_s`` (the peer's stages unrolled
+on one device, as skipside's engine runs them). ``--quick`` (2 repeats) is
+for smoke runs.
+Also: ``mesh_train_step_over_single`` (the training loop's steps, sideways,
+Adam, 2x4: the single-device engine's against ``mesh.train_step_sharded`` on
+the stage-sharded state) and ``state_bytes_per_device_share_1x4`` (the
+largest device's params + Adam bytes over their total as one pytree; the
+lower bound of a placement is its largest group's parameter share, reported
+beside it: on the default net stage 4 alone holds 64% of the parameters).
 On CPU the 8 "devices" share 2 cores, so the mesh is expected to be slower
 than one device: the figures measure the overhead of the SPMD program, not a
-speed-up.
+speed-up; single-device programs also run slower in an 8-device process.
+
+Where the mesh's overhead went (measured on the homogeneous net, HLO read
+and ablations, 2-core CPU):
+
+- ``lax.switch`` over the stage branches costs no measurable time per tick
+  (the peer wrapped in an 8-way switch of identical branches timed the
+  same); its cost is compile time (every device compiles every branch).
+- The per-tick transport was a gather of each round's payload on the traced
+  device index before the upward ``ppermute`` and a scatter-add after the
+  downward one (about 1-1.5 ms a tick, 10-15%). Each round's buffers are now
+  packed inside the branch, where the device is static, and the gather and
+  scatter run once per clip.
+- The packed gradient used to be unpacked outside ``shard_map`` (an
+  all-reduce plus collective-permutes to one device per clip) and the params
+  raveled at entry: the stage-sharded train step keeps both sharded.
+- Parameter unpacking is static slices, not a per-tick cost. What remains
+  inherent to one SPMD program over unequal stages: packing each tick's
+  outputs and messages into per-device buffers (concatenates), padding to
+  the widest device, and the imbalance of the groups (max/mean flops 1.62 on
+  2x4 for the default net).
+- The peer's one-device baseline is ``vmap`` over stacked stages: XLA:CPU
+  runs its grouped convolutions about 4x slower than plain ones, which
+  flatters ``peer_mesh_over_single_ticks_per_s`` and sinks
+  ``homog_over_peer_ratio``; ``homog_mesh_over_peer_mesh_ticks_per_s`` and
+  ``peer_mesh_over_single_unrolled_ticks_per_s`` compare without it.
 """
 
 import os
@@ -32,21 +81,31 @@ if _FLAG not in os.environ.get('XLA_FLAGS', ''):
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments.benchmarks import common  # noqa: E402
+from experiments.benchmarks import peer  # noqa: E402
 from skipside import engine, mesh, models, network, placement  # noqa: E402
+from skipside import train  # noqa: E402
 
 BATCH, FRAMES = 8, 16
 STREAM_FRAMES = 128
 # (mode, data, stage): sideways on every shape, the exact modes on 2x4.
 CONFIGS = (('sideways', 2, 4), ('sideways', 1, 8), ('sideways', 4, 2),
            ('pipelined_bp', 2, 4), ('bp', 2, 4))
+HOMOG_STAGES, HOMOG_FRAMES = 8, 32
+# HLO opcodes that separate a packed lax.switch program from the peer's.
+HLO_OPS = ('conditional', 'dynamic-slice', 'dynamic-update-slice', 'gather',
+           'scatter', 'copy', 'concatenate', 'pad', 'collective-permute',
+           'all-reduce', 'convolution')
 
 
 def _compile(fn, *args, **kwargs):
@@ -62,6 +121,18 @@ def _time(compiled, args) -> float:
   return time.perf_counter() - start
 
 
+def _medians(programs: dict, repeats: int) -> dict:
+  """Median seconds of each ``name: (compiled, args)``, timed interleaved
+  (one round of every program per repeat) after one warm-up each."""
+  for compiled, args in programs.values():
+    _time(compiled, args)
+  times = {name: [] for name in programs}
+  for _ in range(repeats):
+    for name, (compiled, args) in programs.items():
+      times[name].append(_time(compiled, args))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def compare(spec, params, mspec, mode, clip, labels, repeats):
   """Compile and time both engines on the same clip, interleaved."""
   single, single_compile = _compile(engine.loss_and_grads, spec, params, clip,
@@ -69,23 +140,122 @@ def compare(spec, params, mspec, mode, clip, labels, repeats):
   on_mesh, mesh_compile = _compile(mesh.loss_and_grads, mspec, params, clip,
                                    labels, mode=mode)
   args = (params, clip, labels)
-  for c in (single, on_mesh):  # Warm-up.
-    _time(c, args)
-  t_single, t_mesh = [], []
-  for _ in range(repeats):
-    t_single.append(_time(single, args))
-    t_mesh.append(_time(on_mesh, args))
+  t = _medians({'single': (single, args), 'mesh': (on_mesh, args)}, repeats)
   ticks = clip.shape[1]
-  single_tps = ticks / statistics.median(t_single)
-  mesh_tps = ticks / statistics.median(t_mesh)
+  single_tps = ticks / t['single']
+  mesh_tps = ticks / t['mesh']
   return {
       'mode': mode, 'mesh': f"{mspec.num_data}x{mspec.num_stage}",
       'groups': [list(g) for g in mspec.groups],
       'single_ticks_per_s': single_tps, 'mesh_ticks_per_s': mesh_tps,
       'mesh_over_single': mesh_tps / single_tps,
       'single_compile_s': single_compile, 'mesh_compile_s': mesh_compile,
-      'single_step_s_median': statistics.median(t_single),
-      'mesh_step_s_median': statistics.median(t_mesh)}
+      'single_step_s_median': t['single'],
+      'mesh_step_s_median': t['mesh']}
+
+
+def train_steps(spec, params, mspec, clip, labels, repeats):
+  """The training loop's steps (``train._train_step``: sideways, Adam, one
+  step per clip, params and optimizer state donated) on one device and on
+  the mesh's stage-sharded state, each state fed back, interleaved."""
+  opt = optax.adam(1e-3)
+  mspec = mesh.place(mspec.spec, mspec.mesh, mspec.groups, params=params)
+  states = {
+      'single': (jax.tree.map(jnp.array, params), opt.init(params)),
+      'mesh': (mesh.shard_tree(mspec, params),
+               mesh.shard_tree(mspec, opt.init(params)))}
+  kw = dict(mode='sideways', compute_dtype=jnp.float32, update_every=None,
+            flush=0, skip_nonfinite=False)
+  step_fn = train._train_step  # pylint: disable=protected-access
+  steps = {k: functools.partial(step_fn, s, opt)
+           for k, s in (('single', spec), ('mesh', mspec))}
+  times = {k: [] for k in steps}
+  for i in range(repeats + 1):  # The first round compiles and warms up.
+    for k, step in steps.items():
+      start = time.perf_counter()
+      p, o, _ = jax.block_until_ready(step(*states[k], clip, labels, None,
+                                           **kw))
+      states[k] = (p, o)
+      if i:
+        times[k].append(time.perf_counter() - start)
+  t = {k: statistics.median(v) for k, v in times.items()}
+  return {'mode': 'sideways', 'optimizer': 'adam',
+          'mesh': f'{mspec.num_data}x{mspec.num_stage}',
+          'single_step_s_median': t['single'], 'mesh_step_s_median': t['mesh'],
+          'mesh_over_single': t['single'] / t['mesh']}
+
+
+def state_bytes(spec, params, data, stage):
+  """Per-device bytes of params + Adam state in the stage-sharded layout
+  (the largest device's) over their bytes as one pytree."""
+  m = mesh.make_mesh(data, stage, devices=jax.devices()[:data * stage])
+  mspec = mesh.place(spec, m, params=params)
+  opt = optax.adam(1e-3)
+  tree = (params, opt.init(params))
+  sharded = (mesh.shard_tree(mspec, params),
+             mesh.shard_tree(mspec, opt.init(params)))
+  per_device = {}
+  for x in jax.tree.leaves(sharded):
+    for shard in x.addressable_shards:
+      per_device[shard.device] = (per_device.get(shard.device, 0) +
+                                  shard.data.nbytes)
+  whole = sum(x.nbytes for x in jax.tree.leaves(tree))
+  sizes = [sum(x.size for x in jax.tree.leaves(b)) for b in params['blocks']]
+  sizes[-1] += sum(x.size for x in jax.tree.leaves(params['head']))
+  largest = max(sum(sizes[l] for l in g) for g in mspec.groups)
+  return {'mesh': f'{data}x{stage}', 'groups': [list(g) for g in mspec.groups],
+          'whole_bytes': whole, 'per_device_bytes': max(per_device.values()),
+          'share': max(per_device.values()) / whole,
+          'largest_group_param_share': largest / sum(sizes)}
+
+
+def hlo_counts(compiled) -> dict:
+  """How often each of ``HLO_OPS`` occurs in a compiled program's HLO."""
+  found = re.findall(r'^\s*(?:ROOT )?\S+ = (?:\([^)]*\)|\S+) ([\w-]+)\(',
+                     compiled.as_text(), re.M)
+  return {op: found.count(op) for op in HLO_OPS}
+
+
+def homogeneous(key, repeats):
+  """The homogeneous 8-stage net: skipside and the peer, mesh vs one device.
+
+  Same weights (``peer.from_skipside``), clip, labels and dtype (float32)
+  for all four programs; each compiled ahead, then timed interleaved.
+  """
+  spec, params = peer.build(num_stages=HOMOG_STAGES)
+  stack, head = peer.from_skipside(params)
+  k1, k2 = jax.random.split(key)
+  clip = jax.random.normal(k1, (BATCH, HOMOG_FRAMES, *spec.frame_shape))
+  labels = jax.random.randint(k2, (BATCH,), 0, spec.prediction_shape[0])
+  m = mesh.make_mesh(1, HOMOG_STAGES)
+  mspec = mesh.place(spec, m, groups=tuple((i,) for i in range(HOMOG_STAGES)))
+  sw = {'mode': 'sideways'}
+  compiled = {
+      'skipside_single': _compile(engine.loss_and_grads, spec, params, clip,
+                                  labels, **sw),
+      'skipside_mesh': _compile(mesh.loss_and_grads, mspec, params, clip,
+                                labels, **sw),
+      'peer_single': _compile(peer.single, stack, head, clip, labels),
+      'peer_single_unrolled': _compile(peer.single, stack, head, clip,
+                                       labels, unroll=True),
+      'peer_mesh': _compile(peer.on_mesh, m, stack, head, clip, labels),
+  }
+  skip_args, peer_args = (params, clip, labels), (stack, head, clip, labels)
+  t = _medians({name: (c, peer_args if name.startswith('peer') else skip_args)
+                for name, (c, _) in compiled.items()}, repeats)
+  rows = {name: {'ticks_per_s': HOMOG_FRAMES / t[name],
+                 'step_s_median': t[name], 'compile_s': compile_s,
+                 'hlo_ops': hlo_counts(c)}
+          for name, (c, compile_s) in compiled.items()}
+  tps = {name: r['ticks_per_s'] for name, r in rows.items()}
+  ratios = {'skipside': tps['skipside_mesh'] / tps['skipside_single'],
+            'peer': tps['peer_mesh'] / tps['peer_single'],
+            'peer_unrolled': tps['peer_mesh'] / tps['peer_single_unrolled'],
+            'skipside_mesh_over_peer_mesh': tps['skipside_mesh'] /
+                                            tps['peer_mesh'],
+            'skipside_single_over_peer_single': tps['skipside_single'] /
+                                                tps['peer_single']}
+  return rows, ratios
 
 
 def fill_flush_share(spec, params, mspec, key):
@@ -126,12 +296,17 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(__file__), '..', 'results', 'mesh.json'))
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timing repeats (default 5, 2 with --quick)')
+  parser.add_argument('--quick', action='store_true',
+                      help='fewer repeats: a smoke run')
   args = parser.parse_args()
+  if args.repeats is None:
+    args.repeats = 2 if args.quick else 5
 
   net = models.default_net((32, 32, 1), num_classes=4, rngs=nnx.Rngs(0))
   spec, params = network.split(net)
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
   clip = jax.random.normal(k1, (BATCH, FRAMES, *spec.frame_shape))
   labels = jax.random.randint(k2, (BATCH,), 0, 4)
 
@@ -184,6 +359,25 @@ def main():
         f"{fill['carried_share']:.1%}, fresh flushed clips "
         f"{fill['fresh_share']:.1%}")
 
+  step_row = train_steps(spec, params, main_mspec, clip, labels,
+                         args.repeats)
+  print(f"train step (sideways, Adam, 2x4, stage-sharded state): mesh over "
+        f"single {step_row['mesh_over_single']:.3f}")
+  state_row = state_bytes(spec, params, 1, 4)
+  print(f"params + Adam state per device (1x4): "
+        f"{state_row['per_device_bytes'] / 1024:.0f} KiB of "
+        f"{state_row['whole_bytes'] / 1024:.0f} KiB "
+        f"({state_row['share']:.1%}; groups {state_row['groups']})")
+
+  homog_rows, homog = homogeneous(k4, args.repeats)
+  print(f'homogeneous, {HOMOG_STAGES} stages, T={HOMOG_FRAMES}, 1x'
+        f'{HOMOG_STAGES}:\n  {"program":>20} {"t/s":>7} {"compile s":>9}  '
+        'HLO ops')
+  for name, r in homog_rows.items():
+    ops = ' '.join(f'{k}={v}' for k, v in r['hlo_ops'].items() if v)
+    print(f"  {name:>20} {r['ticks_per_s']:>7.1f} {r['compile_s']:>9.1f}  "
+          f'{ops}')
+
   headline_row = next(r for r in rows
                       if r['mode'] == 'sideways' and r['mesh'] == '2x4')
   headline = {
@@ -193,6 +387,18 @@ def main():
       'padding_bytes_share': 1 - used / total,
       'max_over_mean_group_flops_2x4': next(
           r['max_over_mean'] for r in balance_rows if r['mesh'] == '2x4'),
+      'mesh_train_step_over_single': step_row['mesh_over_single'],
+      'state_bytes_per_device_share_1x4': state_row['share'],
+      'largest_group_param_share_1x4': state_row[
+          'largest_group_param_share'],
+      'homog_mesh_over_single_ticks_per_s': homog['skipside'],
+      'peer_mesh_over_single_ticks_per_s': homog['peer'],
+      'homog_over_peer_ratio': homog['skipside'] / homog['peer'],
+      # The vmapped peer's grouped convolutions are slow on XLA:CPU, which
+      # flatters its ratio; these two compare without that baseline.
+      'homog_mesh_over_peer_mesh_ticks_per_s': homog[
+          'skipside_mesh_over_peer_mesh'],
+      'peer_mesh_over_single_unrolled_ticks_per_s': homog['peer_unrolled'],
   }
   for k, v in headline.items():
     print(f'{k}: {v:.4g}')
@@ -200,13 +406,23 @@ def main():
       'config': {'net': 'default_net (32, 32, 1), 4 classes', 'batch': BATCH,
                  'frames': FRAMES, 'repeats': args.repeats,
                  'stream_frames': STREAM_FRAMES,
-                 'headline_config': 'sideways on a 2x4 mesh'},
+                 'headline_config': 'sideways on a 2x4 mesh',
+                 'homogeneous': {
+                     'net': f'{HOMOG_STAGES} x stages.Conv(32, 32) stride 1, '
+                            'ClassifierHead(32, 10), frames (16, 16, 32)',
+                     'batch': BATCH, 'frames': HOMOG_FRAMES, 'mesh': '1x8',
+                     'mode': 'sideways', 'peer': 'experiments/benchmarks/'
+                                                 'peer.py'},
+                 'quick': args.quick},
       'device': common.device_info(),
       'stage_flops': list(costs),
       'balance': balance_rows,
       'rows': rows,
       'padding': layout,
       'fill_flush': fill,
+      'train_step': step_row,
+      'state_bytes': state_row,
+      'homogeneous': {'rows': homog_rows, 'ratios': homog},
       'headline': headline,
   }
   common.write_result(args.out, result)
