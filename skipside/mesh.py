@@ -7,7 +7,10 @@ alignment as ``skipside.engine`` (the oracle), executed as one SPMD program:
   (``placement``); the batch is split over ``data``;
 - a clip is one ``lax.scan`` over ticks inside one ``jax.shard_map`` inside one
   ``jax.jit``; in every tick each device runs its own group through
-  ``lax.switch`` on ``lax.axis_index('stage')``;
+  ``lax.switch`` on ``lax.axis_index('stage')``, and each branch is the
+  tick of ``skipside.tick`` (``forward_group`` / ``sideways_group``) over the
+  device's group, with a transport (``_transport``) that reads an in-edge
+  from the device's own buffer or from the round buffer that brought it;
 - every edge between devices (chain or skip, any span) moves through
   ``lax.ppermute``: one *round* per device offset ``d``, each device sending
   one padded buffer to the device ``d`` above it (activations) or below it
@@ -17,9 +20,10 @@ alignment as ``skipside.engine`` (the oracle), executed as one SPMD program:
 Heterogeneous stages are the normal case. Per device, parameters are raveled
 and padded to one length and stacked as ``[S, P]`` (sharded over ``stage``);
 each device's stage outputs, messages and temporal states live in one padded
-per-example buffer ``(B, W)``; transfers gather the needed outputs into a
-padded buffer per round. Every padded slot holds ``pad_value`` (NaN in tests:
-nothing padded ever reaches a result).
+per-example buffer ``(B, W)``; each branch packs the outputs it sends (and
+the messages) into one padded buffer per round. Every padded slot holds
+``pad_value`` (NaN in tests: nothing padded ever reaches a result); the
+gradient of every padded parameter slot is exactly zero.
 
 Modes on the mesh:
 
@@ -29,11 +33,16 @@ Modes on the mesh:
   tick, so the devices run one after the other inside the tick (one phase per
   device; a device waits for its predecessors' ``ppermute``). Slow by design.
 - ``pipelined_bp`` and ``bp`` take ``jax.grad`` through the whole mesh program
-  (``ppermute`` transposes to the reverse permutation).
+  (``ppermute`` transposes to the reverse permutation); each device's tick is
+  rematerialized, so a device saves its own padded operands per tick, not
+  the residuals of every branch of the switch.
 
 Params keep the ``network.split`` pytree structure in and out of
-``loss_and_grads`` and ``train_step``: optax, orbax and the training loop do
-not care which engine ran. The stream carry has a mesh layout
+``loss_and_grads``, ``forward`` and ``train_step``. A training loop keeps the
+*stage-sharded* train state instead (``shard_tree``, ``train_step_sharded``,
+``unshard_tree``): the packed ``[S, P]`` params and an optimizer state of the
+same layout, sharded over ``stage``, donated to every step; checkpoints and
+evaluation use the pytree, so they do not care which engine ran. The stream carry has a mesh layout
 (``MeshCarry``); ``to_stream_carry`` / ``from_stream_carry`` convert it to and
 from ``engine.StreamCarry`` exactly.
 

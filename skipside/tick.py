@@ -17,7 +17,16 @@ Notation (stages ``0 .. L-1``): at tick ``t`` frame ``x_t`` arrives.
   tick, so the top stage's gradient is exact and the bottom stage's is exact
   on a constant video from tick ``2L-2`` on.
 
-Nothing here loops over time; ``skipside.engine`` scans these functions.
+Nothing here loops over time. The functions run over a *group* of
+consecutive stages (``forward_group``, ``sideways_group``):
+``skipside.engine`` scans them with one group of all stages, and
+``skipside.mesh`` runs one group per device, each in-edge value brought by a
+transport. No other copy of this math exists.
+
+Example (the single-device engine's tick)::
+
+    outs, msgs, states, grads, (loss, pred) = tick.sideways_tick(
+        spec, params, outs, msgs, states, frame, target, weight)
 """
 
 from typing import Any, Callable, Sequence
