@@ -21,7 +21,8 @@ Nothing here loops over time. The functions run over a *group* of
 consecutive stages (``forward_group``, ``sideways_group``):
 ``skipside.engine`` scans them with one group of all stages, and
 ``skipside.mesh`` runs one group per device, each in-edge value brought by a
-transport. No other copy of this math exists.
+transport. (``batchnorm.clip_moments`` still runs its own synchronous
+forward to collect statistics: to be moved onto ``forward_group``.)
 
 Example (the single-device engine's tick)::
 
