@@ -233,14 +233,12 @@ class _Round:
 
   ``payload[g]``: stages of device ``g`` whose outputs device ``g + d`` reads
   (and whose messages it sends back); ``slots[k]``: where stage ``k`` sits in
-  its sender's buffer; ``index``: ``(S, width)`` gather indices into each
-  device's output buffer (padded slots point at the pad column).
+  its sender's buffer.
   """
   offset: int
   payload: tuple[tuple[int, ...], ...]
   slots: dict
   width: int
-  index: np.ndarray
   up: tuple[tuple[int, int], ...]  # ppermute pairs, activations.
 
   @property
@@ -324,21 +322,15 @@ def _make_plan(mspec: MeshSpec, params: PyTree, act_dtype) -> _Plan:
         tuple(k for k in groups[g] if g + d < num_dev and any(
             device_of[l] == g + d for l in spec.out_edges[k]))
         for g in range(num_dev))
-    width, slots, rows = 1, {}, []
+    width, slots = 1, {}
     for g in range(num_dev):
-      offset, idx = 0, []
+      offset = 0
       for k in payload[g]:
         slots[k] = _Slot(offset, spec.out_shapes[k])
         offset += slots[k].size
-        o = out_slots[k][0]
-        idx.extend(range(o.offset, o.offset + o.size))
-      rows.append(idx)
       width = max(width, offset)
-    index = np.full((num_dev, width), owidth, np.int32)  # Pad column.
-    for g, idx in enumerate(rows):
-      index[g, :len(idx)] = idx
     up = tuple((g, g + d) for g in range(num_dev) if payload[g])
-    rounds.append(_Round(d, payload, slots, width, index, up))
+    rounds.append(_Round(d, payload, slots, width, up))
 
   return _Plan(
       mspec=mspec, device_of=device_of,
@@ -665,24 +657,33 @@ def _idle_sideways(plan: _Plan):
 
 # -- The clip on the mesh. ---------------------------------------------------
 
+def _on_device(plan: _Plan, g, make, *operands):
+  """``make(device)(*operands)`` on the traced device index ``g``: a switch
+  over static branches (once per clip, at the ends of the tick scan)."""
+  return lax.switch(g, [lambda *ops, i=i: _varying(make(i)(*ops))
+                        for i in range(len(plan.mspec.groups))], *operands)
+
+
 def _gather_ups(plan: _Plan, own: jax.Array, g) -> tuple:
-  """The per-round up-going buffers of the outputs in ``own``, on the traced
-  device index ``g`` (once per clip; every tick's come from ``_ups``)."""
-  ext = jnp.concatenate(
-      [own, jnp.full((own.shape[0], 1), plan.mspec.pad_value, own.dtype)], 1)
-  return tuple(jnp.take(ext, jnp.asarray(r.index)[g], axis=1)
-               for r in plan.rounds)
+  """The per-round up-going buffers of the outputs in ``own`` (``_ups``)."""
+  def make(i):
+    return lambda own: _ups(plan, i, {
+        k: _unpack(own, plan.out_slots[k]) for k in plan.mspec.groups[i]},
+                            own.shape[0])
+  return _on_device(plan, g, make, own)
 
 
 def _merge_messages(plan: _Plan, local: jax.Array, got, g) -> jax.Array:
-  """The per-stage message buffer ``(b, W_out)``: ``local`` plus what came
-  down in each round (once per clip, for the carry)."""
-  ext = jnp.concatenate(
-      [local, jnp.full((local.shape[0], 1), plan.mspec.pad_value,
-                       local.dtype)], 1)
-  for r, buf in zip(plan.rounds, got):
-    ext = ext.at[:, jnp.asarray(r.index)[g]].add(buf)  # Pads: last column.
-  return ext[:, :-1]
+  """The per-stage message buffer ``(b, W_out)`` (``_messages_of``)."""
+  def make(i):
+    grp = plan.mspec.groups[i]
+
+    def merge(local, got):
+      msg_of = _messages_of(plan, i, local, got)
+      return _pack_group(plan, {l: msg_of(l) for l in grp}, grp,
+                         plan.out_width, (local.shape[0],))
+    return merge
+  return _on_device(plan, g, make, local, got)
 
 
 def _send(plan: _Plan, bufs, down: bool) -> tuple:
@@ -699,14 +700,12 @@ def _sync_tick(plan: _Plan, branches, pflat, own, st, x, target, w, m, g):
                              plan.act_dtype))
            for r in plan.rounds]
   for p, branch in branches:
-    own, _, st, m = lax.switch(jnp.where(g == p, 1, 0),
-                               [_idle_forward(plan), branch],
-                               (pflat, tuple(inbox), own, st, x, target, w, m))
-    ext = jnp.concatenate(
-        [own, jnp.full((b, 1), plan.mspec.pad_value, own.dtype)], 1)
+    own, ups, st, m = lax.switch(
+        jnp.where(g == p, 1, 0), [_idle_forward(plan), branch],
+        (pflat, tuple(inbox), own, st, x, target, w, m))
     for i, r in enumerate(plan.rounds):
       if r.payload[p]:
-        got = lax.ppermute(ext[:, r.index[p]], 'stage', ((p, p + r.offset),))
+        got = lax.ppermute(ups[i], 'stage', ((p, p + r.offset),))
         inbox[i] = jnp.where(g == p + r.offset, got, inbox[i])
   return own, st, m
 
