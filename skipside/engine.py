@@ -38,7 +38,7 @@ memory does not grow with T.
 
 Building blocks that other runners (``skipside.mesh``,
 ``skipside.progressive``) share with this one, so that every runner has the
-same semantics: ``read_frame``, ``align_target``, ``tick_weights``,
+same semantics: ``read_frame``, ``tick_target``, ``tick_weights``,
 ``update_metrics``, ``run_ticks``, ``window_grads``, ``finish``,
 ``apply_gradients``, ``optimize_clip``.
 
@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -111,18 +112,92 @@ def delay(spec: NetworkSpec, mode: str) -> int:
   return 0 if mode == 'bp' else spec.depth
 
 
+def _target_forms(spec: NetworkSpec, b: int, t: int) -> dict:
+  """The target shapes ``spec``'s loss accepts for a ``(b, t, ...)`` clip."""
+  if spec.loss == 'xent':
+    return {'clip': (b,), 'frame': (b, t)}
+  if spec.loss == 'sigmoid_xent':
+    k = spec.prediction_shape[-1]
+    return {'clip': (b, k), 'frame': (b, t, k)}
+  return {'frame': (b, t, *spec.prediction_shape)}  # mse
+
+
 def is_per_frame(spec: NetworkSpec, clip: jax.Array, targets: jax.Array) -> bool:
-  """Whether ``targets`` holds one target per frame (else one per clip)."""
-  clip_ndim = {'xent': 1, 'sigmoid_xent': 2}.get(spec.loss)
-  if clip_ndim is None:  # mse: always per frame.
-    per_frame = True
-  else:
-    per_frame = targets.ndim == clip_ndim + 1
-  if per_frame and targets.shape[:2] != clip.shape[:2]:
+  """Whether ``targets`` holds one target per frame (else one per clip).
+
+  Raises:
+    ValueError: naming the shapes, for targets that fit neither form.
+  """
+  b, t = clip.shape[:2]
+  forms = _target_forms(spec, b, t)
+  for kind, shape in forms.items():
+    if tuple(targets.shape) == shape:
+      return kind == 'frame'
+  expected = ' or '.join(f'{shape} ({kind} targets)'
+                         for kind, shape in forms.items())
+  raise ValueError(
+      f'targets of shape {tuple(targets.shape)} do not fit the clip '
+      f'{tuple(clip.shape)} and the {spec.loss!r} loss: expected {expected}')
+
+
+def check_inputs(spec: NetworkSpec, clip, targets, *, mode: str, carry,
+                 flush: int, mask_fill: bool, needs_loss: bool = True) -> None:
+  """What the shapes decide, checked at trace time with the rule named.
+
+  The clip is ``(B, T, *frame)`` with ``T >= 1``; the targets fit it
+  (``is_per_frame``); ``flush >= 0``; and, with ``needs_loss`` (training), a
+  fresh stream of a pipelined mode with ``mask_fill`` has at least one loss
+  tick, ``T > depth`` (its first ``depth`` ticks are fill; a stream of short
+  clips starts from an explicit ``init_carry``). Values (label range, NaN
+  pixels) are the data's business: ``check_values``.
+  """
+  check_mode(mode)
+  frame_ndim = len(spec.frame_shape)
+  if clip.ndim != frame_ndim + 2 or clip.shape[1] < 1:
     raise ValueError(
-        f'per-frame targets {targets.shape} do not match the clip '
-        f'{clip.shape}: expected (batch, frames) = {clip.shape[:2]} first')
-  return per_frame
+        f'clip of shape {tuple(clip.shape)}: expected (batch, frames >= 1, '
+        f'*frame) with frames like {spec.frame_shape}')
+  if targets.ndim == 0:
+    raise ValueError(f'targets are a scalar: expected one per clip '
+                     f'{tuple(clip.shape[:1])} or per frame '
+                     f'{tuple(clip.shape[:2])}')
+  is_per_frame(spec, clip, targets)
+  if not isinstance(flush, int) or flush < 0:
+    raise ValueError(f'flush={flush!r} must be an int >= 0 (ticks repeating '
+                     'the last frame)')
+  if (needs_loss and carry is None and mask_fill and delay(spec, mode)
+      and clip.shape[1] <= delay(spec, mode)):
+    raise ValueError(
+        f'a clip of {clip.shape[1]} frames has no loss tick in {mode!r}: a '
+        f'fresh stream through {spec.num_stages} stages masks its first '
+        f'{delay(spec, mode)} ticks (the pipeline fill, mask_fill=True). '
+        f'Use clips of more than {delay(spec, mode)} frames, continue a '
+        'stream (carry=...; engine.init_carry starts one), or '
+        'mask_fill=False')
+
+
+def check_values(spec: NetworkSpec, clip, targets) -> None:
+  """What only the data shows, on concrete arrays (host or device): finite
+  pixels and, for ``xent``, labels in ``[0, num_classes)``; ``sigmoid_xent``
+  multi-hot in {0, 1}. The training loop runs it on every batch.
+
+  Raises:
+    ValueError: naming the offending value and where it is.
+  """
+  clip, targets = np.asarray(clip), np.asarray(targets)
+  if np.issubdtype(clip.dtype, np.floating) and not np.isfinite(clip).all():
+    bad = np.argwhere(~np.isfinite(clip))[0]
+    raise ValueError(f'clip has non-finite pixels (first at index '
+                     f'{tuple(int(i) for i in bad)} of {clip.shape})')
+  if spec.loss == 'xent':
+    k = spec.prediction_shape[-1]
+    out = (targets < 0) | (targets >= k)
+    if out.any():
+      raise ValueError(f'label {targets[out][0]} is out of range for '
+                       f'{k} classes: labels are 0..{k - 1}')
+  elif spec.loss == 'sigmoid_xent' and not np.isin(targets, (0, 1)).all():
+    raise ValueError('multi-hot targets must be 0 or 1, got values '
+                     f'{np.unique(targets)[:5]}')
 
 
 def _tick_target_like(spec, clip, targets) -> jax.ShapeDtypeStruct:
@@ -152,9 +227,50 @@ def init_carry(spec: NetworkSpec, params: PyTree, clip: jax.Array,
                      targets=fifo, tick=jnp.zeros((), jnp.int32))
 
 
+def message_distances(spec: NetworkSpec) -> tuple[int, ...]:
+  """Per stage, the fewest edges from it up to the top stage: the ticks a
+  Sideways message needs from the loss down to it (skip edges shorten the
+  way; the chain alone gives ``L-1-l``)."""
+  dist = [0] * spec.num_stages
+  for l in reversed(range(spec.num_stages - 1)):
+    dist[l] = 1 + min(dist[d] for d in range(l + 1, spec.num_stages)
+                      if l in spec.in_edges[d])
+  return tuple(dist)
+
+
+def gradient_ticks(spec: NetworkSpec, mode: str, num_frames: int, *,
+                   flush: int = 0, mask_fill: bool = True) -> tuple[int, ...]:
+  """Per stage, the ticks of a fresh ``num_frames`` clip whose gradient
+  carries loss of a real frame.
+
+  Exact modes: every loss tick reaches every stage. ``sideways``: the loss
+  of tick ``tau`` (``depth <= tau < T`` with ``mask_fill``) reaches stage
+  ``l`` at tick ``tau + d_l`` (``message_distances``), which must still be
+  within the clip and its flush: the chain alone gives stage ``l`` its
+  first message at tick ``2L-2-l``. A stream carried into the next clip
+  (``carry``) lands the rest there. Zero for a stage means it does not
+  learn from fresh clips of this length.
+  """
+  check_mode(mode)
+  first = delay(spec, mode) if mask_fill else 0
+  losses = max(0, num_frames - first)
+  if mode != 'sideways':
+    return (losses,) * spec.num_stages
+  last_tick = num_frames + flush - 1
+  return tuple(max(0, min(num_frames - 1, last_tick - d) - first + 1)
+               for d in message_distances(spec))
+
+
 def read_frame(clip: jax.Array, t: jax.Array, dtype) -> jax.Array:
-  """Frame ``t`` of ``clip (B, T, ...)`` in ``dtype``, read in place (no copy)."""
-  return lax.dynamic_index_in_dim(clip, t, axis=1, keepdims=False).astype(dtype)
+  """Frame ``t`` of ``clip (B, T, ...)`` in ``dtype``, read in place (no copy).
+
+  A uint8 clip (raw pixels, 4x smaller on the device) is scaled to [0, 1]
+  here, frame by frame.
+  """
+  x = lax.dynamic_index_in_dim(clip, t, axis=1, keepdims=False)
+  if x.dtype == jnp.uint8:
+    return x.astype(dtype) / jnp.asarray(255, dtype)
+  return x.astype(dtype)
 
 
 def _cast(tree: PyTree, dtype) -> PyTree:
@@ -164,22 +280,49 @@ def _cast(tree: PyTree, dtype) -> PyTree:
       else x, tree)
 
 
-def align_target(fifo: jax.Array, target: jax.Array):
-  """Pushes this tick's target, pops the one that matches the output now."""
-  if fifo.shape[1] == 0:
+def tick_target(targets: jax.Array, t, fifo: jax.Array | None,
+                per_frame: bool):
+  """The target of the output at tick ``t`` and the FIFO after it.
+
+  A clip label applies to every tick as it is (the FIFO is untouched). A
+  per-frame target is pushed into the FIFO and the one that matches the
+  output now (frame ``t - delay``) popped; ``fifo`` is ``(B, delay, ...)``
+  (``None`` or zero-size: no delay).
+  """
+  if not per_frame:
+    return targets, fifo
+  target = lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)
+  if fifo is None or fifo.shape[1] == 0:
     return target, fifo
   return fifo[:, 0], jnp.concatenate([fifo[:, 1:], target[:, None]], axis=1)
 
 
 def tick_weights(carry: StreamCarry, start, length: int, num_frames: int,
-                  depth: int, mask_fill: bool):
-  """Loss weight of each tick of a window: ``mask / number of valid ticks``."""
+                  depth: int, mask_fill: bool, total=None):
+  """Loss weight of each tick of a window and the window's valid ticks.
+
+  The weight is ``mask / total``: ``total`` defaults to this window's valid
+  ticks (the window's mean loss); a runner whose objective spans several
+  windows (PGT's ``'mean'``) passes the valid ticks of all of them, so that
+  every tick, and every Sideways message it sends into the next window,
+  has its weight in the whole objective.
+  """
   local = start + jnp.arange(length)
   valid = local < num_frames
   if mask_fill:
     valid &= (carry.tick + jnp.arange(length)) >= depth
   count = valid.sum()
-  return valid / jnp.maximum(count, 1), count
+  denominator = count if total is None else total
+  return valid / jnp.maximum(denominator, 1), count
+
+
+def window_means(m: dict, count, total) -> dict:
+  """Metrics summed with ``tick_weights(..., total)`` as means over the
+  window's own ``count`` valid ticks (unchanged when ``total`` is None)."""
+  if total is None:
+    return m
+  scale = jnp.maximum(total, 1) / jnp.maximum(count, 1)
+  return {k: v * scale.astype(v.dtype) for k, v in m.items()}
 
 
 def _init_metrics(spec: NetworkSpec, batch: int):
@@ -201,9 +344,15 @@ def update_metrics(spec, m, weight, loss, pred, target):
 
 def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
          targets: jax.Array, carry: StreamCarry, *, mode: str, start,
-         length: int, mask_fill: bool, compute_dtype, collect: bool = False):
+         length: int, mask_fill: bool, compute_dtype, collect: bool = False,
+         total=None):
   """Scans ``length`` ticks from clip frame ``start`` (frames past the end
   repeat the last one: the flush).
+
+  ``total``: the valid ticks the loss is normalised by (``tick_weights``);
+  by default this window's, so ``loss`` is the window's mean loss, else the
+  window's share of a longer objective. ``metrics`` are window means
+  either way.
 
   Returns ``(loss, (carry, metrics, grads, collected))``; ``grads`` is the
   accumulated Sideways gradient (``None`` in other modes, whose gradient is
@@ -213,7 +362,7 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
   num_frames = clip.shape[1]
   per_frame = is_per_frame(spec, clip, targets)
   weights, count = tick_weights(carry, start, length, num_frames,
-                                 delay(spec, mode), mask_fill)
+                                 delay(spec, mode), mask_fill, total)
   sideways = mode == 'sideways'
   # Sideways sums its per-tick gradients in the params' own dtype (float32).
   zero_grads = jax.tree.map(jnp.zeros_like, params) if sideways else None
@@ -223,9 +372,7 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
     c, m, g = state
     t = jnp.minimum(start + i, num_frames - 1)
     x = read_frame(clip, t, compute_dtype)
-    target_now = (lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)
-                  if per_frame else targets)
-    target, fifo = align_target(c.targets, target_now)
+    target, fifo = tick_target(targets, t, c.targets, per_frame)
     w = weights[i]
     msgs = c.msgs
     if mode == 'bp':
@@ -247,8 +394,9 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
 
   init = (carry, _init_metrics(spec, clip.shape[0]), zero_grads)
   (carry, m, grads), collected = lax.scan(body, init, jnp.arange(length))
-  m['valid_ticks'] = count
-  return m['loss'], (carry, m, grads, collected)
+  loss = m['loss']
+  m = dict(window_means(m, count, total), valid_ticks=count)
+  return loss, (carry, m, grads, collected)
 
 
 def finish(spec, carry, m) -> ClipOutput:
@@ -260,34 +408,40 @@ def finish(spec, carry, m) -> ClipOutput:
 
 
 def window_grads(spec, params, clip, targets, carry, *, mode, start, length,
-                  mask_fill, compute_dtype):
-  """Loss, gradient and output of one window of ticks, in any mode."""
+                  mask_fill, compute_dtype, total=None):
+  """Loss, gradient and output of one window of ticks, in any mode
+  (``total`` as in ``run_ticks``)."""
   carry = jax.lax.stop_gradient(carry)
+  kw = dict(mode=mode, start=start, length=length, mask_fill=mask_fill,
+            compute_dtype=compute_dtype, total=total)
   if mode == 'sideways':
-    loss, (carry, m, grads, _) = run_ticks(
-        spec, params, clip, targets, carry, mode=mode, start=start,
-        length=length, mask_fill=mask_fill, compute_dtype=compute_dtype)
+    loss, (carry, m, grads, _) = run_ticks(spec, params, clip, targets, carry,
+                                           **kw)
   else:
     def loss_fn(p):
-      loss, (c, m, _, _) = run_ticks(spec, p, clip, targets, carry, mode=mode,
-                                start=start, length=length,
-                                mask_fill=mask_fill,
-                                compute_dtype=compute_dtype)
+      loss, (c, m, _, _) = run_ticks(spec, p, clip, targets, carry, **kw)
       return loss, (c, m)
     (loss, (carry, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params)
   return loss, grads, finish(spec, carry, m)
 
 
-def _prepare(spec, params, clip, targets, carry, mode, compute_dtype):
+def _prepare(spec, params, clip, targets, carry, mode, compute_dtype, *,
+             flush, mask_fill, needs_loss=True):
   """The spec for the clip's frame size (any spatial size with the
-  network's channels: multigrid) and the carry, fresh if ``None``."""
+  network's channels: multigrid) and the carry, fresh if ``None``; the
+  inputs checked (``check_inputs``)."""
   check_mode(mode)
+  if clip.ndim != len(spec.frame_shape) + 2:  # Before the frame size is read.
+    raise ValueError(f'clip of shape {tuple(clip.shape)}: expected (batch, '
+                     f'frames, *frame) with frames like {spec.frame_shape}')
   try:
     spec = network.for_frame_shape(spec, params, clip.shape[2:])
   except ValueError as e:
     raise ValueError(f'clip of shape {clip.shape} does not match the '
                      f'network: {e}') from e
+  check_inputs(spec, clip, targets, mode=mode, carry=carry, flush=flush,
+               mask_fill=mask_fill, needs_loss=needs_loss)
   if carry is None:
     carry = init_carry(spec, params, clip, targets, mode, compute_dtype)
   return spec, carry
@@ -319,7 +473,7 @@ def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
     approximation of it for ``sideways``.
   """
   spec, carry = _prepare(spec, params, clip, targets, carry, mode,
-                        compute_dtype)
+                        compute_dtype, flush=flush, mask_fill=mask_fill)
   return window_grads(spec, params, clip, targets, carry, mode=mode, start=0,
                        length=clip.shape[1] + flush, mask_fill=mask_fill,
                        compute_dtype=compute_dtype)
@@ -339,7 +493,8 @@ def forward(spec: NetworkSpec, params: PyTree, clip: jax.Array,
   each ``(T + flush, B, ...)``, and the head's predictions; otherwise ``None``.
   """
   spec, carry = _prepare(spec, params, clip, targets, carry, mode,
-                        compute_dtype)
+                        compute_dtype, flush=flush, mask_fill=mask_fill,
+                        needs_loss=False)
   fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
   _, (carry, m, _, collected) = run_ticks(
       spec, params, clip, targets, carry, mode=fwd_mode, start=0,
@@ -348,10 +503,18 @@ def forward(spec: NetworkSpec, params: PyTree, clip: jax.Array,
   return finish(spec, carry, m), collected
 
 
-def apply_gradients(optimizer, params, opt_state, grads):
-  """One optax update: ``(params, opt_state)``."""
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+def apply_gradients(optimizer, params, opt_state, grads, valid_ticks=None):
+  """One optax update: ``(params, opt_state)``.
+
+  A window with ``valid_ticks == 0`` (all fill) has no loss: its update is
+  skipped, so neither Adam's moments nor weight decay see it.
+  """
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new = optax.apply_updates(params, updates), new_opt_state
+  if valid_ticks is None:
+    return new
+  return jax.tree.map(lambda n, o: jnp.where(valid_ticks > 0, n, o), new,
+                      (params, opt_state))
 
 
 def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
@@ -368,7 +531,8 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
   """
   if update_every is None:
     _, grads, out = grads_fn(params, carry, 0, num_frames + flush)
-    params, opt_state = apply_gradients(optimizer, params, opt_state, grads)
+    params, opt_state = apply_gradients(optimizer, params, opt_state, grads,
+                                        out.metrics['valid_ticks'])
     return params, opt_state, out
   if update_every <= 0 or num_frames % update_every or flush:
     raise ValueError(
@@ -378,7 +542,7 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
   def window(state, w):
     p, o, c = state
     _, grads, out = grads_fn(p, c, w * update_every, update_every)
-    p, o = apply_gradients(optimizer, p, o, grads)
+    p, o = apply_gradients(optimizer, p, o, grads, out.metrics['valid_ticks'])
     return (p, o, out.carry), (out.metrics, out.predictions)
 
   (params, opt_state, carry), (ms, preds) = lax.scan(
@@ -423,7 +587,7 @@ def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
         spec, optimizer, params, opt_state, clip, labels, mode='sideways')
   """
   spec, carry = _prepare(spec, params, clip, targets, carry, mode,
-                        compute_dtype)
+                        compute_dtype, flush=flush, mask_fill=mask_fill)
 
   def grads_fn(p, c, start, length):
     return window_grads(spec, p, clip, targets, c, mode=mode, start=start,

@@ -756,12 +756,7 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
       (own, ups, local, got, st, m, gacc), fifo = c
       t = jnp.minimum(start + i, num_frames - 1)
       x = engine.read_frame(clip, t, plan.act_dtype)
-      target_now = (lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)
-                    if per_frame else targets)
-      if fifo is None:  # No delay (bp).
-        target = target_now
-      else:
-        target, fifo = engine.align_target(fifo, target_now)
+      target, fifo = engine.tick_target(targets, t, fifo, per_frame)
       w = weights[i]
       if mode == 'bp':
         own, st, m = sync_tick(pflat, own, st, x, target, w, m, g)
@@ -798,11 +793,13 @@ def _check_batch(mspec: MeshSpec, clip: jax.Array):
 
 def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
                 carry: MeshCarry, *, mode: str, start, length: int,
-                mask_fill: bool, compute_dtype, params_like=None):
+                mask_fill: bool, compute_dtype, params_like=None,
+                total=None):
   """``length`` ticks from clip frame ``start`` on the mesh.
 
   ``pstack (S, P)``: the packed params (``shard_tree``); ``params_like``:
-  their pytree's shapes (default ``mspec.params_like``).
+  their pytree's shapes (default ``mspec.params_like``); ``total`` as in
+  ``engine.run_ticks``.
 
   Returns ``(loss, (carry, metrics, grads))``; ``grads`` is the Sideways
   gradient in the packed layout ``(S, P)`` (zero on padding) or ``None``.
@@ -812,7 +809,8 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
   num_frames = clip.shape[1]
   per_frame = engine.is_per_frame(spec, clip, targets)
   weights, count = engine.tick_weights(carry, start, length, num_frames,
-                                        engine.delay(spec, mode), mask_fill)
+                                        engine.delay(spec, mode), mask_fill,
+                                        total)
   metric_specs = {'loss': P(), 'accuracy': P()}
   if spec.loss != 'mse':
     metric_specs['predictions'] = P('data')
@@ -831,7 +829,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
   loss, m, outs, msgs, states, fifo, gstack = fn(
       pstack, clip, targets, carry.outs, carry.msgs, carry.states, fifo,
       jnp.asarray(start, jnp.int32), weights)
-  m = dict(m, valid_ticks=count)
+  m = dict(engine.window_means(m, count, total), valid_ticks=count)
   carry = MeshCarry(outs=outs, msgs=msgs, states=states,
                     targets=carry.targets if fifo is None else fifo,
                     tick=carry.tick + length)
@@ -839,7 +837,8 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
 
 
 def _run(mspec: MeshSpec, params: PyTree, clip, targets, carry: MeshCarry, *,
-         mode: str, start, length: int, mask_fill: bool, compute_dtype):
+         mode: str, start, length: int, mask_fill: bool, compute_dtype,
+         total=None):
   """``_run_packed`` on a params pytree (packed here, every call).
 
   Returns ``(loss, (carry, metrics, grads))``; ``grads`` is the Sideways
@@ -850,18 +849,18 @@ def _run(mspec: MeshSpec, params: PyTree, clip, targets, carry: MeshCarry, *,
   loss, (carry, m, gstack) = _run_packed(
       mspec, pstack, clip, targets, carry, mode=mode, start=start,
       length=length, mask_fill=mask_fill, compute_dtype=compute_dtype,
-      params_like=params)
+      params_like=params, total=total)
   grads = None if gstack is None else _unravel_params(plan, gstack)
   return loss, (carry, m, grads)
 
 
 def _window_grads_of(run, mspec, params, clip, targets, carry, *, mode,
-                     start, length, mask_fill, compute_dtype):
+                     start, length, mask_fill, compute_dtype, total=None):
   """Loss, gradient and output of one window, for ``run`` = ``_run`` (params
   pytree) or ``_run_packed`` (packed params, packed gradient)."""
   carry = lax.stop_gradient(carry)
   kw = dict(mode=mode, start=start, length=length, mask_fill=mask_fill,
-            compute_dtype=compute_dtype)
+            compute_dtype=compute_dtype, total=total)
   if mode == 'sideways':
     loss, (carry, m, grads) = run(mspec, params, clip, targets, carry, **kw)
   else:
@@ -877,14 +876,17 @@ _window_grads = functools.partial(_window_grads_of, _run)
 _window_grads_packed = functools.partial(_window_grads_of, _run_packed)
 
 
-def _prepare(mspec, params, clip, targets, carry, mode,
-             compute_dtype) -> MeshCarry:
+def _prepare(mspec, params, clip, targets, carry, mode, compute_dtype, *,
+             flush, mask_fill, needs_loss=True) -> MeshCarry:
   engine.check_mode(mode)
-  _check_batch(mspec, clip)
   if tuple(clip.shape[2:]) != mspec.spec.frame_shape:
     raise ValueError(
         f'clip of shape {clip.shape} does not match the network: expected '
         f'(batch, frames, *{mspec.spec.frame_shape})')
+  engine.check_inputs(mspec.spec, clip, targets, mode=mode, carry=carry,
+                      flush=flush, mask_fill=mask_fill,
+                      needs_loss=needs_loss)
+  _check_batch(mspec, clip)
   if carry is None:
     return init_carry(mspec, params, clip, targets, mode, compute_dtype)
   if isinstance(carry, engine.StreamCarry):
@@ -913,7 +915,7 @@ def loss_and_grads(mspec: MeshSpec, params: PyTree, clip: jax.Array,
     output's carry a ``MeshCarry``.
   """
   carry = _prepare(mspec, params, clip, targets, carry, mode,
-                   compute_dtype)
+                   compute_dtype, flush=flush, mask_fill=mask_fill)
   return _window_grads(mspec, params, clip, targets, carry, mode=mode,
                        start=0, length=clip.shape[1] + flush,
                        mask_fill=mask_fill, compute_dtype=compute_dtype)
@@ -928,7 +930,8 @@ def forward(mspec: MeshSpec, params: PyTree, clip: jax.Array,
   """Runs a clip forward on the mesh (evaluation); as ``engine.forward``
   without ``collect``. ``sideways`` uses the pipelined forward."""
   carry = _prepare(mspec, params, clip, targets, carry, mode,
-                   compute_dtype)
+                   compute_dtype, flush=flush, mask_fill=mask_fill,
+                   needs_loss=False)
   fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
   _, (carry, m, _) = _run(mspec, params, clip, targets, carry, mode=fwd_mode,
                           start=0, length=clip.shape[1] + flush,
@@ -954,7 +957,7 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
   ``network.split`` structure.
   """
   carry = _prepare(mspec, params, clip, targets, carry, mode,
-                   compute_dtype)
+                   compute_dtype, flush=flush, mask_fill=mask_fill)
 
   def grads_fn(p, c, start, length):
     return _window_grads(mspec, p, clip, targets, c, mode=mode, start=start,
@@ -1069,7 +1072,8 @@ def train_step_sharded(mspec: MeshSpec,
   """
   plan = _plan(mspec)
   params = _unravel_params(plan, pstack)  # Shapes for a fresh carry only.
-  carry = _prepare(mspec, params, clip, targets, carry, mode, compute_dtype)
+  carry = _prepare(mspec, params, clip, targets, carry, mode,
+                   compute_dtype, flush=flush, mask_fill=mask_fill)
 
   def grads_fn(p, c, start, length):
     return _window_grads_packed(mspec, p, clip, targets, c, mode=mode,

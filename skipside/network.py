@@ -87,9 +87,17 @@ class Block(nnx.Module):
     self.stage = stage
     self.combine = combine
 
-  def __call__(self, inputs: Sequence[jax.Array], state: PyTree):
-    x = inputs[0] if self.combine is None else self.combine(inputs)
-    return stages_lib.call_stage(self.stage, x, state)
+  def __call__(self, inputs: Sequence[jax.Array], state: PyTree, *,
+               sideways: bool = False):
+    """``(y, new_state)``; ``sideways`` as in ``stages.call_stage``."""
+    return self.apply(inputs, state, sideways=sideways)[:2]
+
+  def apply(self, inputs: Sequence[jax.Array], state: PyTree, *,
+            sideways: bool = False):
+    """``(y, new_state, x)`` with ``x`` the combined input."""
+    x = inputs[0] if self.combine is None else self.combine(tuple(inputs))
+    y, state = stages_lib.call_stage(self.stage, x, state, sideways=sideways)
+    return y, state, x
 
 
 def _describe(stage: nnx.Module, index: int) -> str:
@@ -99,9 +107,14 @@ def _describe(stage: nnx.Module, index: int) -> str:
 def _validate_edges(num_stages: int, skips) -> tuple[tuple[int, int], ...]:
   """Checks skip edges; returns them sorted. Errors name the edge."""
   seen = set()
+  if len(skips) == 2 and all(isinstance(v, int) for v in skips):
+    raise ValueError(
+        f'skips={tuple(skips)!r} is one edge without the outer list: write '
+        f'skips=[{tuple(skips)!r}] (a list of (src, dst) pairs)')
   for edge in skips:
-    if len(edge) != 2:
-      raise ValueError(f'skip edge {edge!r} must be a pair (src, dst)')
+    if not isinstance(edge, Sequence) or len(edge) != 2:
+      raise ValueError(f'skip edge {edge!r} must be a pair (src, dst); skips '
+                       'is a list of pairs, e.g. [(0, 2), (1, 3)]')
     src, dst = (int(v) for v in edge)
     for end in (src, dst):
       if not 0 <= end < num_stages:
@@ -304,9 +317,14 @@ class NetworkSpec:
     return self.num_stages - 1
 
   def apply_block(self, l: int, params: PyTree, inputs: Sequence[jax.Array],
-                  state: PyTree):
-    """Stage ``l`` on its in-edge values ``inputs`` (chain first): (y, state)."""
-    return nnx.merge(self.block_defs[l], params)(tuple(inputs), state)
+                  state: PyTree, *, sideways: bool = False):
+    """Stage ``l`` on its in-edge values ``inputs`` (chain first): (y, state).
+
+    ``sideways``: for the Sideways VJP, a temporal stage's cached inputs
+    are linked to its current input (``stages.link_cache``).
+    """
+    return nnx.merge(self.block_defs[l], params)(tuple(inputs), state,
+                                                 sideways=sideways)
 
   def apply_head(self, params: PyTree, y: jax.Array) -> jax.Array:
     return nnx.merge(self.head_def, params)(y)

@@ -44,8 +44,9 @@ Loss: one loss per fragment (the mean over its valid ticks), with a clip
 label ``(B,)``, per-fragment labels ``(B, F)`` (applied to the frames of
 their fragment, delayed through the pipeline like per-frame targets) or
 per-frame targets. ``loss_weighting='sum'`` sums the fragments' losses (and
-gradients: PGT); ``'mean'`` weights them by their valid ticks, which is the
-whole video's mean loss. ``step_per='video'``: one optimizer step per video;
+gradients: PGT); ``'mean'`` is the whole video's mean loss: every tick
+weighs one over the video's valid ticks, so a Sideways message sent across a
+boundary keeps its weight and the gradient equals the whole-video one. ``step_per='video'``: one optimizer step per video;
 ``'fragment'``: one per fragment.
 
 Inputs: a whole video ``(B, T, *frame)`` (frames read in place, no copy) or
@@ -92,6 +93,7 @@ from jax import lax
 
 from skipside import engine
 from skipside import network
+from skipside import optim
 from skipside import stages as stages_lib
 from skipside.network import NetworkSpec
 
@@ -192,13 +194,12 @@ class PooledSpec(NetworkSpec):
   """
   pool: str = 'avg'
 
-  def apply_block(self, l, params, inputs, state):
+  def apply_block(self, l, params, inputs, state, *, sideways=False):
     if not self.temporal[l]:
-      return super().apply_block(l, params, inputs, state)
-    block = nnx.merge(self.block_defs[l], params)
-    # As network.Block, keeping the combined input to pool it.
-    x = inputs[0] if block.combine is None else block.combine(tuple(inputs))
-    y, s = stages_lib.call_stage(block.stage, x, state['stage'])
+      return super().apply_block(l, params, inputs, state, sideways=sideways)
+    # The block's own apply, keeping the combined input to pool it.
+    y, s, x = nnx.merge(self.block_defs[l], params).apply(
+        inputs, state['stage'], sideways=sideways)
     acc = state['pool']
     pool = acc + x if self.pool == 'avg' else jnp.maximum(acc, x)
     return y, {'stage': s, 'pool': pool.astype(acc.dtype)}
@@ -323,7 +324,14 @@ def _setup(spec, params, video, targets, opts: Options, carry, mode,
   v = _normalise(b.spec, opts, video, targets)
   clip, tgt, _, _ = _window(v, opts, jnp.asarray(0),
                             True if opts.overlap else None)
+  fresh = carry is None
   carry = b.prepare(params, clip, tgt, carry, mode, compute_dtype)
+  ticks = _video_ticks(v, opts)
+  if fresh and opts.mask_fill and ticks <= engine.delay(b.spec, mode):
+    raise ValueError(
+        f'a video of {ticks} frames has no loss tick in {mode!r}: a fresh '
+        f'stream masks its first {engine.delay(b.spec, mode)} ticks (the '
+        'pipeline fill, mask_fill=True)')
   return b, v, carry, _initial_caches(b, params, carry)
 
 
@@ -384,6 +392,11 @@ def _normalise(spec: NetworkSpec, opts: Options, video, targets) -> _Video:
     else:  # Each frame takes its fragment's label (delayed like any frame).
       targets = jnp.take(targets, opts.fragment_of_frame(lead[1]), axis=1)
   return _Video(video, targets, fragmented, num)
+
+
+def _video_ticks(v: _Video, opts: Options) -> int:
+  """Ticks a video runs: fragment 0 whole, every later one its new frames."""
+  return opts.fragment_frames + (v.num_fragments - 1) * opts.step
 
 
 def _window(v: _Video, opts: Options, f, first):
@@ -529,16 +542,17 @@ def _acc_finish(spec: NetworkSpec, acc: dict, carry, num: int
   return engine.ClipOutput(carry=carry, metrics=metrics, predictions=preds)
 
 
-def _weight(opts: Options, out: engine.ClipOutput):
-  """A fragment's weight in the video objective (before dividing by N for
-  'mean'): 1 (sum) or its valid ticks (mean)."""
+def _total(spec: NetworkSpec, v: _Video, opts: Options, carry, mode: str):
+  """The valid ticks of the whole video: every tick's loss weight under
+  ``'mean'`` is one over this (``engine.tick_weights``'s ``total``), so a
+  Sideways message that crosses a fragment boundary keeps its weight and the
+  video's gradient is the whole-video one. ``None`` for ``'sum'`` (each
+  fragment its own mean)."""
   if opts.loss_weighting == 'sum':
-    return jnp.ones(())
-  return out.metrics['valid_ticks'].astype(jnp.float32)
-
-
-def _scale(tree, s):
-  return jax.tree.map(lambda g: g * s.astype(g.dtype), tree)
+    return None
+  ticks = _video_ticks(v, opts)
+  return engine.tick_weights(carry, 0, ticks, ticks, engine.delay(spec, mode),
+                             opts.mask_fill)[1]
 
 
 def _add(a, b):
@@ -557,7 +571,10 @@ def _truncated(b: _Backend, optimizer, params, opt_state, v: _Video,
   ``grads`` is None.
   """
   zero = jax.tree.map(jnp.zeros_like, params)
-  kw = dict(mode=mode, mask_fill=opts.mask_fill, compute_dtype=compute_dtype)
+  # A step per fragment optimises each fragment's own mean loss.
+  total = None if update else _total(b.spec, v, opts, carry, mode)
+  kw = dict(mode=mode, mask_fill=opts.mask_fill, compute_dtype=compute_dtype,
+            total=total)
 
   def step(state, f, first):
     p, o, c, caches, g, obj, acc = state
@@ -566,21 +583,16 @@ def _truncated(b: _Backend, optimizer, params, opt_state, v: _Video,
     loss, grads, out = b.window_grads(p, clip, targets, c, start=start,
                                       length=length, **kw)
     if update:
-      updates, o = optimizer.update(grads, o, p)
-      p = optax.apply_updates(p, updates)
-    else:
-      w = _weight(opts, out)
-      g = _add(g, _scale(grads, w))
-      obj = obj + w * loss
+      p, o = engine.apply_gradients(optimizer, p, o, grads,
+                                    out.metrics['valid_ticks'])
+    else:  # 'sum': fragments' means; 'mean': every tick weighted by total.
+      g, obj = _add(g, grads), obj + loss
     return p, o, out.carry, caches, g, obj, _acc_add(acc, out)
 
   init = (params, opt_state, carry, caches, None if update else zero,
           jnp.zeros(()), _acc_init(b.spec, carry.targets.shape[0]))
   params, opt_state, carry, _, grads, obj, acc = _fragments(step, init, v,
                                                             opts)
-  if not update and opts.loss_weighting == 'mean':
-    n = jnp.maximum(acc['valid_ticks'], 1).astype(jnp.float32)
-    grads, obj = _scale(grads, 1 / n), obj / n
   out = _acc_finish(b.spec, acc, carry, v.num_fragments)
   return params, opt_state, obj, grads, out
 
@@ -590,7 +602,8 @@ def _untruncated(b: _Backend, params, v: _Video, opts: Options, carry,
   """Exact gradient of the video objective through every fragment (exact
   modes), one fragment's activations at a time (rematerialised)."""
   carry = lax.stop_gradient(carry)  # The incoming stream is a constant.
-  kw = dict(mode=mode, mask_fill=opts.mask_fill, compute_dtype=compute_dtype)
+  kw = dict(mode=mode, mask_fill=opts.mask_fill, compute_dtype=compute_dtype,
+            total=_total(b.spec, v, opts, carry, mode))
 
   def objective(p):
     def step(state, f, first):
@@ -598,8 +611,8 @@ def _untruncated(b: _Backend, params, v: _Video, opts: Options, carry,
       c, caches = _boundary(b, opts, p, c, caches, f, first)
       clip, targets, start, length = _window(v, opts, f, first)
       loss, out = b.run(p, clip, targets, c, start=start, length=length, **kw)
-      obj = obj + lax.stop_gradient(_weight(opts, out)) * loss
-      return out.carry, caches, obj, _acc_add(acc, lax.stop_gradient(out))
+      return (out.carry, caches, obj + loss,
+              _acc_add(acc, lax.stop_gradient(out)))
 
     def remat(state, f, first):
       return jax.checkpoint(functools.partial(step, first=first))(state, f)
@@ -607,8 +620,6 @@ def _untruncated(b: _Backend, params, v: _Video, opts: Options, carry,
     init = (carry, caches, jnp.zeros(()),
             _acc_init(b.spec, carry.targets.shape[0]))
     c, _, obj, acc = _fragments(remat, init, v, opts)
-    if opts.loss_weighting == 'mean':
-      obj = obj / jnp.maximum(acc['valid_ticks'], 1).astype(jnp.float32)
     return obj, (lax.stop_gradient(c), acc)
 
   (obj, (carry, acc)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -678,7 +689,8 @@ def train_step(spec, optimizer: optax.GradientTransformation,
     _, grads, out = _grads(spec, params, video, targets, mode=mode,
                            options=options, carry=carry,
                            compute_dtype=compute_dtype)
-    params, opt_state = engine.apply_gradients(optimizer, params, opt_state, grads)
+    params, opt_state = engine.apply_gradients(
+        optimizer, params, opt_state, grads, out.metrics['valid_ticks'])
     return params, opt_state, out
   b, v, carry, caches = _setup(spec, params, video, targets, options, carry,
                                mode, compute_dtype)
@@ -791,10 +803,18 @@ def evaluate(spec, params, batches, *, mode: str, options: Options,
       break
     video, labels = batch['video'], batch[label_key]
     mask = np.asarray(batch.get('mask', np.ones(len(video), bool)))
+    pgt = None  # One progressive pass serves every fragment ensemble.
     for e in ensembles:
-      pred = np.asarray(video_predictions(
-          spec, params, video, labels, mode=mode, options=options,
-          ensemble=e, compute_dtype=compute_dtype))
+      if e == 'full':
+        pred = video_predictions(spec, params, video, labels, mode=mode,
+                                 options=options, ensemble=e,
+                                 compute_dtype=compute_dtype)
+      else:
+        if pgt is None:
+          pgt = predict(spec, params, video, labels, mode=mode,
+                        options=options, compute_dtype=compute_dtype)
+        pred = getattr(pgt, e)
+      pred = np.asarray(pred)
       correct[e] += float((pred.argmax(-1) == np.asarray(labels))[mask].sum())
     n += int(mask.sum())
   out = {f'eval/accuracy_{e}': c / max(n, 1) for e, c in correct.items()}
@@ -845,13 +865,11 @@ def make_train_step(spec, optimizer, config, *, compute_dtype,
   @jax.jit
   def step(params, opt_state, video, targets, carry=None):
     del carry
-    new_params, new_opt_state, out = train_step(
-        spec, optimizer, params, opt_state, video, targets, mode=mode,
-        options=opts, compute_dtype=compute_dtype)
-    if skip_nonfinite:  # Keep the old params where this step went non-finite.
-      ok = jnp.isfinite(out.metrics['loss'])
-      new_params, new_opt_state = jax.tree.map(
-          lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state),
-          (params, opt_state))
-    return new_params, new_opt_state, out._replace(carry=None)
+    *new, out = train_step(spec, optimizer, params, opt_state, video,
+                           targets, mode=mode, options=opts,
+                           compute_dtype=compute_dtype)
+    params, opt_state = optim.finish_step((params, opt_state), tuple(new),
+                                          out.metrics['loss'],
+                                          skip_nonfinite=skip_nonfinite)
+    return params, opt_state, out._replace(carry=None)
   return step

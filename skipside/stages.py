@@ -20,10 +20,17 @@ A *stage* is one unit of depth: the engine places each stage on its own tick
        def init_state(self, x: jax.ShapeDtypeStruct) -> PyTree  # zeros
        def __call__(self, x, state) -> tuple[y, new_state]
 
-   The engine threads the state through the scan over frames, returns it in
-   the stream carry (so a stream or a long video continues across clips), and
-   never differentiates through it: the Sideways gradient of a temporal stage
-   is taken at its current input with its cache held fixed.
+   The engine threads the state through the scan over frames and returns it
+   in the stream carry (so a stream or a long video continues across clips).
+   The state is a cache of the stage's past inputs. The exact modes
+   differentiate through it (the scan's carry); Sideways takes the stage's
+   VJP at its current input and treats each cached input as the current one
+   (``link_cache``): the gradients w.r.t. the cached inputs join the input
+   gradient, i.e. the message to the stages that produced them, arriving one
+   tick later like every message. On a constant video this is exact
+   (DESIGN.md §1, oracle 2). A state leaf of the input's shape ``(B, ...)``
+   or ``(B, K, ...)`` is such a cache; a stage with another kind of state
+   defines ``link_cache(self, x, state)``.
 
 5. Progressive training (``skipside.progressive``, PGT) cuts a long video
    into fragments and carries every temporal state across their boundaries.
@@ -119,10 +126,62 @@ def init_stage_state(stage: nnx.Module, x: jax.ShapeDtypeStruct) -> PyTree:
   return stage.init_state(x) if is_temporal(stage) else ()
 
 
-def call_stage(stage: nnx.Module, x: jax.Array, state: PyTree):
-  """Applies any stage uniformly: returns ``(y, new_state)``."""
+def link_cache(stage: nnx.Module, x: jax.Array, state: PyTree) -> PyTree:
+  """``state`` with a gradient path from each cached input to ``x``.
+
+  The values are unchanged (``s + (x - stop_gradient(x))`` adds an exact
+  zero); only the derivative differs: a VJP of the stage w.r.t. its input
+  now also collects the gradients w.r.t. the cached past inputs, as if they
+  were the current one (the Sideways rule for temporal stages, contract
+  item 4). A floating state leaf is a cache of the input if it has the
+  input's shape ``(B, ...)`` (one cached value, e.g. a running average) or
+  ``(B, K, ...)`` (a window of ``K``); integer leaves (counters) get no
+  gradient. A stage whose state is something else defines
+  ``link_cache(self, x, state) -> state`` itself.
+
+  Raises:
+    ValueError: naming the stage and the shapes, for a floating leaf that
+      is neither form and no ``link_cache`` method.
+  """
+  own = getattr(stage, 'link_cache', None)
+  if callable(own):
+    return own(x, state)
+  ghost = x - jax.lax.stop_gradient(x)  # Zero valued, identity derivative.
+
+  def link(s):
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+      return s
+    if s.shape == x.shape:
+      return s + ghost.astype(s.dtype)
+    if (s.ndim == x.ndim + 1 and s.shape[0] == x.shape[0]
+        and s.shape[2:] == x.shape[1:]):
+      return s + ghost[:, None].astype(s.dtype)
+    raise ValueError(
+        f'{type(stage).__name__}: state leaf of shape {s.shape} is not a '
+        f'cache of its input {x.shape} (expected {x.shape} or '
+        f'(B, K, *{x.shape[1:]})), so Sideways cannot send its gradient '
+        'down; define link_cache(self, x, state) on the stage '
+        '(see skipside.stages.link_cache)')
+  return jax.tree.map(link, state)
+
+
+def call_stage(stage: nnx.Module, x: jax.Array, state: PyTree, *,
+               sideways: bool = False):
+  """Applies any stage uniformly: returns ``(y, new_state)``.
+
+  ``sideways``: link the cached inputs of a temporal stage to ``x``
+  (``link_cache``), for the Sideways VJP.
+  """
   if is_temporal(stage):
-    return stage(x, state)
+    if sideways:
+      state = link_cache(stage, x, state)
+    out = stage(x, state)
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError(
+          f'{type(stage).__name__} is a temporal stage (it defines '
+          'init_state), so it must return (y, new_state) (the stage '
+          f'contract, skipside/stages.py); it returned {type(out).__name__}')
+    return out
   return stage(x), state
 
 

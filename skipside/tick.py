@@ -11,7 +11,9 @@ Notation (stages ``0 .. L-1``): at tick ``t`` frame ``x_t`` arrives.
   sent at tick ``t-1`` (the loss gradient w.r.t. ``out_l``, summed over its
   out-edges). It takes one VJP of its block at its *current* input: the
   parameter gradient is accumulated, the input gradient is split over the
-  in-edges and arrives at the sources at tick ``t+1``.
+  in-edges and arrives at the sources at tick ``t+1``. A temporal stage's
+  gradients w.r.t. its cached past inputs are added to that input gradient
+  (``stages.link_cache``): they travel with the message.
 - The head and the loss sit on the top stage's tick (the same device in the
   mesh engine): the top stage's cotangent is the loss gradient of the same
   tick, so the top stage's gradient is exact and the bottom stage's is exact
@@ -143,8 +145,10 @@ def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
   top = spec.num_stages - 1
   ys, new_states, vjps = {}, {}, {}
   for l in group:
+    # sideways=True: a temporal stage's cached inputs are linked to ins, so
+    # their gradients join the input gradient sent down (stages.link_cache).
     def block(p, ins, l=l):
-      return spec.apply_block(l, p, ins, states_of(l))
+      return spec.apply_block(l, p, ins, states_of(l), sideways=True)
     ys[l], vjps[l], new_states[l] = jax.vjp(
         block, params_of(l), stage_inputs(spec, l, x, value_of), has_aux=True)
 

@@ -44,7 +44,8 @@ from absl import logging
 from flax import nnx
 
 from skipside import data as data_lib
-from skipside import batchnorm, engine, multigrid, network, placement, stages
+from skipside import batchnorm, engine, multigrid, network, optim, placement
+from skipside import stages
 from skipside import mesh as mesh_lib
 
 PyTree = Any
@@ -114,12 +115,17 @@ def validate_config(config: ml_collections.ConfigDict,
   if config.train.on_nonfinite not in ('stop', 'skip'):
     raise ConfigError(f'config.train.on_nonfinite={config.train.on_nonfinite!r}'
                       " must be 'stop' or 'skip'")
-  if config.optimizer.name not in ('adam', 'adamw', 'sgd', 'momentum'):
+  if config.optimizer.name not in optim.NAMES:
     raise ConfigError(f'config.optimizer.name={config.optimizer.name!r} is '
-                      "unknown; use 'adam', 'adamw', 'sgd' or 'momentum'")
-  if config.optimizer.schedule not in ('constant', 'cosine', 'step'):
+                      f'unknown; use one of {optim.NAMES}')
+  if config.optimizer.schedule not in optim.SCHEDULES:
     raise ConfigError(f'config.optimizer.schedule={config.optimizer.schedule!r}'
-                      " is unknown; use 'constant', 'cosine' or 'step'")
+                      f' is unknown; use one of {optim.SCHEDULES}')
+  for key in ('learning_rate', 'weight_decay', 'warmup_steps'):
+    if not config.optimizer[key] >= 0 or (key == 'learning_rate'
+                                          and not config.optimizer[key] > 0):
+      raise ConfigError(f'config.optimizer.{key}={config.optimizer[key]} '
+                        f'must be {">" if key == "learning_rate" else ">="} 0')
   devices = num_devices or jax.device_count()
   mesh_size = config.mesh.data * config.mesh.stage
   if mesh_size > devices:
@@ -189,39 +195,6 @@ def build_network(config: ml_collections.ConfigDict,
                            combine=config.model.combine, loss=loss, rngs=rngs)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
-
-
-def make_optimizer(config: ml_collections.ConfigDict,
-                   schedule: multigrid.Schedule | None = None
-                   ) -> optax.GradientTransformation:
-  """optax optimizer from ``config.optimizer`` (schedule, clipping, decay).
-
-  With a multigrid ``schedule`` the learning rate follows it instead.
-  """
-  c = config.optimizer
-  steps = config.train.num_steps
-  if schedule is not None:
-    lr = schedule.lr_schedule(c.learning_rate)
-  elif c.schedule == 'cosine':
-    warmup = min(c.warmup_steps, steps // 2)  # Short runs still decay.
-    lr = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup,
-                                            max(steps, warmup + 1))
-  elif c.schedule == 'step':
-    bounds = {int(b * steps): 0.1 for b in c.step_boundaries}
-    lr = optax.piecewise_constant_schedule(c.learning_rate, bounds)
-  else:
-    lr = c.learning_rate
-  if c.name == 'adam':
-    opt = optax.adam(lr)
-  elif c.name == 'adamw':
-    opt = optax.adamw(lr, weight_decay=c.weight_decay)
-  elif c.name == 'momentum':
-    opt = optax.sgd(lr, momentum=0.9)
-  else:
-    opt = optax.sgd(lr)
-  if c.grad_clip_norm:
-    opt = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), opt)
-  return opt
 
 
 # ---------------------------------------------------------------------------
@@ -504,18 +477,16 @@ def _train_step(spec, optimizer, params, opt_state, clip, targets, carry, *,
   ``opt_state`` are the stage-sharded state (``mesh.shard_tree``)."""
   on_mesh = isinstance(spec, mesh_lib.MeshSpec)
   step = mesh_lib.train_step_sharded if on_mesh else engine.train_step
-  new_params, new_opt_state, out = step(
-      spec, optimizer, params, opt_state, clip, targets, mode=mode,
-      carry=carry, compute_dtype=compute_dtype, update_every=update_every,
-      flush=flush)
+  new = step(spec, optimizer, params, opt_state, clip, targets, mode=mode,
+             carry=carry, compute_dtype=compute_dtype,
+             update_every=update_every, flush=flush)
+  out = new[2]
   if on_mesh:  # The engine's carry layout: checkpoints fit either engine.
     out = out._replace(carry=mesh_lib.to_stream_carry(spec, None, out.carry))
-  if skip_nonfinite:  # Keep the old params where this step went non-finite.
-    ok = jnp.isfinite(out.metrics['loss'])
-    new_params, new_opt_state = jax.tree.map(
-        lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state),
-        (params, opt_state))
-  return new_params, new_opt_state, out
+  params, opt_state = optim.finish_step(
+      (params, opt_state), new[:2], out.metrics['loss'],
+      skip_nonfinite=skip_nonfinite)
+  return params, opt_state, out
 
 
 def _targets(batch: dict, spec: network.NetworkSpec) -> np.ndarray:
@@ -643,10 +614,41 @@ def init_state(config: ml_collections.ConfigDict, info,
   net = build_network(config, _frame_shape(info), info.num_classes,
                       nnx.Rngs(config.seed))
   spec, params = network.split(net)
-  optimizer = make_optimizer(config, schedule)
+  optimizer = optim.make_optimizer(config, schedule)
   state = TrainState(step=0, params=params, opt_state=optimizer.init(params),
                      rng=jax.random.key(config.seed))
   return spec, optimizer, state
+
+
+def starved_stages_warning(config: ml_collections.ConfigDict,
+                           spec: network.NetworkSpec,
+                           schedule: multigrid.Schedule | None = None
+                           ) -> str | None:
+  """What to say at start-up when some stage gets no gradient from a fresh
+  clip (``engine.gradient_ticks``: Sideways messages need ``d_l`` ticks to
+  reach stage ``l``), or ``None``. The shortest clip counts: a multigrid
+  schedule's shortest bucket; PGT's whole video (its fragments are one
+  stream). A stream (``train.stream``) lands every message in the next
+  clip: nothing to say."""
+  if config.train.stream:
+    return None
+  frames = config.data.num_frames
+  if schedule is not None:
+    frames = min(s.frames for s in schedule.buckets())
+  flush = config.train.flush
+  ticks = engine.gradient_ticks(spec, config.mode, frames, flush=flush)
+  starved = [l for l, n in enumerate(ticks) if n == 0]
+  if not starved:
+    return None
+  dist = engine.message_distances(spec)
+  need = spec.depth + max(dist[l] for l in starved) + 1
+  return (f'stages {starved} get no gradient: in {config.mode!r} '
+          f'a fresh {frames}-frame clip (flush {flush}) masks '
+          f'{spec.depth} fill ticks and a message needs {dist} ticks to reach '
+          f'each stage. Use config.data.num_frames >= {need}, '
+          f'config.train.flush >= {need - frames}, or '
+          'config.train.stream=True (gradient ticks per stage: '
+          f'{list(ticks)})')
 
 
 def _abstract_carry(config, spec, params, info):
@@ -824,6 +826,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   else:
     train_iter = data_lib.make_iterator(data_config, train=True)
   spec, optimizer, state = init_state(config, train_iter.info, schedule)
+  starved = starved_stages_warning(config, spec, schedule)
+  if starved and is_main:
+    logging.warning(starved)
+    print(f'WARNING: {starved}', flush=True)
   compute_dtype = PRECISIONS[config.precision]
   if config.train.stream:
     batch = next(data_lib.make_iterator(data_config, train=True))
@@ -940,6 +946,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     while state.step < total:
       batch = next(train_iter)
       clip, targets = batch['video'], _targets(batch, spec)
+      try:  # Labels out of range give a NaN or a plausible loss, silently.
+        engine.check_values(spec, clip, targets)
+      except ValueError as e:
+        raise ValueError(f'training batch {state.step + 1} of '
+                         f'{config.data.dataset!r}: {e}') from e
       if mesh is not None:  # This process's rows -> global arrays.
         clip, targets = mesh_lib.global_batch(  # (Multigrid: bucket's size.)
             mesh, (clip, targets), len(clip) * train_iter.info.shard_count)
@@ -968,6 +979,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         train_metrics = {f'train/{k}': float(v)
                          for k, v in out.metrics.items()}
         train_metrics['train/clips_per_s'] = clips / max(now - t_log, 1e-9)
+        lr = optim.learning_rate(state.opt_state)  # The last update's rate.
+        if lr is not None:
+          train_metrics['train/learning_rate'] = float(lr)
+        if schedule is not None:  # The phase this step trained in.
+          train_metrics['train/multigrid_phase'] = float(
+              schedule.phase_index(state.step - 1))
         train_metrics.update(train_iter.stats.metrics())
         clips, t_log = 0, now
         bar.set_postfix(loss=f'{loss:.4f}',

@@ -64,8 +64,9 @@ def _zero_states(spec, params, batch):
   return list(spec.init_states(params, batch))
 
 
-def pipelined_reference(spec, params, clip, targets):
-  """Unrolled Python loop of the pipelined graph; loss masked during fill."""
+def pipelined_reference(spec, params, clip, targets, mask_fill=True):
+  """Unrolled Python loop of the pipelined graph; loss masked during fill
+  (without ``mask_fill`` a clip label scores every tick)."""
   b, t_len = clip.shape[:2]
   outs = [jnp.zeros((b, *s)) for s in spec.out_shapes]
   states = _zero_states(spec, params, b)
@@ -80,7 +81,7 @@ def pipelined_reference(spec, params, clip, targets):
       new.append(y)
     outs = new
     frame = t - spec.depth  # The chain output belongs to this frame.
-    if frame >= 0:
+    if frame >= 0 or not (mask_fill or per_frame):
       target = targets[:, frame] if per_frame else targets
       losses.append(_head_loss(spec, params, outs[-1], target))
   return sum(losses) / len(losses)
@@ -117,6 +118,27 @@ def test_pipelined_bp_equals_unrolled_reference(name):
   _close(loss, ref_loss)
   _close(grads, ref_grads)
   assert int(out.metrics['valid_ticks']) == clip.shape[1] - spec.depth
+
+
+@pytest.mark.parametrize('mode', ['pipelined_bp', 'sideways'])
+def test_clip_label_scores_every_tick_without_fill_mask(mode):
+  """A clip label applies to every tick: with mask_fill=False the fill ticks
+  are scored against it too (not against an empty target FIFO's zeros)."""
+  spec, params = NETS['conv_skips_concat']
+  clip, targets = _data(spec)
+  targets = jnp.array([1, 2])  # No label 0, which a zero FIFO would hide.
+  loss, grads, out = engine.loss_and_grads(spec, params, clip, targets,
+                                           mode=mode, mask_fill=False)
+  ref_loss, ref_grads = jax.value_and_grad(pipelined_reference, argnums=1)(
+      spec, params, clip, targets, mask_fill=False)
+  _close(loss, ref_loss)
+  assert int(out.metrics['valid_ticks']) == clip.shape[1]
+  if mode == 'pipelined_bp':
+    _close(grads, ref_grads)
+  else:  # The top stage's and the head's Sideways gradients are exact.
+    _close(grads['head'], ref_grads['head'], rtol=1e-4, atol=1e-6)
+    _close(grads['blocks'][-1], ref_grads['blocks'][-1], rtol=1e-4,
+           atol=1e-6)
 
 
 # -- Oracle 4: bp == jax.grad of the per-frame network. ----------------------
@@ -372,3 +394,230 @@ def test_bfloat16_compute_keeps_float32_params_and_grads(mode):
   a = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g32)])
   b = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g16)])
   assert float(jnp.dot(a, b) / jnp.linalg.norm(a) / jnp.linalg.norm(b)) > 0.98
+
+
+# -- Oracle 2 with temporal stages: cached inputs' gradients are sent down. --
+
+class _LeakyMemory(nnx.Module):
+  """A user's stateful stage: an EMA of its inputs, ``m = a m + (1-a) x``."""
+
+  def __init__(self, features, *, rngs):
+    self.mix = nnx.Linear(2 * features, features, rngs=rngs)
+
+  def init_state(self, x):
+    return jnp.zeros(x.shape, x.dtype)
+
+  def __call__(self, x, state):
+    memory = 0.5 * state + 0.5 * x
+    return nnx.relu(self.mix(jnp.concatenate([x, memory], -1))), memory
+
+
+def _temporal_nets():
+  rngs = nnx.Rngs(3)
+  w = 8
+  mid = network.split(network.Network(
+      [stages.Mlp(6, [w], rngs=rngs), stages.TemporalConv(w, rngs=rngs),
+       stages.Mlp(w, [w], rngs=rngs), stages.Mlp(w, [w], rngs=rngs)],
+      stages.ClassifierHead(w, 3, rngs=rngs), frame_shape=(6,),
+      skips=[(0, 2)], rngs=rngs))
+  user = network.split(network.Network(
+      [stages.Mlp(6, [w], rngs=rngs), _LeakyMemory(w, rngs=rngs),
+       stages.Mlp(w, [w], rngs=rngs)],
+      stages.ClassifierHead(w, 3, rngs=rngs), frame_shape=(6,), rngs=rngs))
+  return {'temporal_top': NETS['conv_temporal_chain'],
+          'temporal_mid_skip': mid, 'user_stateful': user}
+
+
+TEMPORAL_NETS = _temporal_nets()
+
+
+def _one_tick_grads(spec, params, clip, targets, frames, mode):
+  """Unnormalized gradient of tick ``frames - 1`` alone (see _tick_grads)."""
+  def summed(n):
+    _, g, out = engine.loss_and_grads(spec, params, jnp.repeat(clip, n, 1),
+                                      targets, mode=mode)
+    return jax.tree.map(lambda x: x * out.metrics['valid_ticks'], g)
+  return jax.tree.map(jnp.subtract, summed(frames), summed(frames - 1))
+
+
+def _rel_err(a, b):
+  a = jnp.concatenate([x.ravel() for x in jax.tree.leaves(a)])
+  b = jnp.concatenate([x.ravel() for x in jax.tree.leaves(b)])
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize('name', sorted(TEMPORAL_NETS))
+def test_sideways_exact_on_constant_video_with_temporal_stages(name):
+  """Oracle 2 for temporal stages: the gradients w.r.t. a stage's cached
+  inputs join its message down, so on a constant video (caches and messages
+  filled) every stage's per-tick gradient is the exact one of that tick."""
+  spec, params = TEMPORAL_NETS[name]
+  clip, targets = _data(spec, frames=1)
+  t = 4 * spec.depth + 24  # Pipeline, caches and the EMA (2^-20) filled.
+  exact = _one_tick_grads(spec, params, clip, targets, t + 1, 'bp')
+  got = _one_tick_grads(spec, params, clip, targets, t + 1, 'sideways')
+  for l in range(spec.num_stages):
+    assert _rel_err(got['blocks'][l], exact['blocks'][l]) < 1e-4, l
+  assert _rel_err(got['head'], exact['head']) < 1e-4
+
+
+class _Counter(nnx.Module):
+  """State that is not a cache of the input: (B, 3) against inputs (B, 8)."""
+
+  def __init__(self, *, rngs):
+    self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+  def init_state(self, x):
+    return jnp.zeros((x.shape[0], 3), x.dtype)
+
+  def __call__(self, x, state):
+    return nnx.relu(self.fc(x)) + state.sum(), state + 1
+
+
+def test_state_that_is_not_an_input_cache_is_named_under_sideways():
+  rngs = nnx.Rngs(0)
+  spec, params = network.split(network.Network(
+      [stages.Mlp(6, [8], rngs=rngs), _Counter(rngs=rngs)],
+      stages.ClassifierHead(8, 3, rngs=rngs), frame_shape=(6,), rngs=rngs))
+  clip, targets = _data(spec, frames=4)
+  with pytest.raises(ValueError, match=r'_Counter: state leaf of shape '
+                     r'\(2, 3\) is not a cache of its input \(2, 8\)'):
+    engine.loss_and_grads(spec, params, clip, targets, mode='sideways')
+  # The exact modes differentiate through any state.
+  engine.loss_and_grads(spec, params, clip, targets, mode='pipelined_bp')
+
+
+# -- Bad input: named at trace time where shapes decide. --------------------
+
+@pytest.mark.parametrize('case, message', [
+    ('short_clip', r'a clip of 4 frames has no loss tick in .sideways.: a '
+     r'fresh stream through 5 stages masks its first 4 ticks'),
+    ('labels_too_many', r'targets of shape \(3,\) do not fit the clip '
+     r'\(2, 7, 16, 16, 1\) and the .xent. loss: expected \(2,\) \(clip '
+     r'targets\) or \(2, 7\) \(frame targets\)'),
+    ('labels_2d', r'targets of shape \(2, 3\) do not fit'),
+    ('scalar_label', r'targets are a scalar: expected one per clip \(2,\)'),
+    ('no_frames', r'clip of shape \(2, 0, 16, 16, 1\): expected \(batch, '
+     r'frames >= 1'),
+    ('negative_flush', r'flush=-1 must be an int >= 0'),
+    ('frame_rank', r'clip of shape \(2, 7, 16, 16\): expected'),
+])
+def test_bad_inputs_are_named(case, message):
+  spec, params = NETS['conv_skips_concat']
+  clip, targets = _data(spec)
+  args, kw = (clip, targets), {}
+  if case == 'short_clip':
+    args = (clip[:, :4], targets)
+  elif case == 'labels_too_many':
+    args = (clip, jnp.zeros((3,), jnp.int32))
+  elif case == 'labels_2d':
+    args = (clip, jnp.zeros((2, 3), jnp.int32))
+  elif case == 'scalar_label':
+    args = (clip, jnp.zeros((), jnp.int32))
+  elif case == 'no_frames':
+    args = (clip[:, :0], targets)
+  elif case == 'negative_flush':
+    kw = {'flush': -1}
+  elif case == 'frame_rank':
+    args = (clip[..., 0], targets)
+  with pytest.raises(ValueError, match=message):
+    engine.loss_and_grads(spec, params, *args, mode='sideways', **kw)
+
+
+def test_short_clip_is_fine_in_a_stream_or_without_fill_mask():
+  spec, params = NETS['conv_skips_concat']
+  clip, targets = _data(spec)
+  _, _, out = engine.loss_and_grads(spec, params, clip, targets,
+                                    mode='sideways')
+  _, _, nxt = engine.loss_and_grads(spec, params, clip[:, :2], targets,
+                                    mode='sideways', carry=out.carry)
+  assert int(nxt.metrics['valid_ticks']) == 2
+  _, _, nomask = engine.loss_and_grads(spec, params, clip[:, :2], targets,
+                                       mode='sideways', mask_fill=False)
+  assert int(nomask.metrics['valid_ticks']) == 2
+
+
+def test_uint8_clip_is_scaled_to_unit_range():
+  spec, params = NETS['conv_skips_concat']
+  clip, targets = _data(spec)
+  raw = jnp.round(jax.nn.sigmoid(clip) * 255).astype(jnp.uint8)
+  got = engine.loss_and_grads(spec, params, raw, targets, mode='sideways')
+  want = engine.loss_and_grads(spec, params, raw.astype(jnp.float32) / 255,
+                               targets, mode='sideways')
+  _close(got, want)
+
+
+def test_values_only_the_data_shows_are_named():
+  spec, _ = NETS['conv_skips_concat']
+  clip, targets = _data(spec)
+  engine.check_values(spec, clip, targets)
+  with pytest.raises(ValueError, match=r'label 7 is out of range for 3 '
+                     r'classes: labels are 0..2'):
+    engine.check_values(spec, clip, jnp.array([0, 7]))
+  with pytest.raises(ValueError, match=r'label -1 is out of range'):
+    engine.check_values(spec, clip, jnp.array([-1, 0]))
+  with pytest.raises(ValueError, match=r'non-finite pixels \(first at index '
+                     r'\(1, 2, 0, 0, 0\)'):
+    engine.check_values(spec, clip.at[1, 2].set(jnp.nan), targets)
+
+
+def test_network_input_mistakes_are_named():
+  rngs = nnx.Rngs(0)
+  layers = [stages.Mlp(6, [8], rngs=rngs) for _ in range(3)]
+  head = stages.ClassifierHead(8, 3, rngs=rngs)
+  with pytest.raises(ValueError, match=r'skips=\(0, 2\) is one edge without '
+                     r'the outer list: write skips=\[\(0, 2\)\]'):
+    network.Network(layers, head, frame_shape=(6,), skips=(0, 2), rngs=rngs)
+
+  class NoState(nnx.Module):  # Declares state, returns only y.
+    def init_state(self, x):
+      return jnp.zeros(x.shape, x.dtype)
+
+    def __call__(self, x, state):
+      return x + state
+
+  with pytest.raises(ValueError, match=r'NoState is a temporal stage .* '
+                     r'must return \(y, new_state\)'):
+    network.Network([layers[0], NoState()], head, frame_shape=(6,),
+                    rngs=rngs)
+
+
+# -- Which stages learn from a fresh clip. -----------------------------------
+
+def _summed_sideways(spec, params, clip, targets, n):
+  """Sideways gradient summed over the first ``n`` ticks (zero when none is
+  a loss tick)."""
+  if n <= spec.depth:
+    return jax.tree.map(jnp.zeros_like, params)
+  _, g, out = engine.loss_and_grads(spec, params, clip[:, :n], targets,
+                                    mode='sideways')
+  return jax.tree.map(lambda x: x * out.metrics['valid_ticks'], g)
+
+
+@pytest.mark.parametrize('name', ['conv_skips_concat', 'mlp_skips_sum',
+                                  'conv_temporal_chain'])
+def test_gradient_ticks_are_when_messages_first_land(name):
+  """Stage l's Sideways gradient is zero until tick depth + d_l and not
+  after it (d_l: the fewest edges up to the top; 2L-2-l on a chain)."""
+  spec, params = NETS[name]
+  frames = 12
+  clip, targets = _data(spec, frames=frames)
+  dist = engine.message_distances(spec)
+  if name == 'conv_temporal_chain':
+    assert dist == tuple(range(spec.depth, -1, -1))
+  sums = [_summed_sideways(spec, params, clip, targets, n)
+          for n in range(frames + 1)]
+  for l in range(spec.num_stages):
+    norms = [float(optax.tree.norm(jax.tree.map(
+        jnp.subtract, sums[n + 1]['blocks'][l], sums[n]['blocks'][l])))
+             for n in range(frames)]  # Tick n's contribution.
+    first = spec.depth + dist[l]
+    assert all(v == 0 for v in norms[:first]), (l, norms)
+    assert all(v > 0 for v in norms[first:]), (l, norms)
+    assert engine.gradient_ticks(spec, 'sideways', frames)[l] == (
+        frames - first)
+  assert engine.gradient_ticks(spec, 'sideways', spec.depth + 1)[0] == 0
+  assert engine.gradient_ticks(spec, 'sideways', spec.depth + 1,
+                               flush=dist[0])[0] == 1
+  assert engine.gradient_ticks(spec, 'pipelined_bp', frames) == (
+      (frames - spec.depth,) * spec.num_stages)

@@ -41,7 +41,7 @@ from flax import nnx
 
 from experiments.configs import pgt as pgt_config
 from experiments.benchmarks import common
-from skipside import engine, network, progressive, train
+from skipside import engine, network, optim, progressive
 from skipside.data import moving_digits
 
 CLIP = 16
@@ -155,10 +155,10 @@ def main():
   batch = config.data.batch_size
   opts = progressive.Options.from_config(config.progressive)
   config.train.num_steps = steps
-  optimizer = train.make_optimizer(config)
+  optimizer = optim.make_optimizer(config)
   clip_config = pgt_config.get_config('cpu_clip')
   clip_config.train.num_steps = steps * (128 // CLIP)
-  clip_optimizer = train.make_optimizer(clip_config)
+  clip_optimizer = optim.make_optimizer(clip_config)
 
   print(f'Generating long-range MovingDigits ({args.train} train, '
         f'{args.test} test videos of 128 frames)...', flush=True)

@@ -53,7 +53,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.optimizer.schedule = 'cosine'  # 'constant' | 'cosine' | 'step'.
   c.optimizer.warmup_steps = 50
   c.optimizer.step_boundaries = (0.5, 0.75)  # Fractions of num_steps ('step').
-  c.optimizer.weight_decay = 1e-4  # adamw only.
+  c.optimizer.weight_decay = 1e-4  # adamw (decoupled), sgd, momentum; not adam.
   c.optimizer.grad_clip_norm = 1.0  # 0 disables.
 
   c.train = ml_collections.ConfigDict()

@@ -42,7 +42,9 @@ class LeakyMemory(nnx.Module):
   """A temporal stage: ``m_t = a m_{t-1} + (1 - a) x_t``, ``y_t = [x_t, m_t] W``.
 
   State: ``m`` of the input's shape ``(B, ..., C)``, zero at the start of a
-  stream, carried by the engine across ticks and clips (never differentiated).
+  stream, carried by the engine across ticks and clips. It is a cache of
+  past inputs, so under Sideways its gradient joins the input gradient sent
+  down (``stages.link_cache``); the exact modes differentiate through it.
   """
 
   def __init__(self, features: int, *, decay: float = 0.8, rngs: nnx.Rngs):

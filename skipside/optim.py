@@ -1,0 +1,145 @@
+"""The optimizer: optax from ``config.optimizer``, the learning rate per
+training step.
+
+A training step (one batch of the loop) may make several optax updates --
+the online mode (``train.update_every=k``: ``T/k`` per clip) and PGT's
+``step_per='fragment'`` (one per fragment) -- or fewer (a window whose ticks
+are all fill makes none: ``engine.apply_gradients``). Schedules (warm-up,
+cosine, step decay, multigrid phases) are sized in training steps, so the
+rate is read from a counter of training steps kept in the optimizer state
+(``TrainingStepState``) and advanced once per step by the loop's step
+(``finish_step``), not from optax's update count. Adam's bias correction
+still counts the updates it made.
+
+Example::
+
+    optimizer = optim.make_optimizer(config)
+    opt_state = optimizer.init(params)
+    ...  # any number of optimizer.update calls within one training step
+    opt_state = optim.advance(opt_state)
+    optim.learning_rate(opt_state)  # the rate the last update used
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+Schedule = Callable[[jax.Array], jax.Array]
+NAMES = ('adam', 'adamw', 'sgd', 'momentum')
+SCHEDULES = ('constant', 'cosine', 'step')
+
+
+class TrainingStepState(NamedTuple):
+  """Attributes: ``training_step`` int32, training steps done (the
+  schedule's argument); ``learning_rate`` float32, the rate of the last
+  update."""
+  training_step: jax.Array
+  learning_rate: jax.Array
+
+
+def scale_by_training_step_schedule(schedule: Schedule
+                                    ) -> optax.GradientTransformation:
+  """``-schedule(training_step) * updates``, the step advanced by
+  ``advance`` only (optax's ``scale_by_learning_rate`` counts updates)."""
+
+  def init(params):
+    del params
+    return TrainingStepState(jnp.zeros((), jnp.int32),
+                             jnp.asarray(schedule(0), jnp.float32))
+
+  def update(updates, state, params=None):
+    del params
+    lr = jnp.asarray(schedule(state.training_step), jnp.float32)
+    updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
+    return updates, state._replace(learning_rate=lr)
+  return optax.GradientTransformation(init, update)
+
+
+def _is_step_state(x) -> bool:
+  return isinstance(x, TrainingStepState)
+
+
+def advance(opt_state: PyTree) -> PyTree:
+  """``opt_state`` one training step later (every ``TrainingStepState``)."""
+  return jax.tree.map(
+      lambda s: (s._replace(training_step=s.training_step + 1)
+                 if _is_step_state(s) else s),
+      opt_state, is_leaf=_is_step_state)
+
+
+def learning_rate(opt_state: PyTree) -> jax.Array | None:
+  """The rate the last update used (``None`` for an optimizer without a
+  ``TrainingStepState``: a user's own optax)."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_step_state)
+           if _is_step_state(s)]
+  return found[0].learning_rate if found else None
+
+
+def finish_step(old: tuple, new: tuple, loss: jax.Array, *,
+                skip_nonfinite: bool) -> tuple:
+  """The loop's ``(params, opt_state)`` after a training step: ``new``, or
+  ``old`` where ``skip_nonfinite`` and the loss is not finite; the training
+  step advanced either way (the schedule follows the loop)."""
+  params, opt_state = new
+  if skip_nonfinite:
+    ok = jnp.isfinite(loss)
+    params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
+                                     old)
+  return params, advance(opt_state)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           multigrid_schedule=None) -> Schedule:
+  """``training step -> learning rate`` from ``config.optimizer``.
+
+  ``cosine``: linear warm-up over ``warmup_steps`` (at most half the run, so
+  short runs still decay), then cosine to 0 at ``train.num_steps``;
+  ``step``: x0.1 at each of ``step_boundaries`` (fractions of the run);
+  ``constant``. A multigrid schedule (``multigrid.Schedule``) replaces them
+  with its phases' multipliers.
+  """
+  c = config.optimizer
+  steps = config.train.num_steps
+  if multigrid_schedule is not None:
+    return multigrid_schedule.lr_schedule(c.learning_rate)
+  if c.schedule == 'cosine':
+    warmup = min(c.warmup_steps, steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup,
+                                              max(steps, warmup + 1))
+  if c.schedule == 'step':
+    bounds = {int(b * steps): 0.1 for b in c.step_boundaries}
+    return optax.piecewise_constant_schedule(c.learning_rate, bounds)
+  return optax.constant_schedule(c.learning_rate)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   multigrid_schedule=None) -> optax.GradientTransformation:
+  """optax from ``config.optimizer``: clipping, the update rule, decay and
+  the per-training-step rate (``learning_rate_schedule``).
+
+  The update rules are optax's own parts, chained as ``optax.adam`` /
+  ``adamw`` / ``sgd`` chain them, with the rate last:
+  ``adam``, ``adamw`` (decoupled decay ``weight_decay``), ``sgd`` and
+  ``momentum`` (0.9; ``weight_decay`` added to the gradient first, as
+  PyTorch's SGD and the SlowFast configs do).
+  """
+  c = config.optimizer
+  parts = []
+  if c.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
+  if c.name in ('adam', 'adamw'):
+    parts.append(optax.scale_by_adam())
+    if c.name == 'adamw':
+      parts.append(optax.add_decayed_weights(c.weight_decay))
+  else:
+    if c.weight_decay:
+      parts.append(optax.add_decayed_weights(c.weight_decay))
+    if c.name == 'momentum':
+      parts.append(optax.trace(decay=0.9))
+  parts.append(scale_by_training_step_schedule(
+      learning_rate_schedule(config, multigrid_schedule)))
+  return optax.chain(*parts)

@@ -1,0 +1,124 @@
+"""The optimizer: the learning rate per training step, skipped fill updates,
+weight decay, and the loop's logged rate."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments.configs import default
+from skipside import engine, models, network, optim, train
+
+
+def _config(**optimizer):
+  c = default.get_config()
+  c.train.num_steps = 100
+  c.optimizer.update(optimizer)
+  return c
+
+
+def _net():
+  return network.split(models.mlp_net((6,), 3, width=8, num_stages=3,
+                                      rngs=nnx.Rngs(0)))
+
+
+def _clip(frames):
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return (jax.random.normal(k1, (2, frames, 6)),
+          jax.random.randint(k2, (2,), 0, 3))
+
+
+def _adam_count(opt_state):
+  return int(optax.tree_utils.tree_get(opt_state, 'count'))
+
+
+def test_online_updates_keep_the_rate_of_their_training_step():
+  """update_every=2 makes 4 optax updates per 8-frame clip; the cosine
+  schedule still moves once per training step."""
+  config = _config(warmup_steps=10)
+  optimizer = optim.make_optimizer(config)
+  schedule = optim.learning_rate_schedule(config)
+  spec, params = _net()
+  clip, labels = _clip(8)
+  opt_state = optimizer.init(params)
+  for step in range(3):
+    params, opt_state, _ = engine.train_step(
+        spec, optimizer, params, opt_state, clip, labels, mode='sideways',
+        update_every=2)
+    np.testing.assert_allclose(optim.learning_rate(opt_state),
+                               schedule(step), rtol=1e-6)
+    opt_state = optim.advance(opt_state)
+  # Fresh clips: the first window of each is fill (depth 2), so 3 of 4
+  # windows update; Adam's bias correction counts those.
+  assert _adam_count(opt_state) == 3 * 3
+
+
+def test_fill_windows_make_no_update():
+  """A window whose ticks are all fill moves neither Adam's moments nor
+  weight decay: params and state equal a run of the valid windows only."""
+  config = _config(name='adamw', weight_decay=0.1, schedule='constant')
+  optimizer = optim.make_optimizer(config)
+  spec, params = _net()
+  clip, labels = _clip(4)  # Depth 2: windows [0,1] fill, [2,3] valid.
+  opt_state = optimizer.init(params)
+  got, got_state, out = engine.train_step(
+      spec, optimizer, params, opt_state, clip, labels, mode='sideways',
+      update_every=2)
+  assert _adam_count(got_state) == 1
+  # The same as one update on the valid window after the fill's carry.
+  kw = dict(mode='sideways', length=2, mask_fill=True,
+            compute_dtype=jnp.float32)
+  carry = engine.init_carry(spec, params, clip, labels, 'sideways')
+  _, _, fill = engine.window_grads(spec, params, clip, labels, carry,
+                                   start=0, **kw)
+  _, grads, _ = engine.window_grads(spec, params, clip, labels, fill.carry,
+                                    start=2, **kw)
+  want, want_state = engine.apply_gradients(optimizer, params, opt_state,
+                                            grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                      atol=1e-8),
+               (got, got_state), (want, want_state))
+  assert int(out.metrics['valid_ticks']) == 2
+
+
+@pytest.mark.parametrize('name', ['sgd', 'momentum'])
+def test_sgd_weight_decay_is_added_to_the_gradient(name):
+  config = _config(name=name, weight_decay=0.1, schedule='constant',
+                   learning_rate=0.5, grad_clip_norm=0.0)
+  optimizer = optim.make_optimizer(config)
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.5])}
+  state = optimizer.init(params)
+  updates, _ = optimizer.update(grads, state, params)
+  # PyTorch's SGD: p -= lr * (g + wd * p) (the first momentum step is g).
+  np.testing.assert_allclose(updates['w'], -0.5 * (grads['w'] + 0.1 *
+                                                   params['w']), rtol=1e-6)
+
+
+def test_loop_logs_the_rate_of_every_training_step(tmp_path):
+  """The launcher's tiny run in online mode: train/learning_rate at every
+  logged step is the schedule at that step (counted from 0: step s used
+  schedule(s - 1))."""
+  c = default.get_config('tiny')
+  c.data.data_dir = str(tmp_path / 'data')
+  c.train.update_every = 2
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 4
+  c.optimizer.warmup_steps = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  schedule = optim.learning_rate_schedule(c)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if 'train/loss' in line]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    np.testing.assert_allclose(r['train/learning_rate'],
+                               float(schedule(r['step'] - 1)), rtol=1e-6)
+  assert rows[1]['train/learning_rate'] > 0  # Past the warm-up's zero.
