@@ -25,6 +25,7 @@ fit in a chip's HBM::
 import dataclasses
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -34,9 +35,38 @@ from launch import distributed  # Defines the multi-host flags.
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'experiments',
                                'configs', 'default.py')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Training config file[:variant].',
-    lock_config=True)
+
+
+def config_error(message: str, argv=None) -> None:
+  """One line on stderr naming the ``--config`` flags, exit code 2."""
+  bad = [a for a in (argv or sys.argv)[1:] if a.startswith('--config')]
+  where = f' ({", ".join(bad)})' if bad else ''
+  print(f'config error{where}: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _one_line(e: Exception) -> str:
+  """ml_collections' nested messages (a misspelt key with its suggestion, a
+  missing file) as one line."""
+  text = str(e)
+  typo = re.search(r"'([^'\\]+)\\?'.*Did you mean \"([^\"]+)\"", text)
+  if typo:
+    return f'unknown key {typo.group(1)!r}; did you mean {typo.group(2)!r}?'
+  missing = re.search(r'\[Errno 2\] No such file or directory: (\S+)', text)
+  if missing:
+    return f'config file {missing.group(1)} not found'
+  # A traceback inside the message (the config file raised): its last line.
+  lines = [l.strip() for l in text.replace('\\n', '\n').splitlines()
+           if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+try:  # config_flags loads the file and overrides here, at definition.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Training config file[:variant].',
+      lock_config=True)
+except (AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+  config_error(_one_line(e))
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Compile every program of the run for --topology '
     '(no TPU needed) and print per-chip memory, FLOPs and compile time.')
@@ -48,9 +78,25 @@ _NUM_SLICES = flags.DEFINE_integer(
 _HBM_GIB = flags.DEFINE_float(
     'hbm_gib', None, 'HBM per chip for the --compile_only check (default: '
     'the chip\'s, skipside.tpu_plan.CHIPS).')
+_RESTART = flags.DEFINE_bool(
+    'restart', False, 'If --workdir holds a run of another config, move it '
+    'aside (to <workdir>/replaced-<time>/) and train from scratch there; '
+    'without it such a workdir is refused.')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, metrics and the config go; a run '
     'resumes from it. Default: workdir/<config name>[_<variant>].')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad ``--config`` file or key as one line on
+  stderr and exit code 2 (ml_collections raises tracebacks for those)."""
+  try:
+    args = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # A file that failed to load raises here.
+    return args
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
+          TypeError) as e:
+    config_error(_one_line(e), argv)
 
 
 def default_workdir(config_flag: str) -> str:
@@ -95,13 +141,16 @@ def main(argv):
       flags.FLAGS['config'].value and config_flag)
   logging.info('workdir: %s', workdir)
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, workdir)
-  except train.ConfigError as e:
-    sys.exit(f'config error: {e}')
+    summary = train.train_and_evaluate(_CONFIG.value, workdir,
+                                       restart=_RESTART.value)
+  except train.ConfigError as e:  # One line, exit code 2 (usage).
+    config_error(str(e))
   print('Summary: ' + json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v
        for k, v in summary.items()}, sort_keys=True), flush=True)
+  if summary['preempted']:  # Saved and stopped early: rerun to resume.
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

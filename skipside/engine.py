@@ -14,17 +14,42 @@ With skip edges, ``sideways`` is Skip-Sideways.
 
 Defaults, stated once:
 
-- ``mask_fill=True``: in pipelined modes the first ``L-1`` ticks of a fresh
-  stream (before the chain output holds a real frame) are masked out of the
-  loss. A stream continued through ``carry`` is past its fill and masks none.
+- Fill, ``mask_fill=True``: in pipelined modes the first ``L-1`` ticks of a
+  fresh stream (before the chain output holds a real frame) are masked out
+  of the loss. A stream continued through ``carry`` is past its fill and
+  masks none. Under Sideways a message needs ``d_l`` ticks from the loss to
+  stage ``l`` (``message_distances``: ``L-1-l`` on a chain, fewer with skip
+  edges), so in a fresh clip stage ``l`` learns from tick ``L-1+d_l`` on
+  (``2L-2-l`` on a chain; ``gradient_ticks`` counts them, and the training
+  loop warns when a stage gets none). Use clips well over ``2L`` frames, a
+  flush, or a stream of consecutive clips. A fresh training clip with no loss
+  tick (``T <= L-1``) is an error; a stream of short clips starts from an
+  explicit ``init_carry``. ``mask_fill=False`` scores every tick.
+  DESIGN.md's two fill conventions -- mask the loss before tick ``L-1``, or
+  count stage ``l``'s gradient only once its messages carry real loss --
+  give the same Sideways gradient here: with the loss masked, every message
+  before tick ``L-1+d_l`` is exactly zero, so stage ``l``'s gradient already
+  counts from then on. They would differ only in a per-stage normalisation
+  (each stage's mean over its own ticks instead of the loss's), which Adam's
+  per-parameter scaling removes; it is not offered.
 - ``flush=0``: no flush. ``flush=n`` appends ``n`` ticks that repeat the last
   frame with the loss masked, so the last errors reach the bottom stages
   (``n = L-1`` lets every in-flight message land). A flushed carry should not
   be continued.
-- Targets: a clip label ``(B,)`` (or ``(B, K)`` multi-hot) applies to every
-  tick; per-frame targets ``(B, T, ...)`` are delayed by the pipeline depth
-  (the chain output at tick ``t`` belongs to frame ``t-(L-1)``) through a FIFO
-  in the carry, so a stream's targets stay aligned across clips.
+- Targets: a clip label ``(B,)`` (or ``(B, K)`` multi-hot) is the target of
+  every tick, fill included when it is not masked; per-frame targets
+  ``(B, T, ...)`` are delayed by the pipeline depth (the chain output at
+  tick ``t`` belongs to frame ``t-(L-1)``) through a FIFO in the carry, so a
+  stream's targets stay aligned across clips.
+- Temporal stages (a cache of past inputs): the exact modes differentiate
+  through the cache; Sideways takes the stage's VJP at its current input and
+  adds the gradients w.r.t. the cached inputs to the input gradient, so they
+  travel down with the message (``stages.link_cache``; exact on a constant
+  video).
+- Inputs: float clips as they are; a uint8 clip is scaled to [0, 1] frame by
+  frame. Shapes are checked at trace time (``check_inputs``); values
+  (labels in range, finite pixels) by ``check_values``, which the training
+  loop runs on every batch.
 - One optax step per clip, the gradient averaged over valid ticks and the
   batch (``train_step``); ``update_every=k`` is the online mode: a step every
   ``k`` ticks, the stream carried between them (exact modes truncate their
@@ -96,10 +121,14 @@ class ClipOutput(NamedTuple):
       ``valid_ticks``, and ``accuracy`` (per tick, ``xent`` only).
     predictions: the head output averaged over valid ticks ``(B, K)`` for
       classification losses (clip-level logits), ``None`` for ``mse``.
+    example_loss: ``(B,)``, each clip's loss averaged over valid ticks (the
+      batch mean is ``metrics['loss']``): evaluation leaves padded clips
+      out with it. ``None`` where a runner does not keep it (PGT).
   """
   carry: StreamCarry
   metrics: dict
   predictions: jax.Array | None
+  example_loss: jax.Array | None = None
 
 
 def check_mode(mode: str) -> None:
@@ -325,15 +354,20 @@ def window_means(m: dict, count, total) -> dict:
   return {k: v * scale.astype(v.dtype) for k, v in m.items()}
 
 
-def _init_metrics(spec: NetworkSpec, batch: int):
-  m = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(())}
+def init_metrics(spec: NetworkSpec, batch: int) -> dict:
+  """Zero metric sums of a window (``update_metrics`` adds each tick)."""
+  m = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()),
+       'example_loss': jnp.zeros((batch,))}
   if spec.loss != 'mse':
     m['predictions'] = jnp.zeros((batch, *spec.prediction_shape))
   return m
 
 
-def update_metrics(spec, m, weight, loss, pred, target):
-  m = dict(m, loss=m['loss'] + weight * loss)
+def update_metrics(spec, m, weight, losses, pred, target):
+  """Adds one tick, weighted: ``losses (B,)`` per example, ``pred`` the
+  head's output, ``target`` the aligned target."""
+  m = dict(m, loss=m['loss'] + weight * losses.mean(),
+           example_loss=m['example_loss'] + weight * losses)
   if spec.loss == 'xent':
     correct = (pred.argmax(-1) == target).mean()
     m['accuracy'] = m['accuracy'] + weight * correct
@@ -392,7 +426,7 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
                     tick=c.tick + 1)
     return (c, m, g), ((outs, pred) if collect else None)
 
-  init = (carry, _init_metrics(spec, clip.shape[0]), zero_grads)
+  init = (carry, init_metrics(spec, clip.shape[0]), zero_grads)
   (carry, m, grads), collected = lax.scan(body, init, jnp.arange(length))
   loss = m['loss']
   m = dict(window_means(m, count, total), valid_ticks=count)
@@ -402,9 +436,11 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
 def finish(spec, carry, m) -> ClipOutput:
   """Packs accumulated metrics into a ``ClipOutput`` (predictions apart)."""
   predictions = m.pop('predictions', None)
+  example_loss = m.pop('example_loss')
   if spec.loss != 'xent':
     m.pop('accuracy')
-  return ClipOutput(carry=carry, metrics=m, predictions=predictions)
+  return ClipOutput(carry=carry, metrics=m, predictions=predictions,
+                    example_loss=example_loss)
 
 
 def window_grads(spec, params, clip, targets, carry, *, mode, start, length,
@@ -543,9 +579,10 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
     p, o, c = state
     _, grads, out = grads_fn(p, c, w * update_every, update_every)
     p, o = apply_gradients(optimizer, p, o, grads, out.metrics['valid_ticks'])
-    return (p, o, out.carry), (out.metrics, out.predictions)
+    return (p, o, out.carry), (out.metrics, out.predictions,
+                               out.example_loss)
 
-  (params, opt_state, carry), (ms, preds) = lax.scan(
+  (params, opt_state, carry), (ms, preds, losses) = lax.scan(
       window, (params, opt_state, carry), jnp.arange(num_frames // update_every))
   counts = ms['valid_ticks']
   share = counts / jnp.maximum(counts.sum(), 1)
@@ -553,8 +590,9 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
   metrics['valid_ticks'] = counts.sum()
   if preds is not None:
     preds = jnp.einsum('w,w...->...', share, preds)
-  return params, opt_state, ClipOutput(carry=carry, metrics=metrics,
-                                       predictions=preds)
+  return params, opt_state, ClipOutput(
+      carry=carry, metrics=metrics, predictions=preds,
+      example_loss=jnp.einsum('w,wb->b', share, losses))
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'optimizer', 'mode',

@@ -742,9 +742,7 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
     # gradient (an invariant input would make every VJP psum over 'data').
     pflat = _varying(pstack[0])
     b = clip.shape[0]
-    m = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(())}
-    if spec.loss != 'mse':
-      m['predictions'] = jnp.zeros((b, *spec.prediction_shape))
+    m = engine.init_metrics(spec, b)
     gacc = jnp.zeros_like(pflat) if sideways else None
     # In flight between ticks: the outputs going up and, under Sideways, the
     # messages: ``local`` (within the device) and ``got`` (per round).
@@ -811,7 +809,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
   weights, count = engine.tick_weights(carry, start, length, num_frames,
                                         engine.delay(spec, mode), mask_fill,
                                         total)
-  metric_specs = {'loss': P(), 'accuracy': P()}
+  metric_specs = {'loss': P(), 'accuracy': P(), 'example_loss': P('data')}
   if spec.loss != 'mse':
     metric_specs['predictions'] = P('data')
   sharded = P('stage', 'data')

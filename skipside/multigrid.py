@@ -15,6 +15,15 @@ keeping ``b·t·s²`` about constant, so coarse shapes take big, cheap steps:
   ``short_cycle_factors · S`` (0.5, 0.7071) and the stage's own crop, with the
   batch scaled up to match; LR unchanged.
 
+LR warm-up (``optimizer.warmup_steps``) is the reference's
+(``lr_policy.get_lr_at_epoch``): linear from ``optimizer.warmup_start_lr`` to
+the schedule's own rate at the warm-up's end, counted in training steps
+(``Schedule.step_at_epoch`` converts the reference's ``WARMUP_EPOCHS``; the
+loop caps it at half the run, as the cosine's: ``optim``).
+End epochs are fractional by default; ``config.multigrid.round_epochs``
+rounds them to integers as the reference does (its configs then give the
+same phases, e.g. a stage of 0 epochs gets no steps).
+
 Both cycles switch independently (the reference crashes with the long cycle
 alone; here it works). Nothing is rebuilt at a shape change: every shape the
 schedule uses (a *bucket*) is known before training and compiled ahead of time
@@ -29,7 +38,17 @@ Pieces: ``make_schedule`` / ``schedule_from_config`` (steps, shapes, LR),
 stride in ``[stride, stride·T/t]``, the scale-jitter floor shrunk with the
 crop), ``compile_buckets`` + ``CompileCounter``. Sub-batch BN, which keeps batch
 statistics over a fixed base size whatever the bucket's batch, is the stage
-``stages.SubBatchNorm`` (``skipside/batchnorm.py``). The training loop
+``stages.SubBatchNorm`` (``skipside/batchnorm.py``). It normalizes within a
+device, so a device's base batch must be a multiple of the base size (every
+bucket then splits into whole groups of it). The reference also handles fewer
+clips per device than the base (Charades/SSv2: 2 clips per GPU, base 8) by
+switching the norm at each long-cycle stage (sub-batch BN above the base,
+plain BN at it, BN synchronized over ``base / clips`` GPUs below it); stages
+here take no statistics across devices, so that layout is a config error
+(``config_errors``) -- on a depth-parallel mesh the devices of
+``mesh.stage`` share their batch, so fewer ``mesh.data`` devices give each
+more clips. ``depth_errors`` names buckets whose clips are too short for a
+pipelined mode (no loss tick after the pipeline fill). The training loop
 uses them when ``config.multigrid.long_cycle`` or ``short_cycle`` is on
 (``skipside/train.py``; ``experiments/configs/multigrid.py``).
 
@@ -49,7 +68,7 @@ Example::
     sched.shape(step)            # Shape(batch=64, frames=8, crop=158)
     sched.lr_multiplier(step)    # 8.0
     sched.buckets()              # every Shape of the run, known up front
-    lr = sched.lr_schedule(0.1)  # optax schedule (step -> learning rate)
+    lr = sched.lr_schedule(0.1, warmup_steps=100)  # step -> learning rate
 """
 
 from __future__ import annotations
@@ -254,19 +273,58 @@ class Schedule:
     """Every shape the schedule uses, largest batch first."""
     return sorted({s for p in self.phases for s in p.cycle}, reverse=True)
 
-  def lr_schedule(self, base_lr: float) -> Callable[[jax.Array], jax.Array]:
+  def lr_schedule(self, base_lr: float, *, warmup_steps: int = 0,
+                  warmup_start_lr: float = 0.0
+                  ) -> Callable[[jax.Array], jax.Array]:
     """An optax schedule: ``base_lr`` times the multiplier of each step.
 
-    Piecewise constant over the phases; a pure function of the step count,
-    so every bucket's executable carries it and no shape change recompiles.
+    Piecewise constant over the phases, after a linear warm-up as the
+    reference's ``get_lr_at_epoch``: for ``step < warmup_steps`` the rate is
+    ``warmup_start_lr + step · (lr_end - warmup_start_lr) / warmup_steps``,
+    ``lr_end`` being the piecewise rate at ``warmup_steps`` (so the ramp
+    meets it; it may end in a later phase). The reference counts the
+    warm-up in epochs; within one phase epochs are linear in steps, so the
+    two agree when it ends in the first phase (``step_at_epoch``).
+
+    Args:
+      base_lr, warmup_start_lr: absolute rates (the start is not scaled by
+        the batch factor, as in the reference).
+      warmup_steps: training steps of warm-up (0: none).
+
+    Returns:
+      ``step (int32 scalar) -> rate (float32 scalar)``, jnp only: a pure
+      function of the step, so every bucket's executable carries it and no
+      shape change recompiles.
     """
     starts = jnp.asarray([p.start_step for p in self.phases[1:]], jnp.int32)
     values = jnp.asarray([base_lr * p.lr_multiplier for p in self.phases],
                          jnp.float32)
+    lr_end = base_lr * self.lr_multiplier(warmup_steps)
+    slope = (lr_end - warmup_start_lr) / max(1, warmup_steps)
 
     def lr(count):
-      return values[jnp.searchsorted(starts, count, side='right')]
+      rate = values[jnp.searchsorted(starts, count, side='right')]
+      if not warmup_steps:
+        return rate
+      ramp = warmup_start_lr + jnp.asarray(count, jnp.float32) * slope
+      return jnp.where(count < warmup_steps, ramp, rate)
     return lr
+
+  def step_at_epoch(self, epoch: float) -> int:
+    """The step at which ``epoch`` epochs of data have been seen.
+
+    Epochs grow linearly within a phase (its mean clips per step); past the
+    end, ``num_steps``. Converts the reference's epoch counts (e.g.
+    ``SOLVER.WARMUP_EPOCHS``) to steps.
+    """
+    prev = 0.0
+    for p in self.phases:
+      if epoch <= p.end_epoch:
+        span = p.end_epoch - prev
+        frac = (epoch - prev) / span if span > 0 else 0.0
+        return p.start_step + int(round(max(0.0, frac) * p.num_steps))
+      prev = p.end_epoch
+    return self.num_steps
 
   def max_stride(self, shape: Shape) -> int:
     """Upper end of the random stride: ``stride · T / t``."""
@@ -308,7 +366,8 @@ def make_schedule(*, num_frames: int, crop_size: int, batch_size: int,
                   short_cycle_factors=SHORT_CYCLE_FACTORS,
                   lr_scaling: str = 'linear', crop_multiple: int = 1,
                   stride: int = 1, scale_jitter=None,
-                  gamma: float = GAMMA, min_frames: int = 1) -> Schedule:
+                  gamma: float = GAMMA, min_frames: int = 1,
+                  round_epochs: bool = False) -> Schedule:
   """The multigrid schedule of a run, in steps.
 
   Args:
@@ -328,6 +387,11 @@ def make_schedule(*, num_frames: int, crop_size: int, batch_size: int,
     stride, scale_jitter: the base temporal stride and jitter range.
     gamma: LR decay per baseline LR step.
     min_frames: the fewest frames per clip (see ``long_cycle_schedule``).
+    round_epochs: phase ends at whole epochs, as the reference's: rounded
+      (long cycle; the fine-tuning LR then changes at the integer midpoint
+      ``(a + b) // 2``) or truncated (short cycle alone, ``int(end · 1.5)``);
+      a phase left with 0 epochs gets no steps. Off: fractional ends (runs
+      of a few epochs would otherwise lose whole phases).
 
   Returns:
     A ``Schedule``. With both cycles off it is the baseline: one shape,
@@ -352,7 +416,7 @@ def make_schedule(*, num_frames: int, crop_size: int, batch_size: int,
         num_frames, crop_size, lr_steps, max_epoch,
         long_factors=long_cycle_factors, short_factors=short_cycle_factors,
         short_cycle=short_cycle, epoch_factor=epoch_factor,
-        round_epochs=False, min_frames=min_frames)
+        round_epochs=round_epochs, min_frames=min_frames)
     for i, cycle, end in sched:
       entries.append((i, shapes(cycle), cycle[-1][0], end))
   else:
@@ -361,26 +425,51 @@ def make_schedule(*, num_frames: int, crop_size: int, batch_size: int,
                                   crop_size, short_cycle, short_cycle_factors))
     ends = list(lr_steps[1:]) + [max_epoch]
     for i, end in enumerate(ends):
-      entries.append((i, cycle, 1, end * factor))
+      end = end * factor
+      # The reference truncates here (init_multigrid: int(s * EPOCH_FACTOR)).
+      entries.append((i, cycle, 1, int(end) if round_epochs and short_cycle
+                      else end))
 
+  mults = [gamma ** i * scale[lr_scaling](bf) for i, _, bf, _ in entries]
   phases, start, prev_end = [], 0, 0.0
-  for k, (i, cycle, bf, end) in enumerate(entries):
-    mult = gamma ** i * scale[lr_scaling](bf)
-    clips_per_step = np.mean([s.batch for s in cycle])
-    steps = max(1, int(round((end - prev_end) * num_examples / clips_per_step)))
-    if long_cycle and k == len(entries) - 1:
-      # Fine-tuning: the previous entry's LR, then its own, half each.
-      first = max(1, steps // 2)
-      prev_mult = phases[-1].lr_multiplier
-      mid = prev_end + (end - prev_end) * first / steps
-      phases.append(Phase(i, cycle, prev_mult, start, first, mid))
-      start += first
-      steps -= first
-      if steps == 0:
-        break
-    phases.append(Phase(i, cycle, mult, start, steps, end))
+
+  def steps_between(a, b, cycle):
+    """Steps over epochs ``(a, b]`` at ``cycle``'s mean clips per step."""
+    if round_epochs and b <= a:  # 0 epochs: 0 iterations, as the reference.
+      return 0
+    clips = float(np.mean([s.batch for s in cycle]))
+    return max(1, int(round((b - a) * num_examples / clips)))
+
+  def add(i, cycle, mult, end, steps):
+    nonlocal start, prev_end
+    if steps:
+      phases.append(Phase(i, cycle, mult, start, steps, end))
     start += steps
     prev_end = end
+
+  for k, (i, cycle, _, end) in enumerate(entries):
+    if long_cycle and k == len(entries) - 1:
+      # Fine-tuning: the previous entry's LR (even if it got 0 epochs), then
+      # its own; split at the reference's integer midpoint when rounding,
+      # else at half the steps.
+      if round_epochs:
+        mid = (prev_end + end) // 2
+        add(i, cycle, mults[k - 1], mid, steps_between(prev_end, mid, cycle))
+      else:
+        steps = steps_between(prev_end, end, cycle)
+        first = max(1, steps // 2)
+        add(i, cycle, mults[k - 1], prev_end + (end - prev_end) * first / steps,
+            first)
+        if steps > first:
+          add(i, cycle, mults[k], end, steps - first)
+        break
+    add(i, cycle, mults[k], end, steps_between(prev_end, end, cycle))
+  lost = sorted({e[0] for e in entries} - {p.lr_step for p in phases})
+  if lost:  # One stage may round to 0 epochs (SSv2), not a whole LR step.
+    raise ValueError(
+        f'round_epochs=True (config.multigrid.round_epochs) leaves LR step(s) '
+        f'{lost} of max_epoch={max_epoch} baseline epochs without a whole '
+        'epoch: use fractional epochs for runs this short')
   return Schedule(phases=tuple(phases), base=base, stride=stride,
                   scale_jitter=tuple(scale_jitter) if scale_jitter else None)
 
@@ -692,7 +781,10 @@ def get_config():
     crop_multiple: round crops to a multiple of this (1: plain rounding; 8
       keeps the skip edges of a three-times-downsampling net poolable).
     min_frames: the fewest frames per clip (pipelined modes mask their
-      first ``depth`` ticks; keep ``t`` above that).
+      first ``depth`` ticks; keep ``t`` above that: ``depth_errors``).
+    round_epochs: whole-epoch phase ends as the reference's (``True`` to
+      reproduce its configs, runs of tens of epochs); off by default, since
+      a run of a few epochs would lose whole phases to the rounding.
     compile_cache_dir: JAX persistent compilation cache (None: off).
     compile_threads: parallel bucket compilations (0: one per bucket, <= 8).
 
@@ -712,6 +804,7 @@ def get_config():
   c.lr_scaling = 'linear'
   c.crop_multiple = 1
   c.min_frames = 1
+  c.round_epochs = False
   c.compile_cache_dir = ml_collections.config_dict.placeholder(str)
   c.compile_threads = 0
   return c
@@ -750,7 +843,81 @@ def config_errors(config) -> list[str]:
     errors.append(f'config.multigrid.lr_scaling='
                   f"{config.multigrid.lr_scaling!r}: use 'linear', 'sqrt' or "
                   "'none'")
+  start_lr = config.optimizer.get('warmup_start_lr', 0.0)
+  if not start_lr >= 0:
+    errors.append(f'config.optimizer.warmup_start_lr={start_lr} must be >= 0')
+  errors += _norm_errors(config)
   return errors
+
+
+def _norm_errors(config) -> list[str]:
+  """A base batch per device that sub-batch norm cannot keep at
+  ``norm_base_size`` clips in every bucket (convbn stages only)."""
+  kinds = [item.strip().split(':')[0]
+           for item in config.model.stages.split(',')]
+  base = config.model.get('norm_base_size', 8)
+  batch, data = config.data.batch_size, config.mesh.data
+  per_device = batch // data
+  if 'convbn' not in kinds or base < 1 or per_device % base == 0:
+    return []
+  return [
+      f'config.model.norm_base_size={base} with multigrid: the base batch per '
+      f'device is {per_device} clips (config.data.batch_size={batch} / '
+      f'config.mesh.data={data}), not a multiple of {base}, so some buckets '
+      f'would not split into whole groups of {base} clips (those with fewer '
+      'per device would take statistics over fewer clips than the others). '
+      'For fewer clips per device than the base (its Charades/SSv2 configs: '
+      '2 per GPU, base 8) the reference (SlowFast, MULTIGRID.BN_BASE_SIZE) '
+      'switches the norm at each long-cycle stage: sub-batch BN above the '
+      'base, plain BN at it, BN synchronized over base/clips GPUs below it. '
+      'Norm stages here take statistics within a device only, so this layout '
+      f'is not supported. Give each device a multiple of {base} clips: '
+      'fewer data-parallel devices (config.mesh.data; the devices of '
+      'config.mesh.stage share their batch), a larger config.data.batch_size,'
+      f' or a config.model.norm_base_size dividing {per_device} (statistics '
+      'over fewer clips in every bucket)']
+
+
+PIPELINED_MODES = ('pipelined_bp', 'sideways')
+
+
+def depth_errors(schedule: Schedule, depth: int, mode: str) -> list[str]:
+  """Buckets whose fresh clips have no loss tick in ``mode``.
+
+  A pipelined mode masks the first ``depth`` ticks of a fresh clip (the
+  pipeline fill; ``depth = L - 1`` for ``L`` stages), so a bucket of
+  ``t <= depth`` frames would make zero-gradient steps (the engine rejects
+  it at trace time; this says so before any compilation, naming the key).
+
+  Args:
+    schedule: the run's ``Schedule`` (every bucket is checked).
+    depth: the network's pipeline depth (``NetworkSpec.depth``).
+    mode: ``config.mode``; ``'bp'`` has no fill and no constraint.
+
+  Returns:
+    One message naming ``config.multigrid.min_frames``, the short buckets
+    and the depth, or ``[]``.
+  """
+  if mode not in PIPELINED_MODES or depth < 1:
+    return []
+  short = [s for s in schedule.buckets() if s.frames <= depth]
+  if not short:
+    return []
+  frames = sorted({s.frames for s in short})
+  return [
+      f'config.multigrid.min_frames: multigrid bucket(s) {short} (batch, '
+      f'frames, crop) hold clips of {frames} frames, but {mode!r} through '
+      f'{depth + 1} stages masks the first {depth} ticks of a fresh clip '
+      f'(pipeline depth {depth}), so their steps would have no loss tick and '
+      f'zero gradient. Set config.multigrid.min_frames >= {depth + 1} (or '
+      "config.mode='bp')"]
+
+
+def check_depth(schedule: Schedule, depth: int, mode: str) -> None:
+  """Raises ``ValueError`` with ``depth_errors``' message, if any."""
+  errors = depth_errors(schedule, depth, mode)
+  if errors:
+    raise ValueError(errors[0])
 
 
 def schedule_from_config(config, num_examples: int,
@@ -778,7 +945,8 @@ def schedule_from_config(config, num_examples: int,
       long_cycle_factors=tuple(tuple(f) for f in mg.long_cycle_factors),
       short_cycle_factors=tuple(mg.short_cycle_factors),
       lr_scaling=mg.lr_scaling, crop_multiple=mg.crop_multiple,
-      min_frames=mg.min_frames, stride=d.stride,
+      min_frames=mg.min_frames, round_epochs=mg.get('round_epochs', False),
+      stride=d.stride,
       scale_jitter=tuple(d.scale_jitter) if d.scale_jitter else None)
 
 

@@ -408,6 +408,20 @@ def for_frame_shape(spec: NetworkSpec, params: PyTree,
   return derived
 
 
+def trainable_mask(spec: NetworkSpec, params: PyTree) -> PyTree:
+  """``params``' structure with ``True`` on ``nnx.Param`` leaves and
+  ``False`` on ``nnx.BatchStat`` ones (statistics evaluation fills in:
+  ``optim.make_optimizer`` never updates or decays them)."""
+  def mask(graphdef, p):
+    stats = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, p), nnx.BatchStat))
+    paths = {path for path, _ in jax.tree_util.tree_leaves_with_path(stats)}
+    return jax.tree_util.tree_map_with_path(lambda path, _: path not in paths,
+                                            p)
+  return {'blocks': [mask(d, p) for d, p in zip(spec.block_defs,
+                                                params['blocks'])],
+          'head': mask(spec.head_def, params['head'])}
+
+
 def _split_module(module: nnx.Module, what: str):
   """Graph definition and pure-dict params; errors on non-Param variables."""
   graphdef, params, rest = nnx.split(module, (nnx.Param, nnx.BatchStat), ...)

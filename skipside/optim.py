@@ -59,6 +59,33 @@ def scale_by_training_step_schedule(schedule: Schedule
   return optax.GradientTransformation(init, update)
 
 
+class TrainableState(NamedTuple):
+  """Attributes: ``mask``, the params' structure, 1 where a leaf trains."""
+  mask: PyTree
+
+
+def only_trainable(trainable: Callable[[PyTree], PyTree]
+                   ) -> optax.GradientTransformation:
+  """Zeroes the updates of leaves ``trainable(params)`` marks ``False``.
+
+  Last in the chain, so weight decay does not reach them either. The mask is
+  a float array in the optimizer state with the params' shapes, not an optax
+  mask over the pytree, so that it follows the params into any layout
+  (``mesh.shard_tree`` packs it like the params; a NaN-padded slot reads as
+  not trainable).
+  """
+  def init(params):
+    return TrainableState(jax.tree.map(
+        lambda t, p: jnp.full(p.shape, t, jnp.float32), trainable(params),
+        params))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: jnp.where(m > 0, u, 0).astype(u.dtype),
+                        updates, state.mask), state
+  return optax.GradientTransformation(init, update)
+
+
 def _is_step_state(x) -> bool:
   return isinstance(x, TrainingStepState)
 
@@ -96,20 +123,25 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
                            multigrid_schedule=None) -> Schedule:
   """``training step -> learning rate`` from ``config.optimizer``.
 
-  ``cosine``: linear warm-up over ``warmup_steps`` (at most half the run, so
-  short runs still decay), then cosine to 0 at ``train.num_steps``;
-  ``step``: x0.1 at each of ``step_boundaries`` (fractions of the run);
-  ``constant``. A multigrid schedule (``multigrid.Schedule``) replaces them
-  with its phases' multipliers.
+  ``cosine``: linear warm-up from ``warmup_start_lr`` over ``warmup_steps``
+  (at most half the run, so short runs still decay), then cosine to 0 at
+  ``train.num_steps``; ``step``: x0.1 at each of ``step_boundaries``
+  (fractions of the run), no warm-up; ``constant``. A multigrid schedule
+  (``multigrid.Schedule``) replaces them with its phases' multipliers after
+  the same warm-up (SlowFast's ``get_lr_at_epoch``, in steps).
   """
   c = config.optimizer
   steps = config.train.num_steps
-  if multigrid_schedule is not None:
-    return multigrid_schedule.lr_schedule(c.learning_rate)
+  if multigrid_schedule is not None:  # The reference's warm-up, then phases.
+    return multigrid_schedule.lr_schedule(
+        c.learning_rate, warmup_steps=min(c.warmup_steps,
+                                          multigrid_schedule.num_steps // 2),
+        warmup_start_lr=c.get('warmup_start_lr', 0.0))
   if c.schedule == 'cosine':
     warmup = min(c.warmup_steps, steps // 2)
-    return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup,
-                                              max(steps, warmup + 1))
+    return optax.warmup_cosine_decay_schedule(
+        c.get('warmup_start_lr', 0.0), c.learning_rate, warmup,
+        max(steps, warmup + 1))
   if c.schedule == 'step':
     bounds = {int(b * steps): 0.1 for b in c.step_boundaries}
     return optax.piecewise_constant_schedule(c.learning_rate, bounds)
@@ -117,7 +149,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
-                   multigrid_schedule=None) -> optax.GradientTransformation:
+                   multigrid_schedule=None,
+                   trainable: Callable[[PyTree], PyTree] | None = None
+                   ) -> optax.GradientTransformation:
   """optax from ``config.optimizer``: clipping, the update rule, decay and
   the per-training-step rate (``learning_rate_schedule``).
 
@@ -125,7 +159,10 @@ def make_optimizer(config: ml_collections.ConfigDict,
   ``adamw`` / ``sgd`` chain them, with the rate last:
   ``adam``, ``adamw`` (decoupled decay ``weight_decay``), ``sgd`` and
   ``momentum`` (0.9; ``weight_decay`` added to the gradient first, as
-  PyTorch's SGD and the SlowFast configs do).
+  PyTorch's SGD and the SlowFast configs do). ``trainable(params)`` (e.g.
+  ``lambda p: network.trainable_mask(spec, p)``) marks the leaves that
+  train; the others (batch statistics) are never updated nor decayed
+  (``only_trainable``; their Adam moments stay zero, as their gradient is).
   """
   c = config.optimizer
   parts = []
@@ -142,4 +179,6 @@ def make_optimizer(config: ml_collections.ConfigDict,
       parts.append(optax.trace(decay=0.9))
   parts.append(scale_by_training_step_schedule(
       learning_rate_schedule(config, multigrid_schedule)))
+  if trainable is not None:
+    parts.append(only_trainable(trainable))
   return optax.chain(*parts)

@@ -13,7 +13,10 @@ A *stage* is one unit of depth: the engine places each stage on its own tick
    ``(params, x)`` and carries state itself. The one exception is
    ``nnx.BatchStat`` for statistics that training never reads and evaluation
    fills in (``SubBatchNorm``, ``skipside/batchnorm.py``); they ride in the
-   params pytree, and no gradient reaches them.
+   params pytree (so checkpoints and evaluation carry them), no gradient
+   reaches them, and the training loop's optimizer never changes them
+   (``network.trainable_mask``, ``optim.only_trainable``: no update, no
+   weight decay).
 4. A *temporal* stage keeps state across ticks (a cache of past inputs). It
    declares that state explicitly with two methods::
 

@@ -73,11 +73,11 @@ def head_loss(spec: NetworkSpec, head_params: PyTree, top: jax.Array,
     weight: scalar, ``mask / number of valid ticks``; 0 during fill and flush.
 
   Returns:
-    ``(weight * mean_b loss, (pred, unweighted mean loss))``.
+    ``(weight * mean_b loss, (pred, unweighted loss per example (B,)))``.
   """
   pred = spec.apply_head(head_params, top)
-  loss = per_example_loss(spec.loss, pred.astype(jnp.float32), target).mean()
-  return weight * loss, (pred, loss)
+  losses = per_example_loss(spec.loss, pred.astype(jnp.float32), target)
+  return weight * losses.mean(), (pred, losses)
 
 
 # -- One tick over a group of consecutive stages. ------------------------------
@@ -140,7 +140,8 @@ def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
     ``(ys, states, grads, sent, head)``: dicts stage -> output, new state,
     parameter-gradient contribution; ``sent``: source stage -> the sum of
     the input gradients this group's stages send it (every in-edge, inside
-    the group or not); ``head``: ``(head_grads, loss, pred)`` or ``None``.
+    the group or not); ``head``: ``(head_grads, losses (B,), pred)`` or
+    ``None``.
   """
   top = spec.num_stages - 1
   ys, new_states, vjps = {}, {}, {}
@@ -155,10 +156,10 @@ def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
   cotangents = {l: msg_of(l) for l in group if l != top}
   head = None
   if top in group:  # Its only successor is the head (edges go up), same tick.
-    (_, (pred, loss)), (head_grads, cotangents[top]) = jax.value_and_grad(
+    (_, (pred, losses)), (head_grads, cotangents[top]) = jax.value_and_grad(
         head_loss, argnums=(1, 2), has_aux=True)(
             spec, head_params, ys[top], target, weight)
-    head = (head_grads, loss, pred)
+    head = (head_grads, losses, pred)
 
   grads, sent = {}, {}
   for l in group:
@@ -207,16 +208,17 @@ def sideways_tick(spec: NetworkSpec, params: PyTree, outs: tuple, msgs: tuple,
     weight: the loss weight of this tick (0 during fill and flush).
 
   Returns:
-    ``(new_outs, new_msgs, new_states, grads, (loss, pred))`` where ``grads``
-    has the params' structure and is this tick's gradient contribution.
+    ``(new_outs, new_msgs, new_states, grads, (losses, pred))`` where
+    ``grads`` has the params' structure and is this tick's gradient
+    contribution, ``losses (B,)`` the unweighted loss per example.
   """
   ys, new_states, grads, sent, head = sideways_group(
       spec, _all(spec), lambda l: params['blocks'][l], lambda k: outs[k],
       lambda l: states[l], lambda l: msgs[l], x, params['head'], target,
       weight)
-  head_grads, loss, pred = head
+  head_grads, losses, pred = head
   new_msgs = tuple(sent[l] if l in sent else jnp.zeros_like(ys[l])
                    for l in _all(spec))
   grads = {'blocks': [grads[l] for l in _all(spec)], 'head': head_grads}
   return (tuple(ys.values()), new_msgs, tuple(new_states.values()), grads,
-          (loss, pred))
+          (losses, pred))

@@ -12,8 +12,10 @@ The workdir holds::
     checkpoints/<step>/   orbax checkpoints: params, optimizer state, step,
                           RNG, stream carry, data-iterator state, schedule
 
-Faults: a SIGTERM (preemption) saves a checkpoint at the next step boundary
-and returns cleanly; a non-finite loss stops with ``NonFiniteLossError``
+Faults: a SIGTERM (preemption) or a first Ctrl-C saves a checkpoint at the
+next step boundary and returns with ``summary['preempted']`` set (the
+launcher then exits with ``PREEMPTED_EXIT_CODE``; a second Ctrl-C aborts at
+once); a non-finite loss stops with ``NonFiniteLossError``
 (the last good checkpoint stays) or, with ``train.on_nonfinite='skip'``,
 drops that step's update; a corrupt latest checkpoint is skipped with a
 warning in favour of the one before it.
@@ -55,6 +57,10 @@ STAGE_KINDS = ('conv', 'convbn', 'res', 'tconv', 'mlp')
 
 class ConfigError(ValueError):
   """A config value is wrong; the message names the key."""
+
+
+class WorkdirConflictError(ConfigError):
+  """A used workdir whose checkpoints the new config would not continue."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +118,18 @@ def validate_config(config: ml_collections.ConfigDict,
   for key in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if config.train[key] <= 0:
       raise ConfigError(f'config.train.{key}={config.train[key]} must be > 0')
+  for key in ('num_frames', 'batch_size', 'stride'):
+    if not config.data[key] >= 1:
+      raise ConfigError(f'config.data.{key}={config.data[key]} must be >= 1')
+  depth = num - 1
+  if config.mode != 'bp' and config.data.num_frames <= depth and not (
+      config.train.stream or (config.get('progressive')
+                              and config.progressive.enabled)):
+    raise ConfigError(
+        f'config.data.num_frames={config.data.num_frames} gives no loss tick '
+        f'in {config.mode!r}: a fresh clip through {num} stages masks its '
+        f'first {depth} ticks (use more than {depth} frames, or '
+        'config.train.stream=True)')
   if config.train.on_nonfinite not in ('stop', 'skip'):
     raise ConfigError(f'config.train.on_nonfinite={config.train.on_nonfinite!r}'
                       " must be 'stop' or 'skip'")
@@ -121,7 +139,10 @@ def validate_config(config: ml_collections.ConfigDict,
   if config.optimizer.schedule not in optim.SCHEDULES:
     raise ConfigError(f'config.optimizer.schedule={config.optimizer.schedule!r}'
                       f' is unknown; use one of {optim.SCHEDULES}')
-  for key in ('learning_rate', 'weight_decay', 'warmup_steps'):
+  for key in ('learning_rate', 'weight_decay', 'warmup_steps',
+              'warmup_start_lr'):
+    if key not in config.optimizer:
+      continue
     if not config.optimizer[key] >= 0 or (key == 'learning_rate'
                                           and not config.optimizer[key] > 0):
       raise ConfigError(f'config.optimizer.{key}={config.optimizer[key]} '
@@ -256,11 +277,6 @@ def _norm_config_errors(config) -> list[str]:
     if b > base and b % base:
       errors.append(f'{what} = {b} does not split into sub-batches of '
                     f'config.model.norm_base_size={base} clips')
-  if multigrid.enabled(config) and per_device % base:
-    errors.append(
-        f'multigrid with convbn stages: the base batch per device ({per_device}'
-        f') must be a multiple of config.model.norm_base_size={base}, so every '
-        'bucket normalizes over groups of that size')
   return errors
 
 
@@ -340,9 +356,10 @@ def _mesh_eval(mspec: mesh_lib.MeshSpec, batches, batch_size: int, *,
       targets = jax.make_array_from_callback(t.shape, sharded, lambda i: t[i])
     out = (compiled(params, clip, targets) if compiled else mesh_lib.forward(
         mspec, params, clip, targets, mode=mode, compute_dtype=compute_dtype))
-    preds = None if out.predictions is None else _host(out.predictions)
-    return out._replace(carry=None, predictions=preds, metrics={
-        k: _host(v) for k, v in out.metrics.items()}), None
+    host = lambda x: None if x is None else _host(x)  # noqa: E731
+    return out._replace(carry=None, predictions=host(out.predictions),
+                        example_loss=host(out.example_loss), metrics={
+                            k: _host(v) for k, v in out.metrics.items()}), None
   return feed(), forward
 
 
@@ -375,6 +392,80 @@ class TrainState:
                carry=t.get('carry'))
 
 
+# Keys a resumed run may change: they alter neither the train state nor what
+# it means (cadence, length, where data lives, evaluation, the mesh layout:
+# checkpoints are plain pytrees that restore on any mesh).
+HARMLESS_KEYS = ('train.num_steps', 'train.log_every', 'train.eval_every',
+                 'train.checkpoint_every', 'train.keep_checkpoints',
+                 'train.on_nonfinite', 'eval.', 'mesh.', 'data.data_dir',
+                 'data.prepare', 'data.num_threads', 'data.prefetch',
+                 'data.num_workers', 'data.shard_index', 'data.shard_count',
+                 'multigrid.compile_cache_dir', 'multigrid.compile_threads')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+  """``(harmful, harmless)`` keys that differ between two flat configs
+  (``_flat`` of their JSON)."""
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k) != new.get(k))
+  harmless = [k for k in changed
+              if any(k == h or (h.endswith('.') and k.startswith(h))
+                     for h in HARMLESS_KEYS)]
+  return [k for k in changed if k not in harmless], harmless
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                    restart: bool = False, move: bool = True) -> None:
+  """Refuses a used ``workdir`` whose checkpoints ``config`` would not
+  continue, before anything is written; with ``restart`` moves its run
+  aside (``replaced-<time>/``: nothing is deleted; only where ``move``,
+  the main process) and starts over.
+
+  Raises:
+    WorkdirConflictError: one line naming the differing keys and the ways
+      out. Harmless differences (``HARMLESS_KEYS``) are printed and allowed.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
+  harmful, harmless = config_changes(old, new)
+  if harmful and restart:
+    if not move:
+      return
+    aside = os.path.join(workdir, time.strftime('replaced-%Y%m%d-%H%M%S'))
+    os.makedirs(aside)
+    for name in os.listdir(workdir):
+      if name != os.path.basename(aside) and not name.startswith('replaced-'):
+        os.replace(os.path.join(workdir, name), os.path.join(aside, name))
+    print(f'--restart: moved the previous run of {workdir} to {aside}',
+          flush=True)
+    return
+  if harmful:
+    shown = ', '.join(f'config.{k} ({old.get(k)!r} -> {new.get(k)!r})'
+                      for k in harmful[:4])
+    more = f' and {len(harmful) - 4} more' if len(harmful) > 4 else ''
+    raise WorkdirConflictError(
+        f'{workdir} holds a run of another config: {shown}{more} differ; '
+        'use a new --workdir, or --restart to move that run aside and start '
+        'over here')
+  if harmless:
+    print(f'Resuming {workdir} with changed '
+          f'{", ".join("config." + k for k in harmless)}', flush=True)
+
+
 class Checkpointer:
   """orbax CheckpointManager over ``workdir/checkpoints``, keep-last-N.
 
@@ -383,8 +474,9 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int):
+    self.workdir = os.path.abspath(workdir)
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        os.path.join(self.workdir, 'checkpoints'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def save(self, state: TrainState, data_state: dict, meta: dict,
@@ -396,16 +488,20 @@ class Checkpointer:
     if wait:
       self.manager.wait_until_finished()
 
-  def restore(self, like: TrainState | None = None):
+  def restore(self, like: TrainState | None = None, *, repair: bool = False):
     """Latest readable checkpoint as ``(state, data_state, meta)`` or ``None``.
 
     ``like`` gives the structure, shapes and dtypes to restore into; without
     it the saved tree comes back as saved (evaluation). A checkpoint that
     fails to restore (corrupt, truncated) is skipped with a warning and the
-    previous one is tried.
+    previous one is tried. With ``repair`` (a training run) the unreadable
+    ones newer than it are moved to ``workdir/unreadable_checkpoints/``
+    (kept for inspection), so that the run saves those steps again: orbax
+    saves no step older than the latest on disk.
     """
     abstract = None if like is None else jax.tree.map(
         ocp.utils.to_shape_dtype_struct, like.tree())
+    unreadable, found = [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         got = self.manager.restore(step, args=ocp.args.Composite(
@@ -418,9 +514,29 @@ class Checkpointer:
         print(f'WARNING: checkpoint at step {step} is unreadable '
               f'({type(e).__name__}); falling back to the previous one',
               flush=True)
+        unreadable.append(step)
         continue
-      return TrainState.from_tree(got.state), got.data, got.meta
-    return None
+      found = TrainState.from_tree(got.state), got.data, got.meta
+      break
+    if repair and unreadable:
+      self._move_aside(unreadable)
+    return found
+
+  def _move_aside(self, steps) -> None:
+    """Unreadable step directories -> ``workdir/unreadable_checkpoints``."""
+    aside = os.path.join(self.workdir, 'unreadable_checkpoints')
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        src = os.path.join(self.workdir, 'checkpoints', str(step))
+        dst = os.path.join(aside, time.strftime(f'{step}-%Y%m%d-%H%M%S'))
+        os.replace(src, dst)
+        print(f'Moved the unreadable checkpoint at step {step} to {dst}',
+              flush=True)
+    if jax.process_count() > 1:  # Every process sees the move, then reloads.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('skipside_unreadable_checkpoints')
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -539,9 +655,10 @@ def evaluate(spec: network.NetworkSpec, params: PyTree, batches, *, mode: str,
     else:
       out, _ = forward(params, batch['video'], _targets(batch, spec))
     k = int(mask.sum())
-    # The loss is a batch mean; padded clips have their labels as well, so
-    # weigh by the real share (exact when a batch has no padding).
-    loss_sum += float(out.metrics['loss']) * k
+    if out.example_loss is not None:  # Padded clips left out.
+      loss_sum += float(np.asarray(out.example_loss)[mask].sum())
+    else:  # A batch mean: exact without padding.
+      loss_sum += float(out.metrics['loss']) * k
     n += k
     if out.predictions is not None:
       pred = np.asarray(out.predictions)[mask]
@@ -565,27 +682,38 @@ def evaluate(spec: network.NetworkSpec, params: PyTree, batches, *, mode: str,
 # ---------------------------------------------------------------------------
 # The loop.
 
+# sysexits.h's EX_TEMPFAIL: the run stopped early but cleanly, rerun it (with
+# the same --workdir) to resume. Non-zero, so that a scheduler does not take
+# a preempted job for a finished one.
+PREEMPTED_EXIT_CODE = 75
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag checked at step boundaries."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag checked at step
+  boundaries; a second Ctrl-C raises ``KeyboardInterrupt`` at once."""
 
   def __init__(self):
-    self.requested = False
+    self.requested = None  # The signal's name once one arrived.
 
   def __call__(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   @contextlib.contextmanager
   def installed(self):
+    signals = (signal.SIGTERM, signal.SIGINT)
     try:
-      previous = signal.signal(signal.SIGTERM, self)
+      previous = [signal.signal(s, self) for s in signals]
     except ValueError:  # Not the main thread: no handler, nothing to restore.
       yield self
       return
     try:
       yield self
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for s, p in zip(signals, previous):
+        signal.signal(s, p)
 
 
 def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -614,7 +742,11 @@ def init_state(config: ml_collections.ConfigDict, info,
   net = build_network(config, _frame_shape(info), info.num_classes,
                       nnx.Rngs(config.seed))
   spec, params = network.split(net)
-  optimizer = optim.make_optimizer(config, schedule)
+  trainable = functools.partial(network.trainable_mask, spec)
+  # Only a net with batch statistics pays for the mask in optimizer state.
+  masked = not all(jax.tree.leaves(trainable(params)))
+  optimizer = optim.make_optimizer(config, schedule,
+                                   trainable=trainable if masked else None)
   state = TrainState(step=0, params=params, opt_state=optimizer.init(params),
                      rng=jax.random.key(config.seed))
   return spec, optimizer, state
@@ -791,9 +923,14 @@ def _compile_norm_moments(spec, params, info) -> multigrid.BucketTable:
       key_fn=lambda p, clip: tuple(clip.shape), name='norm statistics')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart: bool = False) -> dict:
   """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+  A used ``workdir`` whose ``config.json`` differs from ``config`` in a key
+  that changes the train state or its meaning is refused
+  (``WorkdirConflictError``) unless ``restart``, which moves that run aside
+  (``prepare_workdir``).
 
   Returns a summary: final step, last train and eval metrics, wall time,
   ``'preempted': True`` if a SIGTERM ended the run early, ``compile_s``
@@ -802,8 +939,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   the loop started, checkpoint writes aside; 0 with multigrid).
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  # Before anything is written: config.json describes the checkpoints.
+  prepare_workdir(config, workdir, restart=restart, move=is_main)
+  os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -817,8 +956,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if multigrid.enabled(config):  # Batch shapes and LR follow a schedule.
     multigrid.enable_compile_cache(config.multigrid.compile_cache_dir)
     source = data_lib.make_source(data_config, data_config.split)
-    schedule = multigrid.schedule_from_config(
-        config, len(source.data), (source.frame_shape or (None,))[0])
+    try:
+      schedule = multigrid.schedule_from_config(
+          config, len(source.data), (source.frame_shape or (None,))[0])
+    except ValueError as e:  # round_epochs leaving an LR step empty.
+      raise ConfigError(str(e)) from e
+    # Before the iterator's threads and any compile: buckets too short for
+    # the pipeline would make zero-gradient steps.
+    for error in multigrid.depth_errors(
+        schedule, len(parse_stages(config.model.stages)) - 1, config.mode):
+      raise ConfigError(error)
     train_iter = multigrid.MultigridIterator(data_config, schedule, source)
     if is_main:
       print(f'Multigrid schedule ({schedule.num_steps} steps):\n'
@@ -851,7 +998,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
             _replicated(mesh, jax.random.key_data(state.rng))))
 
   ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
-  restored = ckpt.restore(state)
+  restored = ckpt.restore(state, repair=True)
   if restored is not None:
     state, data_state, meta = restored
     train_iter.set_state(data_state)
@@ -1005,8 +1152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                     wait=True)
         summary['preempted'] = True
         if is_main:
-          bar.write(f'SIGTERM: saved a checkpoint at step {state.step}; '
-                    'exiting. Run again with the same --workdir to resume.')
+          bar.write(f'{preemption.requested}: saved a checkpoint at step '
+                    f'{state.step}; exiting. Run again with the same '
+                    '--workdir to resume.')
         break
   bar.close()
   ckpt.close()

@@ -33,36 +33,70 @@ def test_adapter_matches_linen_apply():
                              rtol=1e-6)
 
 
+def _nets():
+  """The adapter net and its native twin with equal weights: the linen
+  block is ``stages.Conv(1, 8, stride=2)`` (3x3 SAME conv + bias + ReLU)."""
+  def build(first):
+    rngs = nnx.Rngs(0)
+    return network.split(network.Network(
+        [first(rngs), stages.Conv(8, 8, rngs=rngs),
+         stages.Conv(8, 8, rngs=rngs)],
+        stages.ClassifierHead(8, 3, rngs=rngs), frame_shape=(16, 16, 1),
+        skips=[(0, 2)], rngs=rngs))
+  spec, params = build(
+      lambda rngs: adapters.from_linen(LinenBlock(8), (16, 16, 1), rngs=rngs))
+  native_spec, native = build(lambda rngs: stages.Conv(1, 8, stride=2,
+                                                       rngs=rngs))
+  # Weights unlike linen's init (a non-zero bias too), so an adapter that
+  # ignored its params, or lost a leaf, would not match.
+  k1, k2 = jax.random.split(jax.random.key(3))
+  conv = {'kernel': 0.5 * jax.random.normal(k1, (3, 3, 1, 8)),
+          'bias': 0.1 * jax.random.normal(k2, (8,))}
+  rest = params['blocks'][1:]
+  params = {**params, 'blocks': [{'stage': {'params': {'Conv_0': conv}}},
+                                 *rest]}
+  native = {**params, 'blocks': [{'stage': {'conv': conv}}, *rest]}
+  return spec, params, native_spec, native
+
+
+def _close(a, b, rtol=1e-5, atol=1e-7):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol,
+                                                       atol=atol), a, b)
+
+
 @pytest.mark.parametrize('mode', engine.MODES)
 def test_linen_stage_trains_in_every_mode(mode):
-  rngs = nnx.Rngs(0)
-  module = LinenBlock(8)
-  net = network.Network(
-      [adapters.from_linen(module, (16, 16, 1), rngs=rngs),
-       stages.Conv(8, 8, rngs=rngs), stages.Conv(8, 8, rngs=rngs)],
-      stages.ClassifierHead(8, 3, rngs=rngs), frame_shape=(16, 16, 1),
-      skips=[(0, 2)], rngs=rngs)
-  spec, params = network.split(net)
+  """Equal weights, equal gradients: the adapter net against its native twin
+  in every mode (for pipelined_bp and sideways the engine's own oracles,
+  tests/test_engine.py, vouch for the native net)."""
+  spec, params, native_spec, native = _nets()
   clip = jax.random.normal(jax.random.key(2), (2, 6, 16, 16, 1))
   labels = jnp.array([0, 2])
-  _, grads, _ = engine.loss_and_grads(spec, params, clip, labels, mode=mode)
-  g = grads['blocks'][0]['stage']['params']['Conv_0']['kernel']
-  assert g.shape == (3, 3, 1, 8) and float(jnp.abs(g).max()) > 0
+  loss, grads, out = engine.loss_and_grads(spec, params, clip, labels,
+                                           mode=mode)
+  ref_loss, ref, ref_out = engine.loss_and_grads(native_spec, native, clip,
+                                                 labels, mode=mode)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(out.predictions, ref_out.predictions, rtol=1e-5,
+                             atol=1e-6)
+  g = grads['blocks'][0]['stage']['params']['Conv_0']
+  assert float(jnp.abs(g['kernel']).max()) > 1e-4  # Something to compare.
+  _close(g, ref['blocks'][0]['stage']['conv'])
+  _close(grads['blocks'][1:], ref['blocks'][1:])
+  _close(grads['head'], ref['head'])
 
   if mode == 'bp':  # Against a per-frame reference that calls linen directly.
     def reference(linen_params):
       losses = []
       for t in range(clip.shape[1]):
-        y0 = module.apply({'params': linen_params}, clip[:, t])
+        y0 = LinenBlock(8).apply({'params': linen_params}, clip[:, t])
         y1, _ = spec.apply_block(1, params['blocks'][1], (y0,), ())
         y2, _ = spec.apply_block(2, params['blocks'][2], (y1, y0), ())
         pred = spec.apply_head(params['head'], y2)
         losses.append(tick.per_example_loss('xent', pred, labels).mean())
       return sum(losses) / len(losses)
-    ref = jax.grad(reference)(params['blocks'][0]['stage']['params'])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                         atol=1e-7),
-                 grads['blocks'][0]['stage']['params'], ref)
+    _close(grads['blocks'][0]['stage']['params'],
+           jax.grad(reference)(params['blocks'][0]['stage']['params']))
 
 
 def test_linen_state_collections_are_rejected_by_name():

@@ -29,8 +29,11 @@ def test_sub_batch_moments_and_merge_against_a_plain_loop():
         g.reshape(-1, 4).var(0) + 1e-5)
     np.testing.assert_allclose(y[j::3], want, rtol=1e-4, atol=1e-4)
   # A batch no larger than the base size is one group: plain batch norm.
-  m1, v1 = batchnorm.sub_batch_moments(x[:8], base_size=8)
-  assert m1.shape == (1, 4)
+  for b in (8, 5):
+    m1, v1 = batchnorm.sub_batch_moments(x[:b], base_size=8)
+    np.testing.assert_allclose(m1, [x[:b].reshape(-1, 4).mean(0)], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(v1, [x[:b].reshape(-1, 4).var(0)], rtol=1e-4)
 
 
 def _net(base_size=4):
@@ -137,9 +140,44 @@ def test_multigrid_training_loop_with_sub_batch_norm(tmp_path, on_mesh):
   summary = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert summary['compilations_in_loop'] == 0
   assert np.isfinite(summary['train/loss'])
-  assert 0.0 <= summary['eval/accuracy'] <= 1.0
+  # The loop's evaluation (buckets compiled ahead, on the mesh its sharded
+  # forward) against a plain one of the last checkpoint: population
+  # statistics over the first training batches, then engine.forward.
+  want = _plain_eval(c, str(tmp_path / 'run'))
+  assert summary['eval/clips'] == want['clips']
+  assert summary['eval/accuracy'] == pytest.approx(want['accuracy'])
+  assert summary['eval/loss'] == pytest.approx(want['loss'], rel=1e-4)
   again = train.evaluate_workdir(str(tmp_path / 'run'))
   assert again['eval/accuracy'] == pytest.approx(summary['eval/accuracy'])
+
+
+def _plain_eval(c, workdir):
+  """Eval loss, accuracy and clips of ``workdir``'s latest checkpoint,
+  computed without the loop: ``c.eval.norm_batches`` training batches for
+  the statistics, ``c.eval.max_batches`` eval batches, one device."""
+  from skipside import data as data_lib, train  # pylint: disable=g-import-not-at-top
+  data_config = train._data_config(c)  # pylint: disable=protected-access
+  it = data_lib.make_iterator(data_config, train=True)
+  clips = [next(it)['video'] for _ in range(c.eval.norm_batches)]
+  it.close()
+  it = data_lib.make_eval_iterator(data_config)
+  spec, _, state = train.init_state(c, it.info)
+  ckpt = train.Checkpointer(workdir, c.train.keep_checkpoints)
+  params = ckpt.restore(state)[0].params
+  ckpt.close()
+  params = batchnorm.population_statistics(spec, params, clips)
+  loss, correct, n = 0.0, 0, 0
+  for batch in (next(it) for _ in range(c.eval.max_batches)):
+    out, _ = engine.forward(spec, params, batch['video'], batch['label'],
+                            mode=c.mode)
+    mask = np.asarray(batch['mask'])
+    assert mask.all()  # Full batches: the batch mean loss is the clips'.
+    pred = np.asarray(out.predictions).argmax(-1)
+    correct += int((pred == np.asarray(batch['label'])).sum())
+    loss += float(out.metrics['loss']) * len(mask)
+    n += len(mask)
+  it.close()
+  return {'loss': loss / n, 'accuracy': correct / n, 'clips': n}
 
 
 def test_config_errors_name_the_batch_that_does_not_split():

@@ -315,24 +315,62 @@ def test_per_frame_targets_aligned_across_clips():
          (first.metrics['loss'] * n1 + second.metrics['loss'] * n2) / (n1 + n2))
 
 
-def test_flush_masks_loss_and_lets_messages_land():
+def sideways_reference(spec, params, clip, targets, flush):
+  """Sideways (DESIGN.md §1) as an unrolled Python loop of a stateless net:
+  ``flush`` ticks repeat the last frame with the loss masked; the loss is
+  the mean over the clip's ticks from ``depth`` on (clip labels)."""
+  b, t_len = clip.shape[:2]
+  top, n = spec.num_stages - 1, t_len - spec.depth
+  outs = [jnp.zeros((b, *s)) for s in spec.out_shapes]
+  msgs = [jnp.zeros_like(o) for o in outs]
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for t in range(t_len + flush):
+    x = clip[:, min(t, t_len - 1)]
+    weight = 1.0 / n if spec.depth <= t < t_len else 0.0
+    ys, vjps = [], []
+    for l in range(spec.num_stages):
+      ins = (x,) if l == 0 else tuple(outs[k] for k in spec.in_edges[l])
+      y, vjp = jax.vjp(lambda p, i, l=l: spec.apply_block(l, p, i, ())[0],
+                       params['blocks'][l], ins)
+      ys.append(y)
+      vjps.append(vjp)
+    head_g, top_cot = jax.grad(
+        lambda h, y: weight * _head_loss(spec, {'head': h}, y, targets),
+        argnums=(0, 1))(params['head'], ys[top])
+    grads['head'] = jax.tree.map(jnp.add, grads['head'], head_g)
+    new_msgs = [jnp.zeros_like(y) for y in ys]
+    for l in range(spec.num_stages):
+      g_p, g_in = vjps[l](top_cot if l == top else msgs[l])
+      grads['blocks'][l] = jax.tree.map(jnp.add, grads['blocks'][l], g_p)
+      for k, g in zip(spec.in_edges[l], g_in if l else ()):
+        new_msgs[k] = new_msgs[k] + g
+    outs, msgs = ys, new_msgs
+  return grads
+
+
+@pytest.mark.parametrize('flush', [0, 1, 3])
+def test_flush_masks_loss_and_lets_messages_land(flush):
   spec, params = NETS['mlp_skips_sum']
   clip, targets = _data(spec, frames=6)
   depth = spec.depth
   loss0, g0, _ = engine.loss_and_grads(spec, params, clip, targets,
                                        mode='pipelined_bp')
   loss1, g1, out = engine.loss_and_grads(spec, params, clip, targets,
-                                         mode='pipelined_bp', flush=depth)
+                                         mode='pipelined_bp', flush=flush)
   _close(loss0, loss1)
   _close(g0, g1)  # Flush ticks carry no loss: the exact gradient is unchanged.
-  assert int(out.carry.tick) == 6 + depth
-  _, s0, _ = engine.loss_and_grads(spec, params, clip, targets, mode='sideways')
-  _, s1, _ = engine.loss_and_grads(spec, params, clip, targets, mode='sideways',
-                                   flush=depth)
-  # In-flight messages reach the bottom stage only with the flush.
-  a, b = jax.tree.leaves(s0['blocks'][0])[0], jax.tree.leaves(s1['blocks'][0])[0]
-  assert not np.allclose(a, b)
-  _close(s0['head'], s1['head'])
+  assert int(out.carry.tick) == 6 + flush
+  # Sideways: the flush ticks repeat the last frame under a masked loss and
+  # land the messages still in flight (the plain loop above).
+  _, got, _ = engine.loss_and_grads(spec, params, clip, targets,
+                                    mode='sideways', flush=flush)
+  _close(got, sideways_reference(spec, params, clip, targets, flush),
+         rtol=1e-4, atol=1e-6)
+  if flush:  # The bottom stage really got more.
+    _, g_none, _ = engine.loss_and_grads(spec, params, clip, targets,
+                                         mode='sideways')
+    assert not np.allclose(jax.tree.leaves(g_none['blocks'][0])[0],
+                           jax.tree.leaves(got['blocks'][0])[0])
 
 
 def test_online_mode_steps_every_k_ticks():

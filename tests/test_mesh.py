@@ -257,13 +257,50 @@ def test_global_batch_from_process_local_rows():
 
 
 def test_layout_report_counts_padding():
+  """Every row against counts by hand from the stage sizes and the grouping:
+  float32 (4 bytes), a batch of 4, every device sized to its largest."""
+  def size(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
   spec, params = NETS['conv_skips']
-  report = mesh.layout_report(mesh.place(spec, _mesh('2x4')), params, 4)
-  for row in report.values():
-    assert 0 <= row['padding_share'] <= 1
-    assert row['used_bytes'] <= row['total_bytes']
-  assert report['params']['used_bytes'] == 4 * sum(
-      x.size for x in jax.tree.leaves(params))
+  # Params per stage, then the head; outputs per example (8x8x4, 4x4x8, ..).
+  assert [size(b) for b in params['blocks']] == [40, 296, 1272, 720, 1304]
+  assert size(params['head']) == 27
+  assert [int(np.prod(s)) for s in spec.out_shapes] == [256, 128, 128, 32, 32]
+  used_params, used_outs = 3659, 576
+  cases = {
+      # Params 40 | 296 | 1272 | 720+1304+27 (the head rides on top);
+      # outputs 256 | 128 | 128 | 32+32. One device up: 0 -> 1, 1 -> 2,
+      # 2 -> 3 and 4 (256, 128, 128 in buffers of 256); two up: 0 -> 2,
+      # 1 -> 3 (256, 128 in buffers of 256).
+      ((0,), (1,), (2,), (3, 4)): dict(
+          params=(used_params, 4 * 2051), outs=(used_outs, 4 * 256),
+          transfers=(256 + 128 + 128 + 256 + 128, 3 * 256 + 2 * 256)),
+      # Params 40+296 | 1272 | 720 | 1304+27; outputs 256+128 | 128 | 32 |
+      # 32. One up: 0 and 1 -> 2, 2 -> 3, 3 -> 4 (384, 128, 32 in buffers
+      # of 384; 0 -> 1 stays on its device); two up: 1 -> 3, 2 -> 4 (128,
+      # 128 in buffers of 128).
+      ((0, 1), (2,), (3,), (4,)): dict(
+          params=(used_params, 4 * 1331), outs=(used_outs, 4 * 384),
+          transfers=(384 + 128 + 32 + 128 + 128, 3 * 384 + 2 * 128)),
+  }
+  for groups, want in cases.items():
+    report = mesh.layout_report(
+        mesh.place(spec, _mesh('2x4'), [list(g) for g in groups]), params, 4)
+    for row, (used, total) in want.items():
+      batch = 1 if row == 'params' else 4
+      got = report[row]
+      assert got['used_bytes'] == 4 * batch * used, (groups, row)
+      assert got['total_bytes'] == 4 * batch * total, (groups, row)
+      assert got['padding_share'] == pytest.approx(1 - used / total)
+    assert report['msgs'] == report['outs']  # One message per output.
+    assert report['states']['used_bytes'] == 0  # No temporal stage.
+  # A temporal stage: the top stage's cache of its 2 last inputs (2x2x8).
+  spec, params = NETS['conv_temporal_chain']
+  report = mesh.layout_report(
+      mesh.place(spec, _mesh('2x4'), [[0], [1], [2], [3, 4]]), params, 4)
+  assert report['states'] == {'used_bytes': 4 * 4 * 64,
+                              'total_bytes': 4 * 4 * 4 * 64,
+                              'padding_share': 0.75}
 
 
 # -- The stage-sharded train state. -------------------------------------------

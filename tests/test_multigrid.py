@@ -1,6 +1,8 @@
 """Multigrid: the reference schedule, shape buckets compiled ahead of time,
 sampling, training integration."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -82,6 +84,198 @@ def test_cycles_switch_independently(long_cycle, short_cycle):
   if short_cycle:
     assert sched.phases[-1].cycle == ((32, 32, 112), (16, 32, 158),
                                       (8, 32, 224))
+
+
+# ---------------------------------------------------------------------------
+# The reference's LR policy and integer epochs (SlowFast at HEAD), by hand.
+
+def _reference_long_cycle(T, S, steps, max_epoch, factor=1.5):
+  """SlowFast's MultigridSchedule.get_long_cycle_schedule and init_multigrid
+  (both cycles on), written out plainly.
+
+  Returns ``(schedule, solver_steps, lrs, max_epoch)``: ``schedule`` as
+  ``[(lr_step, [b, t, s], end_epoch)]`` with end epochs rounded to integers;
+  ``solver_steps`` SOLVER.STEPS (0, the ends, the last one replaced by the
+  fine-tuning midpoint ``(a + b) // 2``); ``lrs`` SOLVER.LRS (relative).
+  """
+  size = T * S * S
+  stages = []  # Per long-cycle stage, its short cycle of [b, t, s].
+  for ft, fs in multigrid.LONG_CYCLE_FACTORS:
+    t, s = round(T * ft), round(S * fs)
+    crops = [S * 0.5, S * 0.5 ** 0.5, s]  # Short-cycle crops of the default S.
+    stages.append([[round(size / (t * c * c)), t, c] for c in crops])
+  mean = [np.mean([b for b, _, _ in st]) for st in stages]
+  entries, iters = [], 0.0
+  for i in range(len(steps) - 1):
+    for st, m in zip(stages, mean):
+      e = (steps[i + 1] - steps[i]) * m / sum(mean)
+      iters += e / m
+      entries.append((i, st[-1], e))
+  ft_epochs = (max_epoch - steps[-1]) / (steps[-1] / iters) * mean[-1]
+  entries.append((len(steps) - 1, stages[-1][2], ft_epochs))
+  x = max_epoch * factor / sum(e for _, _, e in entries)
+  sched, total = [], 0.0
+  for i, shape, e in entries:
+    total += e * x
+    sched.append((i, shape, round(total)))
+  solver_steps = [0] + [end for _, _, end in sched]
+  solver_steps[-1] = (solver_steps[-2] + solver_steps[-1]) // 2
+  lrs = [0.1 ** i * shape[0] for i, shape, _ in sched]
+  lrs = lrs[:-1] + [lrs[-2], lrs[-1]]
+  return sched, solver_steps, lrs, sched[-1][-1]
+
+
+def _reference_lr(solver_steps, lrs, max_epoch, base_lr, epoch,
+                  warmup_epochs=0.0, warmup_start_lr=0.0):
+  """lr_policy.get_lr_at_epoch with 'steps_with_relative_lrs', plainly."""
+  def policy(e):
+    bounds = solver_steps + [max_epoch]
+    ind = next(k for k, b in enumerate(bounds) if e < b or k == len(bounds) - 1)
+    return lrs[ind - 1] * base_lr
+  if epoch < warmup_epochs:
+    end = policy(warmup_epochs)
+    return warmup_start_lr + epoch * (end - warmup_start_lr) / warmup_epochs
+  return policy(epoch)
+
+
+def _reference_shape(sched, epoch):
+  """get_current_long_cycle_shape: the base [b, t, s] of an (integer) epoch."""
+  return next((shape for _, shape, end in sched if epoch < end), sched[-1][1])
+
+
+# SSv2 SLOWFAST_16x8_R50_multigrid: T=64, S=224, STEPS [0, 14, 18], 22 epochs,
+# batch 16. The long-cycle stage (1, [1, 64, 224]) ends at 30 like the one
+# before it: 0 epochs, so the reference never trains it.
+SSV2 = [(0, (8, 16, 158), 11), (0, (4, 32, 158), 16), (0, (2, 32, 224), 21),
+        (0, (1, 64, 224), 24), (1, (8, 16, 158), 27), (1, (4, 32, 158), 28),
+        (1, (2, 32, 224), 30), (1, (1, 64, 224), 30), (2, (1, 64, 224), 33)]
+SSV2_STEPS = [0, 11, 16, 21, 24, 27, 28, 30, 30, 31]  # SOLVER.STEPS.
+SSV2_EXAMPLES = 168_913  # SSv2 training videos.
+
+
+def _kinetics_steps(**kw):
+  return multigrid.make_schedule(
+      num_frames=32, crop_size=224, batch_size=64, num_examples=240_000,
+      lr_steps=(0, 94, 154, 196), max_epoch=239, **kw)
+
+
+def test_plain_reference_gives_the_design_numbers():
+  sched, solver_steps, lrs, max_epoch = _reference_long_cycle(
+      32, 224, [0, 94, 154, 196], 239)
+  assert [(i, tuple(round(v) for v in shape), end)
+          for i, shape, end in sched] == KINETICS
+  np.testing.assert_allclose(lrs, KINETICS_LRS, rtol=1e-9)
+  assert (solver_steps[-1], max_epoch) == (343, 358)
+  sched, solver_steps, lrs, max_epoch = _reference_long_cycle(
+      64, 224, [0, 14, 18], 22)
+  assert [(i, tuple(round(v) for v in shape), end)
+          for i, shape, end in sched] == SSV2
+  assert solver_steps == SSV2_STEPS
+  np.testing.assert_allclose(lrs, [8, 4, 2, 1, 0.8, 0.4, 0.2, 0.1, 0.1,
+                                   0.01], rtol=1e-9)
+
+
+def test_warmup_follows_the_reference_lr_policy():
+  """Kinetics' WARMUP_EPOCHS 34 from WARMUP_START_LR 0.01 to the policy's LR
+  at epoch 34 (8 x 0.1), in steps; then the phases unchanged."""
+  import jax  # pylint: disable=g-import-not-at-top
+  ref = _reference_long_cycle(32, 224, [0, 94, 154, 196], 239)
+  sched = _kinetics_steps(round_epochs=True)
+  warmup = sched.step_at_epoch(34)
+  assert warmup == round(34 / 73 * sched.phases[0].num_steps)
+  lr = jax.jit(sched.lr_schedule(0.1, warmup_steps=warmup,
+                                 warmup_start_lr=0.01))
+  assert float(lr(0)) == pytest.approx(0.01)
+  assert float(lr(warmup)) == pytest.approx(0.8)
+  assert float(lr(warmup - 1)) < 0.8
+  for epoch in (0.5, 5, 17, 33.5, 50, 100, 150, 200, 250, 300, 340, 350):
+    want = _reference_lr(ref[1], ref[2], ref[3], 0.1, epoch, 34, 0.01)
+    got = float(lr(sched.step_at_epoch(epoch)))
+    assert got == pytest.approx(want, rel=2e-3), epoch
+  # A warm-up ending in a later phase ramps to that phase's rate.
+  p1 = sched.phases[1]
+  lr = sched.lr_schedule(0.1, warmup_steps=p1.start_step + 10)
+  assert float(lr(p1.start_step)) == pytest.approx(
+      0.4 * p1.start_step / (p1.start_step + 10))
+  assert float(lr(p1.start_step + 10)) == pytest.approx(0.4)
+  # No warm-up: the phases alone.
+  assert float(sched.lr_schedule(0.1)(0)) == pytest.approx(0.8)
+
+
+def test_optimizer_warmup_steps_apply_under_multigrid(data_dir):
+  from skipside import optim  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(data_dir, 'bp')
+  sched = multigrid.schedule_from_config(c, 256, 32)
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.warmup_steps = 3
+  c.optimizer.warmup_start_lr = 0.001
+  lr = optim.learning_rate_schedule(c, sched)
+  top = 0.1 * sched.lr_multiplier(3)
+  np.testing.assert_allclose([float(lr(s)) for s in range(4)],
+                             [0.001 + s * (top - 0.001) / 3 for s in range(3)]
+                             + [top], rtol=1e-6)
+  # At most half the run, as the cosine's: short runs still leave it.
+  c.optimizer.warmup_steps = 10_000
+  lr = optim.learning_rate_schedule(c, sched)
+  half = sched.num_steps // 2
+  assert float(lr(half)) == pytest.approx(0.1 * sched.lr_multiplier(half))
+  assert float(lr(half - 1)) < float(lr(half))
+  c.optimizer.warmup_start_lr = -1.0
+  assert any('config.optimizer.warmup_start_lr' in e
+             for e in multigrid.config_errors(c))
+
+
+def test_round_epochs_reproduces_the_reference_ssv2_schedule():
+  sched, solver_steps, lrs, max_epoch = _reference_long_cycle(
+      64, 224, [0, 14, 18], 22)
+  kw = dict(num_frames=64, crop_size=224, batch_size=16,
+            num_examples=SSV2_EXAMPLES, lr_steps=(0, 14, 18), max_epoch=22)
+  got = multigrid.make_schedule(round_epochs=True, **kw)
+  # Phases end where the reference's LR or shape changes; its 0-epoch stage
+  # has no steps, and the fine-tuning LR steps at (30 + 33) // 2 = 31.
+  assert [p.end_epoch for p in got.phases] == [
+      11, 16, 21, 24, 27, 28, 30, 31, 33]
+  np.testing.assert_allclose([p.lr_multiplier for p in got.phases],
+                             [8, 4, 2, 1, 0.8, 0.4, 0.2, 0.1, 0.01],
+                             rtol=1e-9)
+  prev = 0
+  for p in got.phases:  # Steps: that phase's epochs at its mean batch.
+    mean = np.mean([s.batch for s in p.cycle])
+    assert p.num_steps == round((p.end_epoch - prev) * SSV2_EXAMPLES / mean)
+    prev = p.end_epoch
+  # Mid-epoch, every epoch: the reference's LR and long-cycle shape.
+  for epoch in range(max_epoch):
+    step = got.step_at_epoch(epoch + 0.5)
+    want = _reference_lr(solver_steps, lrs, max_epoch, 1.0, epoch + 0.5)
+    assert got.lr_multiplier(step) == pytest.approx(want, rel=1e-9), epoch
+    b, t, s = _reference_shape(sched, epoch)
+    base = got.phases[got.phase_index(step)].cycle[-1]
+    assert base == (16 * b, t, round(s)), epoch
+  # Fractional epochs (the default) keep the stage: 3,088 steps at LR 0.1.
+  frac = multigrid.make_schedule(**kw)
+  assert len(frac.phases) == len(got.phases) + 1
+  assert (frac.phases[7].num_steps, frac.phases[7].lr_multiplier) == (
+      3088, pytest.approx(0.1))
+  # Short cycle alone: the reference truncates STEPS and MAX_EPOCH x 1.5
+  # (Charades: [0, 41, 49], 57 -> [0, 61, 73], 85).
+  short = multigrid.make_schedule(
+      num_frames=64, crop_size=224, batch_size=16, num_examples=10_000,
+      lr_steps=(0, 41, 49), max_epoch=57, long_cycle=False, round_epochs=True)
+  assert [p.end_epoch for p in short.phases] == [61, 73, 85]
+
+
+def test_round_epochs_is_a_config_option(data_dir):
+  c = _tiny_config(data_dir, 'bp')
+  assert not c.multigrid.round_epochs  # Tiny runs would lose whole phases.
+  c.train.num_steps = 2400  # 37.5 baseline epochs of the 256 videos.
+  frac = multigrid.schedule_from_config(c, 256, 32)
+  c.multigrid.round_epochs = True
+  whole = multigrid.schedule_from_config(c, 256, 32)
+  assert all(float(p.end_epoch).is_integer() for p in whole.phases)
+  assert not all(float(p.end_epoch).is_integer() for p in frac.phases)
+  c.train.num_steps = 24  # 0.375 epochs: whole LR steps round to 0 epochs.
+  with pytest.raises(ValueError, match='config.multigrid.round_epochs'):
+    multigrid.schedule_from_config(c, 256, 32)
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +441,16 @@ def test_whole_schedule_trains_with_zero_compilations_after_the_start(
   assert summary['compilations_in_loop'] == 0
   assert summary['compile_s'] > 0
   assert np.isfinite(summary['train/loss'])
+  # Every logged step trained at its phase's rate (after the warm-up).
+  from skipside import optim  # pylint: disable=g-import-not-at-top
+  lr = optim.learning_rate_schedule(c, sched)
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f if 'train/loss' in line]
+  assert len({r['train/multigrid_phase'] for r in rows}) > 1
+  for r in rows:
+    assert r['train/multigrid_phase'] == sched.phase_index(r['step'] - 1)
+    np.testing.assert_allclose(r['train/learning_rate'],
+                               float(lr(r['step'] - 1)), rtol=1e-6)
   mngr = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
   meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
       meta=ocp.args.JsonRestore())).meta
@@ -260,6 +464,44 @@ def test_multigrid_config_errors_name_the_key(data_dir):
   c.optimizer.schedule = 'cosine'
   with pytest.raises(train.ConfigError, match='config.optimizer.schedule'):
     train.validate_config(c)
+
+
+def test_depth_errors_name_min_frames_the_bucket_and_the_depth(data_dir):
+  c = _tiny_config(data_dir, 'bp')  # 3 stages: pipeline depth 2.
+  sched = multigrid.schedule_from_config(c, 256, 32)  # min_frames=1.
+  short = [s for s in sched.buckets() if s.frames <= 2]
+  assert short and multigrid.depth_errors(sched, 2, 'bp') == []
+  for mode in ('sideways', 'pipelined_bp'):
+    errors = multigrid.depth_errors(sched, 2, mode)
+    assert len(errors) == 1
+    for part in ('config.multigrid.min_frames', repr(short[0]),
+                 'pipeline depth 2', 'min_frames >= 3', repr(mode)):
+      assert part in errors[0]
+    with pytest.raises(ValueError, match='config.multigrid.min_frames'):
+      multigrid.check_depth(sched, 2, mode)
+  c.multigrid.min_frames = 3
+  sched = multigrid.schedule_from_config(c, 256, 32)
+  assert multigrid.depth_errors(sched, 2, 'sideways') == []
+  multigrid.check_depth(sched, 2, 'sideways')
+
+
+def test_norm_base_larger_than_the_device_batch_is_explained(data_dir):
+  """Charades/SSv2 layout: 16 clips on 8 data-parallel devices, base 8. The
+  reference switches the norm per stage (sync BN below the base); here the
+  error says so and how to lay the run out instead."""
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(data_dir, 'bp')
+  c.model.stages = 'convbn:4:2,convbn:8:2,res:8'
+  c.model.norm_base_size = 8
+  c.data.batch_size = 16
+  c.mesh.data, c.mesh.stage = 8, 1
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(c, num_devices=8)
+  for part in ('config.model.norm_base_size=8', '2 clips', 'config.mesh.data',
+               'synchronized', 'not supported'):
+    assert part in str(e.value)
+  c.mesh.data, c.mesh.stage = 2, 1  # 8 clips per device: every bucket splits.
+  assert multigrid.config_errors(c) == []
 
 
 def test_schedule_on_a_mesh_trains_with_zero_compilations(tmp_path, data_dir):

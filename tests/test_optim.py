@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs import default
-from skipside import engine, models, network, optim, train
+from skipside import engine, models, network, optim, stages, train
 
 
 def _config(**optimizer):
@@ -122,3 +122,43 @@ def test_loop_logs_the_rate_of_every_training_step(tmp_path):
     np.testing.assert_allclose(r['train/learning_rate'],
                                float(schedule(r['step'] - 1)), rtol=1e-6)
   assert rows[1]['train/learning_rate'] > 0  # Past the warm-up's zero.
+
+
+@pytest.mark.parametrize('on_mesh', [False, True])
+def test_batch_statistics_are_never_updated_nor_decayed(on_mesh):
+  """Sub-batch norm's BatchStat leaves ride in params; adamw with weight
+  decay must leave them as they are (on the stage-sharded state too)."""
+  from skipside import mesh as mesh_lib
+  rngs = nnx.Rngs(0)
+  net = network.Network(
+      [stages.Conv(1, 4, stride=2, norm_base_size=2, rngs=rngs),
+       stages.Conv(4, 4, norm_base_size=2, rngs=rngs)],
+      stages.ClassifierHead(4, 3, rngs=rngs), frame_shape=(8, 8, 1),
+      rngs=rngs)
+  spec, params = network.split(net)
+  mask = network.trainable_mask(spec, params)
+  optimizer = optim.make_optimizer(
+      _config(name='adamw', weight_decay=0.5, schedule='constant',
+              learning_rate=0.1),
+      trainable=lambda p: network.trainable_mask(spec, p))
+  clip = jax.random.normal(jax.random.key(0), (4, 4, 8, 8, 1))
+  labels = jnp.array([0, 1, 2, 0])
+  opt_state = optimizer.init(params)
+  if on_mesh:
+    mspec = mesh_lib.place(spec, mesh_lib.make_mesh(1, 2), params=params)
+    p, o = mesh_lib.shard_tree(mspec, params), mesh_lib.shard_tree(
+        mspec, opt_state)
+    for _ in range(2):
+      p, o, _ = mesh_lib.train_step_sharded(mspec, optimizer, p, o, clip,
+                                            labels, mode='sideways')
+    new = mesh_lib.unshard_tree(mspec, p)
+  else:
+    new, o = params, opt_state
+    for _ in range(2):
+      new, o, _ = engine.train_step(spec, optimizer, new, o, clip, labels,
+                                    mode='sideways')
+  flat_mask = jax.tree.leaves(mask)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new, params)
+  for trains, moved in zip(flat_mask, jax.tree.leaves(changed)):
+    assert moved == trains
+  assert not all(flat_mask)  # The net has statistics.

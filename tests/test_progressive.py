@@ -424,7 +424,7 @@ def test_mesh_equals_single_device(mode, policy, truncate):
 
 def test_train_loop_progressive(tmp_path):
   from experiments.configs import default
-  from skipside import train
+  from skipside import optim, train
   c = default.get_config('tiny')
   c.data.data_dir = str(tmp_path / 'tfds')
   c.mode = 'bp'
@@ -434,6 +434,7 @@ def test_train_loop_progressive(tmp_path):
   c.progressive.fragment_frames = 4
   c.progressive.overlap = 2  # 6 frames: fragments [0, 4), [2, 6).
   c.progressive.cache_policy = 'avg'
+  c.progressive.step_per = 'fragment'  # 2 optax updates per training step.
   c.train.num_steps = 2
   c.train.eval_every = 2
   c.train.checkpoint_every = 2
@@ -442,6 +443,11 @@ def test_train_loop_progressive(tmp_path):
   assert summary['train/fragments'] == 2
   assert np.isfinite(summary['train/loss'])
   assert 'eval/accuracy' in summary
+  # Step 2 used the schedule's rate of step 1 (the peak after a 1-step
+  # warm-up), not that of the 3rd optax update (0: past the cosine's end).
+  want = float(optim.learning_rate_schedule(c)(1))
+  assert want > 0
+  np.testing.assert_allclose(summary['train/learning_rate'], want, rtol=1e-6)
   c.progressive.overlap = 1  # 6 frames do not split into 4 with overlap 1.
   with pytest.raises(ValueError, match='does not split'):
     train.train_and_evaluate(c, str(tmp_path / 'run2'))

@@ -125,7 +125,10 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
   _assert_same(resumed, reference)
 
 
-def test_sigterm_saves_a_complete_checkpoint(tmp_path, data_dir):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_a_complete_checkpoint(tmp_path, data_dir, sig):
+  """Preemption (SIGTERM) and a first Ctrl-C (SIGINT): a checkpoint at the
+  next step boundary, exit code 75 (rerun to resume)."""
   workdir = str(tmp_path / 'preempted')
   cmd, env = _launch(workdir, data_dir, '--config.train.num_steps=100000',
                      '--config.train.checkpoint_every=50000',
@@ -137,9 +140,10 @@ def test_sigterm_saves_a_complete_checkpoint(tmp_path, data_dir):
   while time.time() < deadline and not (os.path.exists(metrics)
                                         and os.path.getsize(metrics) > 0):
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE == 75, err[-3000:]
+  assert f'{sig.name}: saved a checkpoint' in out + err
   summary = json.loads(out.split('Summary: ')[-1])
   assert summary['preempted'] is True
   step, params = _final_params(workdir)
@@ -160,6 +164,16 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, capsys):
   out = capsys.readouterr().out
   assert 'checkpoint at step 6 is unreadable' in out
   assert summary['start_step'] == 4 and summary['step'] == 8
+  # Repaired: the corrupt step kept aside, the run saved 6 and 8 again, and
+  # a rerun (and evaluation) reads the newest.
+  aside = os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
+  assert len(aside) == 1 and aside[0].startswith('6-')
+  assert {'6', '8'} <= set(os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert train.evaluate_workdir(workdir)['step'] == 8
+  summary = train.train_and_evaluate(
+      _tiny(data_dir, **{'train.num_steps': 8}), workdir)
+  assert summary['start_step'] == 8
+  assert 'unreadable' not in capsys.readouterr().out
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
@@ -190,6 +204,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
     ('mesh.stage', 16, r'config.mesh .* larger than the 8 devices present'),
     ('precision', 'fp8', r"config.precision='fp8'"),
     ('train.update_every', 4, r'config.train.update_every=4 must divide'),
+    ('data.num_frames', 0, r'config.data.num_frames=0 must be >= 1'),
+    ('data.batch_size', 0, r'config.data.batch_size=0 must be >= 1'),
+    ('data.num_frames', 2, r"config.data.num_frames=2 gives no loss tick in "
+     r"'sideways': a fresh clip through 3 stages masks its first 2 ticks"),
+    ('optimizer.learning_rate', -1.0,
+     r'config.optimizer.learning_rate=-1.0 must be > 0'),
+    ('optimizer.weight_decay', -1e-4,
+     r'config.optimizer.weight_decay=-0.0001 must be >= 0'),
 ])
 def test_bad_config_fails_fast_naming_the_key(key, value, message, data_dir):
   c = _tiny(data_dir, **{'mesh.data': 2, key: value})
@@ -197,12 +219,57 @@ def test_bad_config_fails_fast_naming_the_key(key, value, message, data_dir):
     train.validate_config(c)
 
 
-def test_launcher_reports_config_errors(tmp_path, data_dir):
-  cmd, env = _launch(str(tmp_path / 'bad'), data_dir, '--config.mode=bpp')
+@pytest.mark.parametrize('flag, message', [
+    ('--config.mode=bpp', "config.mode='bpp' is unknown"),
+    ('--config.train.num_stepz=3',
+     "unknown key 'num_stepz'; did you mean 'num_steps'?"),
+    ('--config=nope.py', "config file 'nope.py' not found"),
+    ('--config.data.batch_size=abc', 'invalid literal for int()'),
+])
+def test_launcher_reports_config_errors(tmp_path, data_dir, flag, message):
+  cmd, env = _launch(str(tmp_path / 'bad'), data_dir, flag)
+  if flag.startswith('--config='):  # In the tiny config's place (first).
+    cmd = [flag if a.endswith('default.py:tiny') else a for a in cmd[:-1]]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=120)
-  assert proc.returncode != 0
-  assert "config error: config.mode='bpp' is unknown" in proc.stderr
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-2000:]  # One line, no traceback.
+  assert lines[0].startswith('config error') and message in lines[0]
+  assert not os.path.exists(tmp_path / 'bad')  # Nothing written.
+
+
+def test_used_workdir_refuses_another_config_and_restart_moves_it_aside(
+    tmp_path, data_dir, capsys):
+  workdir = str(tmp_path / 'run')
+  c = _tiny(data_dir, **{'train.num_steps': 2, 'train.eval_every': 2})
+  train.train_and_evaluate(c, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    stored = f.read()
+  ckpts = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  other = _tiny(data_dir, **{'train.num_steps': 2, 'mode': 'pipelined_bp'})
+  with pytest.raises(train.WorkdirConflictError,
+                     match=r"holds a run of another config: config.mode "
+                     r"\('sideways' -> 'pipelined_bp'\) differ; use a new "
+                     r'--workdir, or --restart'):
+    train.train_and_evaluate(other, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:  # Nothing written.
+    assert f.read() == stored
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ckpts
+  # A harmless change resumes (and says so).
+  summary = train.train_and_evaluate(
+      _tiny(data_dir, **{'train.num_steps': 4, 'train.eval_every': 2}),
+      workdir)
+  assert summary['start_step'] == 2 and summary['step'] == 4
+  assert 'with changed config.train.num_steps' in capsys.readouterr().out
+  # --restart: the old run moved aside whole, a fresh one trains here.
+  summary = train.train_and_evaluate(other, workdir, restart=True)
+  assert summary['start_step'] == 0
+  aside = [d for d in os.listdir(workdir) if d.startswith('replaced-')]
+  assert len(aside) == 1
+  assert '4' in os.listdir(os.path.join(workdir, aside[0], 'checkpoints'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['mode'] == 'pipelined_bp'
 
 
 def _bar_video(direction, frames=10, size=(72, 88)):
@@ -237,19 +304,65 @@ def test_hmdb51_cpu_config_trains_on_a_real_video_folder(tmp_path):
 
 
 def test_stream_training_checkpoints_and_resumes_its_carry(tmp_path, data_dir):
-  """train.stream carries the pipeline across batches, through a resume."""
+  """train.stream carries the pipeline across batches, through a resume:
+  the checkpoint holds the carry of the last batch, restores into the
+  engine's carry leaf by leaf, and the resumed run continues exactly as one
+  that never stopped. Per-frame targets (next-frame prediction) make the
+  target FIFO visible: it holds the targets of the last ``delay`` frames."""
+  from skipside import data as data_lib, engine  # pylint: disable=g-import-not-at-top
+
+  def saved_state(workdir, step):  # The tree as saved, restored by orbax.
+    mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+    got = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    mngr.close()
+    return got.state
+
+  # A constant LR: 6 + 2 steps follow the schedule of one 8-step run.
+  c = _tiny(data_dir, **{'train.stream': True, 'model.head': 'next_frame',
+                         'data.task': 'next_frame',
+                         'optimizer.schedule': 'constant'})
+  c.train.num_steps = 8
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(c, straight)
   workdir = str(tmp_path / 'stream')
-  c = _tiny(data_dir, **{'train.stream': True})
+  c.train.num_steps = 6
   first = train.train_and_evaluate(c, workdir)
   assert first['step'] == 6
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  saved = mngr.restore(6, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  mngr.close()
-  assert int(saved.state['carry']['tick']) == 6 * c.data.num_frames
+  saved = saved_state(workdir, 6)
+  assert int(saved['carry']['tick']) == 6 * c.data.num_frames
+  # The FIFO: batch 6's targets of its last `delay` (= depth 2) frames, the
+  # ones whose outputs the next clip's first ticks produce.
+  it = data_lib.make_iterator(train._data_config(c), train=True)  # pylint: disable=protected-access
+  batches = [next(it) for _ in range(8)]
+  it.close()
+  np.testing.assert_array_equal(saved['carry']['targets'],
+                                batches[5]['target'][:, -2:])
+  # Restored as the loop does it, into a fresh stream's structure.
+  spec, _, state = train.init_state(c, it.info)
+  state.carry = engine.init_carry(spec, state.params, batches[0]['video'],
+                                  batches[0]['target'], c.mode)
+  restored = train.Checkpointer(workdir, 3).restore(state)[0].carry
+  assert isinstance(restored, engine.StreamCarry)
+  assert jax.tree.structure(restored) == jax.tree.structure(state.carry)
+  for field in engine.StreamCarry._fields:  # Saved as lists and dicts.
+    got, want = (jax.tree.leaves(t) for t in (getattr(restored, field),
+                                              saved['carry'][field]))
+    assert len(got) == len(want), field
+    for x, y in zip(got, want):
+      np.testing.assert_array_equal(x, y)
+  assert any(float(np.abs(m).max()) > 0 for m in restored.msgs[:-1])
   c.train.num_steps = 8
   second = train.train_and_evaluate(c, workdir)
   assert second['start_step'] == 6 and second['step'] == 8
+  # Resumed == never stopped, to the bit (same programs, same data): step
+  # 8's carry (a fresh one would be 2 clips behind) and params.
+  got, ref = saved_state(workdir, 8), saved_state(straight, 8)
+  assert int(got['carry']['tick']) == 8 * c.data.num_frames
+  np.testing.assert_array_equal(got['carry']['targets'],
+                                batches[7]['target'][:, -2:])
+  _assert_same(got['carry'], ref['carry'])
+  _assert_same(got['params'], ref['params'])
 
 
 # -- The mesh engine in the training loop (config.mesh.data x stage > 1). ----
@@ -311,3 +424,22 @@ def test_bad_mesh_groups_fail_naming_the_key(data_dir, groups, message):
   c = _tiny(data_dir, **{'mesh.stage': 2, 'mesh.groups': groups})
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(c)
+
+
+def test_evaluate_leaves_padded_clips_out_of_the_loss():
+  """A last batch padded with a clip of another label: eval/loss is the real
+  clips' mean loss, not the padded batch's."""
+  from flax import nnx
+  from skipside import engine, models, network
+  spec, params = network.split(models.mlp_net((6,), 3, width=8, num_stages=3,
+                                              rngs=nnx.Rngs(0)))
+  video = jax.random.normal(jax.random.key(0), (2, 5, 6))
+  batch = {'video': video, 'label': np.array([1, 2]),
+           'mask': np.array([True, False])}
+  got = train.evaluate(spec, params, [batch], mode='sideways',
+                       compute_dtype=jax.numpy.float32)
+  alone, _ = engine.forward(spec, params, video[:1], np.array([1]),
+                            mode='sideways')
+  assert got['eval/clips'] == 1
+  np.testing.assert_allclose(got['eval/loss'], float(alone.metrics['loss']),
+                             rtol=1e-5)

@@ -44,7 +44,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   c.data = data.get_config()
   c.data.task = 'motion'
-  c.data.num_frames = 8
+  # Whole 16-frame videos: under Sideways a fresh clip masks L-1 = 4 fill
+  # ticks and stage l learns from tick L-1+d_l (d_l: edges up to the top),
+  # so 8 frames gave the bottom stages 2 ticks of gradient and 16 give 10
+  # (engine.gradient_ticks; the loop warns when a stage gets none).
+  c.data.num_frames = 16
   c.data.batch_size = 32
 
   c.optimizer = ml_collections.ConfigDict()
@@ -52,6 +56,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 3e-4
   c.optimizer.schedule = 'cosine'  # 'constant' | 'cosine' | 'step'.
   c.optimizer.warmup_steps = 50
+  # Rate at step 0 of the warm-up (multigrid; SlowFast's WARMUP_START_LR).
+  c.optimizer.warmup_start_lr = 0.0
   c.optimizer.step_boundaries = (0.5, 0.75)  # Fractions of num_steps ('step').
   c.optimizer.weight_decay = 1e-4  # adamw (decoupled), sgd, momentum; not adam.
   c.optimizer.grad_clip_norm = 1.0  # 0 disables.

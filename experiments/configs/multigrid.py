@@ -78,7 +78,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.data.dataset_config = 'small'
     c.data.num_frames = 4
     c.data.batch_size = 4
-    c.multigrid.min_frames = 1
+    # 3 stages: pipelined modes need a loss tick after the 2 fill ticks.
+    c.multigrid.min_frames = 1 if c.mode == 'bp' else 3
     c.model.stages = 'conv:4:2,conv:8:2,res:8'
     c.train.num_steps = 24
     c.train.log_every = 4
