@@ -39,8 +39,9 @@ Defaults, stated once:
 - Targets: a clip label ``(B,)`` (or ``(B, K)`` multi-hot) is the target of
   every tick, fill included when it is not masked; per-frame targets
   ``(B, T, ...)`` are delayed by the pipeline depth (the chain output at
-  tick ``t`` belongs to frame ``t-(L-1)``) through a FIFO in the carry, so a
-  stream's targets stay aligned across clips.
+  tick ``t`` belongs to frame ``t-(L-1)``). Both go through a FIFO in the
+  carry (``tick_target``), so in a stream the outputs of the previous
+  clip's last frames keep its targets.
 - Temporal stages (a cache of past inputs): the exact modes differentiate
   through the cache; Sideways takes the stage's VJP at its current input and
   adds the gradients w.r.t. the cached inputs to the input gradient, so they
@@ -87,6 +88,7 @@ import optax
 from jax import lax
 
 from skipside import network
+from skipside import optim
 from skipside import tick as tick_lib
 from skipside.network import NetworkSpec
 
@@ -310,20 +312,25 @@ def _cast(tree: PyTree, dtype) -> PyTree:
 
 
 def tick_target(targets: jax.Array, t, fifo: jax.Array | None,
-                per_frame: bool):
+                per_frame: bool, tick):
   """The target of the output at tick ``t`` and the FIFO after it.
 
-  A clip label applies to every tick as it is (the FIFO is untouched). A
-  per-frame target is pushed into the FIFO and the one that matches the
-  output now (frame ``t - delay``) popped; ``fifo`` is ``(B, delay, ...)``
-  (``None`` or zero-size: no delay).
+  This tick's target (frame ``t``'s, or the clip label) is pushed into the
+  FIFO and the one that matches the output now (frame ``t - delay``'s)
+  popped, so in a stream the outputs that still belong to the previous
+  clip's frames keep its targets. A clip label is the target of every tick:
+  before the stream's first frame reaches the output (stream ``tick <
+  delay``, the fill) there is no older clip, so it is the clip's own.
+  ``fifo`` is ``(B, delay, ...)`` (``None`` or zero-size: no delay).
   """
-  if not per_frame:
-    return targets, fifo
-  target = lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)
+  target = (lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)
+            if per_frame else targets)
   if fifo is None or fifo.shape[1] == 0:
     return target, fifo
-  return fifo[:, 0], jnp.concatenate([fifo[:, 1:], target[:, None]], axis=1)
+  head = fifo[:, 0]
+  if not per_frame:
+    head = jnp.where(tick >= fifo.shape[1], head, target)
+  return head, jnp.concatenate([fifo[:, 1:], target[:, None]], axis=1)
 
 
 def tick_weights(carry: StreamCarry, start, length: int, num_frames: int,
@@ -406,7 +413,7 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
     c, m, g = state
     t = jnp.minimum(start + i, num_frames - 1)
     x = read_frame(clip, t, compute_dtype)
-    target, fifo = tick_target(targets, t, c.targets, per_frame)
+    target, fifo = tick_target(targets, t, c.targets, per_frame, c.tick)
     w = weights[i]
     msgs = c.msgs
     if mode == 'bp':
@@ -561,6 +568,10 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
   runs ticks ``[start, start + length)`` of the clip (any engine). Shared by
   every runner so that the online mode means the same everywhere.
 
+  One clip is one training step: the learning-rate schedule of an
+  ``optim.make_optimizer`` optimizer moves once (``optim.advance``), however
+  many updates the clip made.
+
   Returns:
     ``(params, opt_state, ClipOutput)``; with ``update_every`` the metrics
     and predictions are averaged over the windows by their valid ticks.
@@ -569,7 +580,7 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
     _, grads, out = grads_fn(params, carry, 0, num_frames + flush)
     params, opt_state = apply_gradients(optimizer, params, opt_state, grads,
                                         out.metrics['valid_ticks'])
-    return params, opt_state, out
+    return params, optim.advance(opt_state), out
   if update_every <= 0 or num_frames % update_every or flush:
     raise ValueError(
         f'update_every={update_every} must be positive and divide the clip '
@@ -590,7 +601,7 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
   metrics['valid_ticks'] = counts.sum()
   if preds is not None:
     preds = jnp.einsum('w,w...->...', share, preds)
-  return params, opt_state, ClipOutput(
+  return params, optim.advance(opt_state), ClipOutput(
       carry=carry, metrics=metrics, predictions=preds,
       example_loss=jnp.einsum('w,wb->b', share, losses))
 

@@ -736,7 +736,8 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
     branches = [remat(make(plan, g)) if grp else idle
                 for g, grp in enumerate(groups)]
 
-  def fn(pstack, clip, targets, outs, msgs, states, fifo, start, weights):
+  def fn(pstack, clip, targets, outs, msgs, states, fifo, start, weights,
+         tick0):
     g = lax.axis_index('stage')
     # Varying over 'data' here, once: per-tick VJPs then give each shard's own
     # gradient (an invariant input would make every VJP psum over 'data').
@@ -754,7 +755,8 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
       (own, ups, local, got, st, m, gacc), fifo = c
       t = jnp.minimum(start + i, num_frames - 1)
       x = engine.read_frame(clip, t, plan.act_dtype)
-      target, fifo = engine.tick_target(targets, t, fifo, per_frame)
+      target, fifo = engine.tick_target(targets, t, fifo, per_frame,
+                                        tick0 + i)
       w = weights[i]
       if mode == 'bp':
         own, st, m = sync_tick(pflat, own, st, x, target, w, m, g)
@@ -818,7 +820,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
                    num_frames=num_frames),
       mesh=mspec.mesh,
       in_specs=(P('stage'), P('data'), P('data'), sharded, sharded, sharded,
-                P('data'), P(), P()),
+                P('data'), P(), P(), P()),
       out_specs=(P(), metric_specs, sharded, sharded, sharded, P('data'),
                  None if mode != 'sideways' else P('stage')))
   # A zero-size FIFO (no delay) stays outside: XLA:CPU in jax 0.11 crashes
@@ -826,7 +828,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
   fifo = carry.targets if carry.targets.size else None
   loss, m, outs, msgs, states, fifo, gstack = fn(
       pstack, clip, targets, carry.outs, carry.msgs, carry.states, fifo,
-      jnp.asarray(start, jnp.int32), weights)
+      jnp.asarray(start, jnp.int32), weights, carry.tick)
   m = dict(engine.window_means(m, count, total), valid_ticks=count)
   carry = MeshCarry(outs=outs, msgs=msgs, states=states,
                     targets=carry.targets if fifo is None else fifo,

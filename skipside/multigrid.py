@@ -710,7 +710,7 @@ class MultigridIterator:
     shape = self.schedule.shape(step)
     params = clip_params_for(self.schedule, shape, self._base)
     need = shape.batch // self.shard_count
-    clips, labels, failed, short = [], [], 0, 0
+    clips, labels, failed, truncated, short = [], [], [], [], 0
     while len(clips) < need:
       n = need - len(clips)
       got = self._pool.map(lambda p: self._load(p, params),
@@ -721,15 +721,16 @@ class MultigridIterator:
         if e['_status'] == self._pipeline._OK:  # pylint: disable=protected-access
           clips.append(e['video'])
           labels.append(e['label'])
-        else:
-          failed += e['_status'] == self._pipeline._FAILED  # pylint: disable=protected-access
+        # Bad files by name: the stats count each file once.
+        failed += self._pipeline._decode_names(e['_failed'])  # pylint: disable=protected-access
+        truncated += self._pipeline._decode_names(e['_truncated'])  # pylint: disable=protected-access
     video = np.stack(clips).astype(np.float32) * np.float32(1 / 255)
     if self.config.mean is not None:
       video = (video - np.float32(self.config.mean)) / np.float32(
           self.config.std)
     batch = {'video': video, 'label': np.asarray(labels, np.int32),
              'mask': np.ones(need, bool)}
-    return batch, position, (failed, short)
+    return batch, position, (failed, truncated, short)
 
   def __iter__(self) -> Iterator[dict]:
     return self
@@ -737,11 +738,10 @@ class MultigridIterator:
   def __next__(self) -> dict:
     if self._pending is None:
       self._pending = self._ahead.submit(self._make, self.step, self.position)
-    batch, position, (failed, short) = self._pending.result()
+    batch, position, (failed, truncated, short) = self._pending.result()
     self.step += 1
     self.position = position
-    self.stats.failed += int(failed)
-    self.stats.too_short += int(short)
+    self.stats.update(failed=failed, truncated=truncated, too_short=short)
     self._pending = self._ahead.submit(self._make, self.step, self.position)
     return batch
 

@@ -7,17 +7,21 @@ the online mode (``train.update_every=k``: ``T/k`` per clip) and PGT's
 are all fill makes none: ``engine.apply_gradients``). Schedules (warm-up,
 cosine, step decay, multigrid phases) are sized in training steps, so the
 rate is read from a counter of training steps kept in the optimizer state
-(``TrainingStepState``) and advanced once per step by the loop's step
-(``finish_step``), not from optax's update count. Adam's bias correction
-still counts the updates it made.
+(``TrainingStepState``) and advanced once per training step by the train
+steps themselves (``engine.train_step``, ``mesh.train_step``,
+``progressive.train_step`` call ``advance``), not from optax's update count.
+Adam's bias correction still counts the updates it made.
 
 Example::
 
     optimizer = optim.make_optimizer(config)
     opt_state = optimizer.init(params)
-    ...  # any number of optimizer.update calls within one training step
+    params, opt_state, out = engine.train_step(spec, optimizer, params,
+                                               opt_state, clip, labels,
+                                               mode='sideways')
+    optim.learning_rate(opt_state)  # the rate this step used
+    # A hand-written loop of optimizer.update calls advances it itself:
     opt_state = optim.advance(opt_state)
-    optim.learning_rate(opt_state)  # the rate the last update used
 """
 
 from typing import Any, Callable, NamedTuple
@@ -108,15 +112,20 @@ def learning_rate(opt_state: PyTree) -> jax.Array | None:
 
 def finish_step(old: tuple, new: tuple, loss: jax.Array, *,
                 skip_nonfinite: bool) -> tuple:
-  """The loop's ``(params, opt_state)`` after a training step: ``new``, or
-  ``old`` where ``skip_nonfinite`` and the loss is not finite; the training
-  step advanced either way (the schedule follows the loop)."""
-  params, opt_state = new
-  if skip_nonfinite:
-    ok = jnp.isfinite(loss)
-    params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
-                                     old)
-  return params, advance(opt_state)
+  """The loop's ``(params, opt_state)`` after a training step (which
+  advanced the schedule): ``new``, or with ``skip_nonfinite`` and a
+  non-finite loss ``old`` with ``new``'s training step (the schedule
+  follows the loop, skipped steps included)."""
+  if not skip_nonfinite:
+    return new
+  ok = jnp.isfinite(loss)
+  params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  steps = [s.training_step for s in jax.tree.leaves(new[1],
+                                                    is_leaf=_is_step_state)
+           if _is_step_state(s)]
+  return params, jax.tree.map(
+      lambda s: s._replace(training_step=steps[0]) if _is_step_state(s) else s,
+      opt_state, is_leaf=_is_step_state)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -125,8 +134,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
   ``cosine``: linear warm-up from ``warmup_start_lr`` over ``warmup_steps``
   (at most half the run, so short runs still decay), then cosine to 0 at
-  ``train.num_steps``; ``step``: x0.1 at each of ``step_boundaries``
-  (fractions of the run), no warm-up; ``constant``. A multigrid schedule
+  ``train.num_steps``; ``step``: the same warm-up, then x0.1 at each of
+  ``step_boundaries`` (fractions of the run; SlowFast's steps policy);
+  ``constant``: no warm-up. A multigrid schedule
   (``multigrid.Schedule``) replaces them with its phases' multipliers after
   the same warm-up (SlowFast's ``get_lr_at_epoch``, in steps).
   """
@@ -143,8 +153,16 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
         c.get('warmup_start_lr', 0.0), c.learning_rate, warmup,
         max(steps, warmup + 1))
   if c.schedule == 'step':
-    bounds = {int(b * steps): 0.1 for b in c.step_boundaries}
-    return optax.piecewise_constant_schedule(c.learning_rate, bounds)
+    warmup = min(c.warmup_steps, steps // 2)
+    bounds = {}  # After the warm-up: join_schedules restarts the count.
+    for b in c.step_boundaries:
+      at = max(0, int(b * steps) - warmup)
+      bounds[at] = bounds.get(at, 1.0) * 0.1
+    return optax.join_schedules(
+        [optax.linear_schedule(c.get('warmup_start_lr', 0.0), c.learning_rate,
+                               warmup),
+         optax.piecewise_constant_schedule(c.learning_rate, bounds)],
+        [warmup])
   return optax.constant_schedule(c.learning_rate)
 
 

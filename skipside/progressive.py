@@ -679,8 +679,9 @@ def train_step(spec, optimizer: optax.GradientTransformation,
 
   ``options.step_per='video'``: the fragments' gradients summed (or
   averaged, ``loss_weighting``), then one optax step; ``'fragment'``: an
-  optax step after every fragment, the stream carried through. Arguments as
-  ``loss_and_grads``.
+  optax step after every fragment, the stream carried through. Either way
+  one training step: the rate schedule moves once (``optim.advance``).
+  Arguments as ``loss_and_grads``.
 
   Returns:
     ``(params, opt_state, ClipOutput)`` with the video's metrics.
@@ -691,13 +692,13 @@ def train_step(spec, optimizer: optax.GradientTransformation,
                            compute_dtype=compute_dtype)
     params, opt_state = engine.apply_gradients(
         optimizer, params, opt_state, grads, out.metrics['valid_ticks'])
-    return params, opt_state, out
+    return params, optim.advance(opt_state), out
   b, v, carry, caches = _setup(spec, params, video, targets, options, carry,
                                mode, compute_dtype)
   params, opt_state, _, _, out = _truncated(
       b, optimizer, params, opt_state, v, options, carry, caches, mode=mode,
       compute_dtype=compute_dtype, update=True)
-  return params, opt_state, out
+  return params, optim.advance(opt_state), out
 
 
 # -- Evaluation. --------------------------------------------------------------
@@ -796,6 +797,10 @@ def evaluate(spec, params, batches, *, mode: str, options: Options,
   Returns ``{'eval/accuracy_<ensemble>': float, 'eval/clips': n}``; padded
   clips (``mask`` False) are left out.
   """
+  unknown = [e for e in ensembles if e not in ENSEMBLES]
+  if unknown:
+    raise ValueError(f'ensembles {unknown} are unknown; use some of '
+                     f'{ENSEMBLES}')
   correct = {e: 0.0 for e in ensembles}
   n = 0
   for i, batch in enumerate(batches):

@@ -139,8 +139,10 @@ def link_cache(stage: nnx.Module, x: jax.Array, state: PyTree) -> PyTree:
   item 4). A floating state leaf is a cache of the input if it has the
   input's shape ``(B, ...)`` (one cached value, e.g. a running average) or
   ``(B, K, ...)`` (a window of ``K``); integer leaves (counters) get no
-  gradient. A stage whose state is something else defines
-  ``link_cache(self, x, state) -> state`` itself.
+  gradient. A stage whose state is something else (e.g. a recurrent hidden
+  state that merely has the input's shape) defines
+  ``link_cache(self, x, state) -> state`` itself; returning ``state``
+  unchanged opts out (no gradient through the state under Sideways).
 
   Raises:
     ValueError: naming the stage and the shapes, for a floating leaf that

@@ -70,7 +70,8 @@ def head_loss(spec: NetworkSpec, head_params: PyTree, top: jax.Array,
   Args:
     top: the top stage's output ``(B, *out_shapes[-1])``.
     target: this tick's target (already aligned to the pipeline delay).
-    weight: scalar, ``mask / number of valid ticks``; 0 during fill and flush.
+    weight: scalar, ``mask / valid ticks`` of the objective
+      (``engine.tick_weights``); 0 during fill and flush.
 
   Returns:
     ``(weight * mean_b loss, (pred, unweighted loss per example (B,)))``.

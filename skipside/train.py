@@ -63,6 +63,10 @@ class WorkdirConflictError(ConfigError):
   """A used workdir whose checkpoints the new config would not continue."""
 
 
+class CheckpointMismatchError(WorkdirConflictError):
+  """A workdir whose checkpoints all fail to restore into this run."""
+
+
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -415,13 +419,14 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
   """``(harmful, harmless)`` keys that differ between two flat configs
-  (``_flat`` of their JSON)."""
-  changed = sorted(k for k in old.keys() | new.keys()
-                   if old.get(k) != new.get(k))
+  (``_flat`` of their JSON). A key only one side has is harmless: a key
+  added to (or dropped from) skipside since the run started."""
+  changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
   harmless = [k for k in changed
               if any(k == h or (h.endswith('.') and k.startswith(h))
                      for h in HARMLESS_KEYS)]
-  return [k for k in changed if k not in harmless], harmless
+  harmful = [k for k in changed if k not in harmless]
+  return harmful, harmless + sorted(old.keys() ^ new.keys())
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *,
@@ -436,8 +441,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *,
       out. Harmless differences (``HARMLESS_KEYS``) are printed and allowed.
   """
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return
+  ckpts = os.path.join(workdir, 'checkpoints')
+  if not (os.path.exists(path) and os.path.isdir(ckpts)
+          and any(d.isdigit() for d in os.listdir(ckpts))):
+    return  # No run to continue (or a start-up that failed before saving).
   with open(path) as f:
     old = _flat(json.load(f))
   new = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
@@ -462,8 +469,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *,
         'use a new --workdir, or --restart to move that run aside and start '
         'over here')
   if harmless:
+    note = (' (the learning-rate schedule and multigrid phases are sized in '
+            'train.num_steps: they change from here on)'
+            if 'train.num_steps' in harmless else '')
     print(f'Resuming {workdir} with changed '
-          f'{", ".join("config." + k for k in harmless)}', flush=True)
+          f'{", ".join("config." + k for k in harmless)}{note}', flush=True)
 
 
 class Checkpointer:
@@ -518,7 +528,14 @@ class Checkpointer:
         continue
       found = TrainState.from_tree(got.state), got.data, got.meta
       break
-    if repair and unreadable:
+    if unreadable and found is None and like is not None:
+      # Every checkpoint failing is a mismatch (code, config), not damage:
+      # training from scratch would bury them.
+      raise CheckpointMismatchError(
+          f'no checkpoint in {self.workdir}/checkpoints restores into this '
+          f'run\'s state (latest: step {unreadable[0]}); use a new '
+          '--workdir, or --restart to move that run aside')
+    if repair and unreadable:  # Older ones restored: the newer are damaged.
       self._move_aside(unreadable)
     return found
 
@@ -933,7 +950,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   (``prepare_workdir``).
 
   Returns a summary: final step, last train and eval metrics, wall time,
-  ``'preempted': True`` if a SIGTERM ended the run early, ``compile_s``
+  ``'preempted': True`` if a SIGTERM or Ctrl-C ended the run early,
+  ``compile_s``
   (multigrid: every shape compiled before the loop) and
   ``compilations_in_loop`` (XLA compilations of steps and evaluations after
   the loop started, checkpoint writes aside; 0 with multigrid).
@@ -998,7 +1016,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             _replicated(mesh, jax.random.key_data(state.rng))))
 
   ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
-  restored = ckpt.restore(state, repair=True)
+  try:
+    restored = ckpt.restore(state, repair=True)
+  except CheckpointMismatchError:
+    ckpt.close()
+    train_iter.close()
+    raise
   if restored is not None:
     state, data_state, meta = restored
     train_iter.set_state(data_state)

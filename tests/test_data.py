@@ -291,6 +291,30 @@ def video_dir(tmp_path_factory):
   return str(root)
 
 
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+  """Bad files are warned about once per process: forget earlier tests'."""
+  monkeypatch.setattr(pipeline, '_warned', set())
+
+
+def _noisy_bar(num_frames, size=64):
+  """uint8 (T, size, size, 3): the bar under noise, so that every frame takes a
+  few kB and cutting a file's bytes in half cuts its frames, not its header."""
+  noise = np.random.default_rng(0).integers(0, 256, (num_frames, size, size, 3))
+  bar = _moving_bar(num_frames, 1, size=(size, size)).astype(int)
+  return np.clip(bar + noise, 0, 255).astype(np.uint8)
+
+
+def _cut_in_half(src, dst):
+  data = src.read_bytes()
+  dst.write_bytes(data[:len(data) // 2])
+
+
+def _warnings_naming(caplog, name):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno == logging.WARNING and name in r.getMessage()]
+
+
 def _folder_config(root, **kw):
   c = data.get_config()
   c.update(dataset='video_folder', data_dir=root, task='appearance',
@@ -327,7 +351,8 @@ def test_decode_real_video(video_dir):
                             lambda n: np.arange(n))
 
 
-def test_broken_videos_are_skipped_and_counted(video_dir, caplog):
+def test_broken_videos_are_skipped_and_counted(video_dir, caplog,
+                                               fresh_warnings):
   it = data.make_iterator(_folder_config(video_dir, short_video='loop'))
   with caplog.at_level(logging.WARNING):
     batches = list(it)
@@ -335,6 +360,8 @@ def test_broken_videos_are_skipped_and_counted(video_dir, caplog):
   assert len(batches) == 7
   assert it.stats.failed == 2 and it.stats.too_short == 1
   assert it.stats.metrics() == {'data/failed_videos': 2,
+                                'data/failed_reads': 2,
+                                'data/truncated_videos': 0,
                                 'data/too_short_videos': 1}
   assert 'garbage.mp4' in caplog.text and 'truncated.mp4' in caplog.text
   b = batches[0]
@@ -402,3 +429,113 @@ def test_worker_processes_restore_exactly(tfds_dir):
     _assert_batches_equal(expected, _take(restored, 3))
   finally:
     restored.close()
+
+
+# ------------------------------------------------ bad files: once per file
+
+
+def _bad_folder(root):
+  """a/{garbage.mp4, v.avi}, b/{cut.mp4, v.avi}: 2 good files, 2 unreadable
+  (random bytes; a real MP4 cut in half, which loses its index)."""
+  for name in ('a', 'b'):
+    os.makedirs(root / name)
+    video_folder.write_video(str(root / name / 'v.avi'), _moving_bar(12, 1),
+                             codec='mpeg4')
+  garbage = root / 'a' / 'garbage.mp4'
+  garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+  full = root / 'full.mp4'  # Outside the class folders.
+  video_folder.write_video(str(full), _noisy_bar(24), codec='libx264')
+  cut = root / 'b' / 'cut.mp4'
+  _cut_in_half(full, cut)
+  return str(garbage), str(cut)
+
+
+def test_bad_files_count_once_however_often_drawn(tmp_path, caplog,
+                                                  fresh_warnings):
+  bad = _bad_folder(tmp_path)  # Each sorts before a good file: reads ride.
+  it = data.make_iterator(_folder_config(str(tmp_path), num_epochs=9))
+  with caplog.at_level(logging.WARNING):
+    batches = list(it)
+    ev = data.make_eval_iterator(_folder_config(str(tmp_path), batch_size=4))
+    assert sum(int(b['mask'].sum()) for b in ev) == 2
+  assert len(batches) == 18  # 9 epochs x 2 good files; 18 bad reads.
+  assert it.stats.failed == 2 and it.stats.failed_reads == 18
+  assert it.stats.failed_files == list(bad)
+  metrics = it.stats.metrics()
+  assert metrics['data/failed_videos'] == 2
+  assert metrics['data/failed_reads'] == 18
+  assert ev.stats.failed == 2 and ev.stats.failed_reads == 2
+  # One warning per file (train and eval together), naming file and cause.
+  for path in bad:
+    with pytest.raises(video_folder.DecodeError) as e:
+      video_folder.read_video(path, np.arange)
+    (message,) = _warnings_naming(caplog, path)
+    assert 'unreadable' in message and e.value.cause in message
+
+
+def test_bad_file_counts_survive_worker_processes(tmp_path):
+  # Workers read and log on their own (a file is warned once per worker);
+  # the names ride with the batches, so this process counts each file once.
+  bad = _bad_folder(tmp_path)
+  c = _folder_config(str(tmp_path), shuffle=True, num_epochs=None,
+                     num_workers=2)
+  it = data.make_iterator(c)
+  try:
+    _take(it, 12)
+  finally:
+    it.close()
+  assert it.stats.failed == 2 and sorted(it.stats.failed_files) == sorted(bad)
+  assert it.stats.failed_reads >= 6
+
+
+def test_truncated_file_is_counted_once_and_skipped(tmp_path, caplog,
+                                                    fresh_warnings):
+  for name in ('a', 'b'):
+    os.makedirs(tmp_path / name)
+    video_folder.write_video(str(tmp_path / name / 'v.avi'),
+                             _moving_bar(12, 1), codec='mpeg4')
+  full = tmp_path / 'full.avi'
+  video_folder.write_video(str(full), _noisy_bar(24), codec='mpeg4')
+  cut = tmp_path / 'b' / 'cut.avi'  # AVI keeps its header: opens, 24 stated.
+  _cut_in_half(full, cut)
+  it = data.make_iterator(_folder_config(str(tmp_path), num_epochs=5))
+  with caplog.at_level(logging.WARNING):
+    batches = list(it)
+    ev = data.make_eval_iterator(_folder_config(str(tmp_path), batch_size=3))
+    (b,) = list(ev)
+  # 8-frame clips always reach the cut: every read of it is skipped.
+  assert len(batches) == 10
+  d = video_folder.decode_video(str(cut), np.arange)
+  assert d.truncated and d.expected == 24 and 0 < d.decoded < 8
+  assert it.stats.truncated == 1 and it.stats.truncated_files == [str(cut)]
+  assert it.stats.failed == 0
+  assert it.stats.metrics()['data/truncated_videos'] == 1
+  assert b['mask'].tolist() == [True, False, True]  # a/v, b/cut, b/v.
+  assert ev.stats.truncated == 1
+  (message,) = _warnings_naming(caplog, str(cut))
+  assert 'Truncated' in message and f'of the {d.expected}' in message
+
+
+@pytest.mark.parametrize('ext', ['avi', 'mkv'])
+def test_decoder_tells_truncated_files(tmp_path, ext):
+  # AVI states its frame count; MKV only its duration (24 frames at 25 fps).
+  full, cut = tmp_path / f'full.{ext}', tmp_path / f'cut.{ext}'
+  video_folder.write_video(str(full), _noisy_bar(24), codec='mpeg4')
+  _cut_in_half(full, cut)
+  whole = video_folder.decode_video(str(full), np.arange)
+  assert whole.expected == 24 and len(whole.frames) == 24
+  assert not whole.truncated
+  # A read that stops at its clip's last frame does not know the file's end;
+  # without a stated count every read decodes to the end.
+  first = video_folder.decode_video(str(full), lambda n: np.arange(4))
+  assert len(first.frames) == 4 and not first.truncated
+  assert first.decoded == (None if ext == 'avi' else 24)
+  d = video_folder.decode_video(str(cut), np.arange)
+  assert d.truncated and d.expected == 24
+  assert 0 < d.decoded < 12 and len(d.frames) == d.decoded
+  np.testing.assert_array_equal(d.frames[0], whole.frames[0])  # Intact.
+  if ext == 'avi':
+    # Why a read reaching the cut is skipped: the decoder conceals the
+    # partial last frame without an error.
+    assert np.abs(d.frames[-1].astype(int)
+                  - whole.frames[d.decoded - 1]).mean() > 10

@@ -301,6 +301,24 @@ def test_stream_carry_continues_exactly(mode):
          (first.metrics['loss'] * n1 + second.metrics['loss'] * n2) / w)
 
 
+def test_clip_labels_stay_with_their_frames_across_a_stream():
+  """Two clips of different labels in a stream == one clip whose per-frame
+  labels change at the boundary: the outputs of clip 1's last frames, which
+  come out during clip 2, are scored against clip 1's label."""
+  spec, params = NETS['conv_skips_concat']
+  clip, _ = _data(spec, frames=12)
+  a, b = jnp.array([0, 1]), jnp.array([2, 0])
+  per_frame = jnp.concatenate([jnp.repeat(a[:, None], 6, 1),
+                               jnp.repeat(b[:, None], 6, 1)], axis=1)
+  whole, _ = engine.forward(spec, params, clip, per_frame, mode='sideways')
+  first, _ = engine.forward(spec, params, clip[:, :6], a, mode='sideways')
+  second, _ = engine.forward(spec, params, clip[:, 6:], b, mode='sideways',
+                             carry=first.carry)
+  n1, n2 = first.metrics['valid_ticks'], second.metrics['valid_ticks']
+  _close((first.metrics['loss'] * n1 + second.metrics['loss'] * n2)
+         / (n1 + n2), whole.metrics['loss'])
+
+
 def test_per_frame_targets_aligned_across_clips():
   """Next-frame targets delayed by the depth stay aligned over a stream."""
   spec, params = NETS['next_frame']

@@ -256,6 +256,21 @@ def test_used_workdir_refuses_another_config_and_restart_moves_it_aside(
   with open(os.path.join(workdir, 'config.json')) as f:  # Nothing written.
     assert f.read() == stored
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ckpts
+  # A start-up that failed before any checkpoint holds no run: not refused.
+  empty = tmp_path / 'no_run'
+  empty.mkdir()
+  (empty / 'config.json').write_text(stored)
+  train.prepare_workdir(other, str(empty))
+  # Checkpoints that all fail to restore (another state) are not buried.
+  c_mlp = _tiny(data_dir, **{'train.num_steps': 2,
+                             'model.stages': 'conv:4:2,conv:6:2,res:6'})
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(c_mlp.to_json_best_effort(indent=2, sort_keys=True))
+  with pytest.raises(train.CheckpointMismatchError,
+                     match=r'no checkpoint in .* restores into this run'):
+    train.train_and_evaluate(c_mlp, workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(stored)
   # A harmless change resumes (and says so).
   summary = train.train_and_evaluate(
       _tiny(data_dir, **{'train.num_steps': 4, 'train.eval_every': 2}),

@@ -5,8 +5,9 @@ One element's path, top to bottom (train):
     record (source[i], this process's shard, shuffled, repeated)
       -> read + clip sampling   uint8 (T, H0, W0, C)   `frame_indices`
       -> resize / crop / flip   uint8 (T, h, w, C)     `spatial_transform`
-      -> unreadable or (with short_video='skip') too-short videos dropped and
-         counted                                        `DecodeStats`
+      -> unreadable, truncated or (with short_video='skip') too-short videos
+         dropped; counted, bad files once each, and
+         logged once per file                           `DecodeStats`
       -> batch                  uint8 (B, T, h, w, C)
       -> float32 in [0, 1] (optionally (x - mean) / std), optional fragments
          (B, F, Tf, h, w, C), next-frame targets, time-major (T, B, ...).
@@ -18,7 +19,15 @@ few integers that restore it exactly.
 
 Eval (`train=False`): one pass in index order, fixed (centre) start, centre crop,
 no flip; every process gets the same number of batches, the last ones padded;
-`mask` (B,) is False on padding and on unreadable videos.
+`mask` (B,) is False on padding and on unreadable or truncated videos.
+
+Bad files are counted where batches are delivered (`DataIterator`): each
+element carries the names of the bad files read for it (with `_DropBad`, those
+of the elements dropped before it), so the counts are exact and checkpointed
+with the iterator whether elements come from grain's read threads or its
+worker processes (`num_workers`). The warning is logged where the file is read,
+once per process: once per file in this process (default, num_workers=0),
+at most once per worker process with workers.
 
 The clip parameters (`ClipParams`: frames, stride, crop, ...) are arguments of
 the element transform, not globals, so multigrid can vary them per batch:
@@ -39,7 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
@@ -52,7 +63,7 @@ from skipside.data import video_folder
 
 Batch = dict[str, np.ndarray]
 SHORT_VIDEO_POLICIES = ('loop', 'pad', 'skip')
-_OK, _FAILED, _SHORT = 0, 1, 2
+_OK, _FAILED, _SHORT, _TRUNCATED = 0, 1, 2, 3
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -305,7 +316,8 @@ class Source:
     data: grain RandomAccessDataSource (`len`, `[i]`) of records.
     read: read(record, select) -> uint8 (T, H, W, C) or None, where
       select(L) gives frame indices or None; raises video_folder.DecodeError
-      on a broken video.
+      on a broken video. May return a `video_folder.Decoded` instead (frames
+      plus what the container stated), which makes truncated files count.
     label: label(record) -> int.
     num_classes: number of labels.
     frame_shape: native (H, W, C) if all videos share it, else None.
@@ -328,9 +340,9 @@ def read_array(record: dict[str, Any], select, key: str = 'video'):
   return None if indices is None else video[indices]
 
 
-def read_file(record: dict[str, Any], select):
+def read_file(record: dict[str, Any], select) -> video_folder.Decoded:
   """Reader of {'path': ...} records: decodes with PyAV."""
-  return video_folder.read_video(record['path'], select)
+  return video_folder.decode_video(record['path'], select)
 
 
 def record_label(record: dict[str, Any], key: str) -> int:
@@ -387,14 +399,69 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
 # Elements.
 
 
+# Files already warned about, per process: each grain worker has its own.
+_warned: set[tuple[int, str]] = set()
+_warned_lock = threading.Lock()  # grain's read threads share the set.
+
+
+def _warn_once(status: int, name: str, message: str, *args) -> None:
+  """Logs `message % args` the first time `name` is bad in this process."""
+  with _warned_lock:
+    if (status, name) in _warned:
+      return
+    _warned.add((status, name))
+  logging.warning(message, *args)
+
+
+def _encode_names(names: Sequence[str]) -> str:
+  """File names as one string, so that they batch like any leaf ('': none)."""
+  return json.dumps(list(names)) if names else ''
+
+
+def _decode_names(encoded: str) -> list[str]:
+  """Inverse of `_encode_names`; batch padding ('0') holds none."""
+  return json.loads(encoded) if str(encoded).startswith('[') else []
+
+
+def _element(video, label, status, short=0, failed=(), truncated=()):
+  """An element of the stream before batching; names of bad files encoded."""
+  return {'video': video, 'label': label, '_status': status, '_short': short,
+          '_failed': _encode_names(failed),
+          '_truncated': _encode_names(truncated)}
+
+
+def _read(source: Source, record: Any, select):
+  """source.read -> (frames | None, status, bad file's name | None).
+
+  A bad file is logged the first time this process reads it.
+  """
+  try:
+    got = source.read(record, select)
+  except video_folder.DecodeError as e:
+    name = e.path or str(e)
+    _warn_once(_FAILED, name, 'Skipping unreadable video %s: %s (counted once '
+               'in data/failed_videos).', name, e.cause)
+    return None, _FAILED, name
+  if not isinstance(got, video_folder.Decoded):
+    return got, _OK, None
+  if got.truncated:
+    _warn_once(_TRUNCATED, got.path, 'Truncated video %s: %d frames decodable '
+               'of the %d its container states; clips reaching the cut are '
+               'skipped (counted once in data/truncated_videos).', got.path,
+               got.decoded, got.expected)
+    return None, _TRUNCATED, got.path
+  return got.frames, _OK, None
+
+
 def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
               params: ClipParams) -> dict[str, Any]:
   """Reads, samples and transforms one clip; never raises on a bad video.
 
   Returns:
     {'video': uint8 (T, h, w, C) (None if not ok), 'label': int32,
-     '_status': _OK | _FAILED | _SHORT, '_short': 1 if the video was shorter
-     than the clip span}.
+     '_status': _OK | _FAILED | _SHORT | _TRUNCATED, '_short': 1 if the video
+     was shorter than the clip span, '_failed' / '_truncated': the bad file's
+     name (encoded, see `_encode_names`) or ''}.
   """
   stride = params.stride
   if params.max_stride and rng is not None:
@@ -409,19 +476,19 @@ def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
                          short_video=params.short_video)
 
   label = np.int32(source.label(record))
-  try:
-    frames = source.read(record, select)
-  except video_folder.DecodeError as e:
-    logging.warning('Skipping unreadable video: %s', e)
-    return {'video': None, 'label': label, '_status': _FAILED, '_short': 0}
+  frames, status, name = _read(source, record, select)
+  if status == _FAILED:
+    return _element(None, label, _FAILED, failed=[name])
+  if status == _TRUNCATED:
+    return _element(None, label, _TRUNCATED, truncated=[name])
   short = int(bool(lengths) and lengths[-1] < span)
   if frames is None:
-    return {'video': None, 'label': label, '_status': _SHORT, '_short': short}
+    return _element(None, label, _SHORT, short)
   frames = spatial_transform(
       frames, rng, resize=params.resize, scale_jitter=params.scale_jitter,
       crop_size=params.crop_size, random_crop=params.random_crop,
       flip=params.flip)
-  return {'video': frames, 'label': label, '_status': _OK, '_short': short}
+  return _element(frames, label, _OK, short)
 
 
 def _train_element(record, rng, *, source, params):
@@ -435,8 +502,7 @@ def _eval_element(index, *, source, params, shard_index, shard_count,
   if global_index < len(source.data):
     e = load_clip(source, source.data[global_index], None, params)
   else:
-    e = {'video': None, 'label': np.int32(0), '_status': _OK, '_short': 0,
-         '_pad': True}
+    e = dict(_element(None, np.int32(0), _OK), _pad=True)
   ok = e['_status'] == _OK and not e.pop('_pad', False)
   if e['video'] is None:
     e['video'] = np.zeros(out_shape, np.uint8)
@@ -448,14 +514,16 @@ class _DropBadIterator(grain.DatasetIterator):
   """Drops failed / skipped elements; their counts ride on the next element."""
 
   def __next__(self):
-    failed = short = 0
+    failed, truncated, short = [], [], 0
     while True:
       e = next(self._parent)
       short += e['_short']
+      failed += _decode_names(e['_failed'])
+      truncated += _decode_names(e['_truncated'])
       if e['_status'] == _OK:
         break
-      failed += e['_status'] == _FAILED
-    e = dict(e, _failed=np.int32(failed), _short=np.int32(short),
+    e = dict(e, _failed=_encode_names(failed),
+             _truncated=_encode_names(truncated), _short=np.int32(short),
              mask=np.bool_(True))
     del e['_status']
     return e
@@ -488,9 +556,8 @@ def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
       out[k] = split_fragments(out[k], fragment_frames, fragment_overlap)
     if k in out and time_major:
       out[k] = np.ascontiguousarray(np.moveaxis(out[k], 1, 0))
-  failed = (batch['_failed'] if '_failed' in batch
-            else batch['_status'] == _FAILED)
-  out['_stats'] = {'failed': np.int64(np.sum(failed)),
+  names = lambda key: [n for s in batch[key] for n in _decode_names(s)]
+  out['_stats'] = {'failed': names('_failed'), 'truncated': names('_truncated'),
                    'too_short': np.int64(np.sum(batch['_short']))}
   return out
 
@@ -501,20 +568,48 @@ def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
 
 @dataclasses.dataclass
 class DecodeStats:
-  """Bad input seen so far by an iterator (checkpointed with it).
+  """Bad input seen so far by an iterator (checkpointed with it, JSON-able).
 
   Attributes:
-    failed: unreadable / truncated / empty videos (skipped in training,
-      masked out in eval).
-    too_short: videos shorter than the clip span (looped, padded or, with
-      short_video='skip', skipped).
+    failed: distinct files that could not be decoded (skipped in training,
+      masked out in eval), however often they are drawn.
+    too_short: reads of videos shorter than the clip span (looped, padded or,
+      with short_video='skip', skipped); a video drawn again counts again.
+    failed_reads: reads that failed (every draw of a bad file).
+    truncated: distinct files found cut (`video_folder.Decoded.truncated`);
+      reads that reach the cut are skipped / masked out.
+    failed_files, truncated_files: those files, in the order first seen.
   """
   failed: int = 0
   too_short: int = 0
+  failed_reads: int = 0
+  truncated: int = 0
+  failed_files: list[str] = dataclasses.field(default_factory=list)
+  truncated_files: list[str] = dataclasses.field(default_factory=list)
+
+  def update(self, failed: Sequence[str] = (), truncated: Sequence[str] = (),
+             too_short: int = 0) -> None:
+    """Adds one batch: names of bad files read (repeats allowed), short reads."""
+    self.failed_reads += len(failed)
+    self.too_short += int(too_short)
+    self.failed += _add_new(self.failed_files, failed)
+    self.truncated += _add_new(self.truncated_files, truncated)
 
   def metrics(self, prefix: str = 'data/') -> dict[str, int]:
     return {f'{prefix}failed_videos': self.failed,
+            f'{prefix}failed_reads': self.failed_reads,
+            f'{prefix}truncated_videos': self.truncated,
             f'{prefix}too_short_videos': self.too_short}
+
+
+def _add_new(seen: list[str], names: Sequence[str]) -> int:
+  """Appends the names not in `seen` (once each); returns how many."""
+  known, before = set(seen), len(seen)
+  for n in names:
+    if n not in known:
+      known.add(n)
+      seen.append(n)
+  return len(seen) - before
 
 
 @dataclasses.dataclass
@@ -683,8 +778,7 @@ class DataIterator(Iterator[Batch]):
   def __next__(self) -> Batch:
     batch = next(self._it)
     stats = batch.pop('_stats')
-    self.stats.failed += int(stats['failed'])
-    self.stats.too_short += int(stats['too_short'])
+    self.stats.update(stats['failed'], stats['truncated'], stats['too_short'])
     return batch
 
   def get_state(self) -> dict[str, Any]:

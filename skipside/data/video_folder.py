@@ -7,8 +7,31 @@ Layout (class names sorted alphabetically give the label ids):
 
 If `root/<split>` exists it is used, else `root` itself (one split; an
 error if `root` holds other split folders such as `train/`, `test/`). Files with
-the extensions in `VIDEO_EXTENSIONS` are listed; a file that cannot be decoded
-is skipped by the pipeline with a warning and counted (`DecodeStats.failed`).
+the extensions in `VIDEO_EXTENSIONS` are listed.
+
+Bad files (the pipeline logs one warning per file, naming it and the cause):
+
+  * unreadable: cannot be opened, has no video stream, no decodable frame, or
+    the decoder raises. Skipped (masked out in eval); counted once per file in
+    `data/failed_videos` (every read in `data/failed_reads`).
+  * truncated: a read decodes to the end of the file and finds fewer than
+    `TRUNCATED_FRACTION` (half) of the frames the container states
+    (`stream.frames`, else duration x average rate), e.g. an AVI or MKV cut
+    in the middle (an MP4 cut in the middle has usually lost its index and is
+    unreadable). Counted once per file in `data/truncated_videos`.
+    A read that reaches the cut is skipped (masked out in eval), not used,
+    because (1) the decoder conceals the partial data at the cut without an
+    error: the last frame it returned was corrupt in most cut AVI and H.264
+    files tried (mean error 20-100 of 255); (2) fewer than half the frames,
+    looped or padded to a clip, are not the video the label describes.
+    A read stops at its clip's last frame, so a training clip that ends
+    before the cut is used (with B-frames its last frame may be one the cut
+    damaged): finding the cut without decoding to the end would cost every
+    read. Eval's centred clip always reaches the cut of a file cut before
+    its middle, so eval always skips such a file. A file that lost less than
+    half its frames decodes as a shorter video (`short_video` applies; its
+    last frame may be damaged): containers often overstate their count by a
+    few frames, and that must not count as damage.
 
 Prepare:
 
@@ -41,6 +64,7 @@ Then:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Sequence
 
@@ -50,12 +74,53 @@ import numpy as np
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg',
                     '.mpeg', '.ogv')
 
+# A read that ends below this fraction of the container's frame count: a cut
+# file, not the few frames containers commonly overstate.
+TRUNCATED_FRACTION = 0.5
+
 _SPLIT_NAMES = {'train', 'training', 'val', 'valid', 'validation', 'test',
                 'testing'}
 
 
 class DecodeError(Exception):
-  """A video file could not be read (missing, corrupt, truncated, empty)."""
+  """A video could not be read (missing, corrupt, empty, decoder error).
+
+  Attributes:
+    cause: what went wrong.
+    path: the file, if the video is one (None for records without a name);
+      the pipeline counts failures once per path.
+  """
+
+  def __init__(self, cause: str, path: str | None = None):
+    super().__init__(cause, path)  # Both in args: pickles whole.
+    self.cause, self.path = cause, path
+
+  def __str__(self) -> str:
+    return f'{self.path}: {self.cause}' if self.path else self.cause
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  """One read of a video file.
+
+  Attributes:
+    path: the file.
+    frames: uint8 (T, H, W, 3), the selected frames, or None if `select`
+      dropped the video.
+    decoded: frames decoded when the read ran to the end of the file; None
+      when it stopped at the clip's last frame (the file holds at least that).
+    expected: frames the container states (0: unknown).
+  """
+  path: str
+  frames: np.ndarray | None
+  decoded: int | None
+  expected: int
+
+  @property
+  def truncated(self) -> bool:
+    """The file ended far before its container said (a cut file)."""
+    return (self.decoded is not None
+            and self.decoded < TRUNCATED_FRACTION * self.expected)
 
 
 def list_videos(
@@ -104,13 +169,29 @@ def list_videos(
   return paths, labels, classes
 
 
-def read_video(
+def _expected_frames(container, stream) -> int:
+  """Frames the container states: its count, else duration x average rate."""
+  if stream.frames > 0:
+    return int(stream.frames)
+  rate = stream.average_rate
+  if stream.duration and stream.time_base:
+    seconds = float(stream.duration * stream.time_base)
+  elif container.duration:
+    seconds = container.duration / av.time_base
+  else:
+    return 0
+  return int(round(seconds * float(rate))) if rate else 0
+
+
+def decode_video(
     path: str, select: Callable[[int], np.ndarray | None],
-) -> np.ndarray | None:
+) -> Decoded:
   """Decodes the frames `select(num_frames)` of a video as RGB.
 
   Only frames up to the last selected one are decoded when the container
-  states its frame count; otherwise (or if the count was wrong) all frames.
+  states its frame count; otherwise (or if the count was overstated, e.g. a
+  truncated file) all frames, and `select` is called again with the number
+  decoded.
 
   Args:
     path: video file.
@@ -118,7 +199,8 @@ def read_video(
       drop the video (e.g. too short under `short_video='skip'`).
 
   Returns:
-    uint8 (len(indices), H, W, 3), or None if `select` returned None.
+    Decoded: frames uint8 (len(indices), H, W, 3) or None, and the counts
+    that tell a truncated file (`Decoded.truncated`).
 
   Raises:
     DecodeError: the file is missing, unreadable or has no video frames.
@@ -126,27 +208,43 @@ def read_video(
   try:
     with av.open(path) as container:
       if not container.streams.video:
-        raise DecodeError(f'no video stream in {path}')
+        raise DecodeError('no video stream', path)
       stream = container.streams.video[0]
       stream.thread_type = 'AUTO'
       claimed = stream.frames
+      expected = _expected_frames(container, stream)
       indices = select(claimed) if claimed > 0 else None
       stop = int(indices.max()) + 1 if indices is not None else None
-      frames = []
+      frames, to_end = [], True
       for frame in container.decode(stream):
         frames.append(frame)
         if stop is not None and len(frames) >= stop:
+          to_end = False
           break
   except (av.FFmpegError, OSError, ValueError, IndexError) as e:
-    raise DecodeError(f'{path}: {e}') from e
+    # FFmpeg's str(e) repeats the path; its strerror is the cause alone.
+    raise DecodeError(getattr(e, 'strerror', None) or str(e), path) from e
   if not frames:
-    raise DecodeError(f'{path}: no decodable frames')
+    raise DecodeError('no decodable frames', path)
   if indices is None or len(frames) < stop:
     # Frame count unknown or overstated (e.g. a truncated file): all decoded.
     indices = select(len(frames))
-    if indices is None:
-      return None
-  return np.stack([frames[i].to_ndarray(format='rgb24') for i in indices])
+  decoded = len(frames) if to_end else None
+  if indices is None:
+    return Decoded(path, None, decoded, expected)
+  video = np.stack([frames[i].to_ndarray(format='rgb24') for i in indices])
+  return Decoded(path, video, decoded, expected)
+
+
+def read_video(
+    path: str, select: Callable[[int], np.ndarray | None],
+) -> np.ndarray | None:
+  """`decode_video(path, select).frames`: uint8 (T, H, W, 3) or None.
+
+  A truncated file gives frames from its decodable part (the last ones may be
+  corrupt); the pipeline reads with `decode_video` and skips such reads.
+  """
+  return decode_video(path, select).frames
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 25,
@@ -169,7 +267,7 @@ class VideoFolderSource:
   """grain `RandomAccessDataSource` of {'path': str, 'label': int} records.
 
   Decoding happens in the pipeline's map, so a broken file fails one element
-  (skipped and counted there), not the source.
+  (skipped, counted and logged there), not the source.
 
   Example:
     source = VideoFolderSource('/data/hmdb51', split='train')
