@@ -1,6 +1,6 @@
 r"""Trains a skipside network: the absl entry point.
 
-  python -m launch.train                        # the default run (CPU, about 35 s)
+  python -m launch.train                        # the default run (CPU, about 2 min)
   python -m launch.train --config=experiments/configs/default.py:bp \
       --workdir=workdir/bp --config.train.num_steps=2000
 

@@ -3,7 +3,7 @@ r"""Skip-Sideways on the embedded MovingDigits motion task (the default run).
   python -m launch.train --config=experiments/configs/default.py --workdir=workdir/default
 
 Variants (``--config=experiments/configs/default.py:<variant>``):
-  (none)        Skip-Sideways, motion task, about 35 s on a 2-core CPU.
+  (none)        Skip-Sideways, motion task, about 2 min on a 2-core CPU.
   sideways      the same network without skip edges (chain-only Sideways).
   bp            synchronous exact backprop, same network.
   pipelined_bp  exact gradients through the pipelined graph, same skips.
