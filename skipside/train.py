@@ -44,6 +44,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from skipside import data as data_lib
 from skipside import batchnorm, engine, multigrid, network, optim, placement
@@ -322,7 +323,6 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   if x.is_fully_replicated:
     return np.asarray(x.addressable_data(0))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -551,7 +551,6 @@ class Checkpointer:
         print(f'Moved the unreadable checkpoint at step {step} to {dst}',
               flush=True)
     if jax.process_count() > 1:  # Every process sees the move, then reloads.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('skipside_unreadable_checkpoints')
     self.manager.reload()
 
@@ -960,6 +959,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_main = jax.process_index() == 0
   # Before anything is written: config.json describes the checkpoints.
   prepare_workdir(config, workdir, restart=restart, move=is_main)
+  if jax.process_count() > 1:  # Every process checked before main writes.
+    multihost_utils.sync_global_devices('skipside_workdir_checked')
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:

@@ -370,7 +370,6 @@ def sideways_reference(spec, params, clip, targets, flush):
 def test_flush_masks_loss_and_lets_messages_land(flush):
   spec, params = NETS['mlp_skips_sum']
   clip, targets = _data(spec, frames=6)
-  depth = spec.depth
   loss0, g0, _ = engine.loss_and_grads(spec, params, clip, targets,
                                        mode='pipelined_bp')
   loss1, g1, out = engine.loss_and_grads(spec, params, clip, targets,

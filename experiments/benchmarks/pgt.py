@@ -41,7 +41,7 @@ from flax import nnx
 
 from experiments.configs import pgt as pgt_config
 from experiments.benchmarks import common
-from skipside import engine, network, optim, progressive
+from skipside import engine, network, optim, progressive, train
 from skipside.data import moving_digits
 
 CLIP = 16
