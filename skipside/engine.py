@@ -470,10 +470,11 @@ def window_grads(spec, params, clip, targets, carry, *, mode, start, length,
 
 
 def _prepare(spec, params, clip, targets, carry, mode, compute_dtype, *,
-             flush, mask_fill, needs_loss=True):
+             flush, mask_fill, needs_loss=True, debug_checks=False):
   """The spec for the clip's frame size (any spatial size with the
   network's channels: multigrid) and the carry, fresh if ``None``; the
-  inputs checked (``check_inputs``)."""
+  inputs checked (``check_inputs``; with ``debug_checks`` also their values,
+  ``check_values``, on the host when the program runs)."""
   check_mode(mode)
   if clip.ndim != len(spec.frame_shape) + 2:  # Before the frame size is read.
     raise ValueError(f'clip of shape {tuple(clip.shape)}: expected (batch, '
@@ -485,17 +486,21 @@ def _prepare(spec, params, clip, targets, carry, mode, compute_dtype, *,
                      f'network: {e}') from e
   check_inputs(spec, clip, targets, mode=mode, carry=carry, flush=flush,
                mask_fill=mask_fill, needs_loss=needs_loss)
+  if debug_checks:  # Raises inside the run: a JaxRuntimeError naming it.
+    jax.debug.callback(functools.partial(check_values, spec), clip, targets)
   if carry is None:
     carry = init_carry(spec, params, clip, targets, mode, compute_dtype)
   return spec, carry
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'mode', 'flush',
-                                             'mask_fill', 'compute_dtype'))
+                                             'mask_fill', 'compute_dtype',
+                                             'debug_checks'))
 def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
                    targets: jax.Array, *, mode: str,
                    carry: StreamCarry | None = None, flush: int = 0,
-                   mask_fill: bool = True, compute_dtype=jnp.float32):
+                   mask_fill: bool = True, compute_dtype=jnp.float32,
+                   debug_checks: bool = False):
   """Loss and accumulated parameter gradients of one clip, in any mode.
 
   Args:
@@ -509,6 +514,8 @@ def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
     mask_fill: mask the pipeline fill out of the loss.
     compute_dtype: dtype of activations and messages (``jnp.bfloat16`` for
       mixed precision); params, gradients and the loss stay float32.
+    debug_checks: also check the values (``check_values``: labels in range,
+      finite pixels) when the step runs, on the host (slow; for debugging).
 
   Returns:
     ``(loss, grads, ClipOutput)``; ``grads`` has the structure of ``params``:
@@ -516,7 +523,8 @@ def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
     approximation of it for ``sideways``.
   """
   spec, carry = _prepare(spec, params, clip, targets, carry, mode,
-                        compute_dtype, flush=flush, mask_fill=mask_fill)
+                        compute_dtype, flush=flush, mask_fill=mask_fill,
+                        debug_checks=debug_checks)
   return window_grads(spec, params, clip, targets, carry, mode=mode, start=0,
                        length=clip.shape[1] + flush, mask_fill=mask_fill,
                        compute_dtype=compute_dtype)
@@ -608,13 +616,14 @@ def optimize_clip(grads_fn, optimizer, params, opt_state, carry, *,
 
 @functools.partial(jax.jit, static_argnames=('spec', 'optimizer', 'mode',
                                              'flush', 'mask_fill',
-                                             'update_every', 'compute_dtype'))
+                                             'update_every', 'compute_dtype',
+                                             'debug_checks'))
 def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
                params: PyTree, opt_state: PyTree, clip: jax.Array,
                targets: jax.Array, *, mode: str,
                carry: StreamCarry | None = None, flush: int = 0,
                mask_fill: bool = True, update_every: int | None = None,
-               compute_dtype=jnp.float32):
+               compute_dtype=jnp.float32, debug_checks: bool = False):
   """One training step on a clip: gradients in ``mode``, then optax.
 
   By default one optimizer step per clip. ``update_every=k`` is the online
@@ -622,7 +631,8 @@ def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
   flush), the stream carried through.
 
   Nothing is donated, so the inputs stay usable; a training loop that owns
-  its state should donate it (``skipside.train`` does).
+  its state should donate it (``skipside.train`` does). ``debug_checks``:
+  as in ``loss_and_grads``.
 
   Returns:
     ``(params, opt_state, ClipOutput)``; with ``update_every`` the metrics are
@@ -636,7 +646,8 @@ def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
         spec, optimizer, params, opt_state, clip, labels, mode='sideways')
   """
   spec, carry = _prepare(spec, params, clip, targets, carry, mode,
-                        compute_dtype, flush=flush, mask_fill=mask_fill)
+                        compute_dtype, flush=flush, mask_fill=mask_fill,
+                        debug_checks=debug_checks)
 
   def grads_fn(p, c, start, length):
     return window_grads(spec, p, clip, targets, c, mode=mode, start=start,

@@ -676,3 +676,22 @@ def test_gradient_ticks_are_when_messages_first_land(name):
                                flush=dist[0])[0] == 1
   assert engine.gradient_ticks(spec, 'pipelined_bp', frames) == (
       (frames - spec.depth,) * spec.num_stages)
+
+
+def test_opt_in_debug_checks_name_bad_values_inside_the_step():
+  """Labels out of range give a NaN or plausible loss silently; with
+  debug_checks the step itself names them (the training loop checks every
+  batch on the host before the step instead)."""
+  spec, params = NETS['conv_skips_concat']
+  clip, _ = _data(spec)
+  bad = jnp.array([0, 7])
+  engine.loss_and_grads(spec, params, clip, bad, mode='sideways')  # Silent.
+  with pytest.raises(Exception, match=r'label 7 is out of range for 3'):
+    jax.block_until_ready(engine.loss_and_grads(
+        spec, params, clip, bad, mode='sideways', debug_checks=True))
+  optimizer = optax.sgd(0.1)
+  with pytest.raises(Exception, match=r'non-finite pixels'):
+    jax.block_until_ready(engine.train_step(
+        spec, optimizer, params, optimizer.init(params),
+        clip.at[0, 1].set(jnp.inf), jnp.array([0, 1]), mode='sideways',
+        debug_checks=True))
