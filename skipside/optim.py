@@ -94,19 +94,27 @@ def _is_step_state(x) -> bool:
   return isinstance(x, TrainingStepState)
 
 
+def _step_states(opt_state: PyTree) -> list[TrainingStepState]:
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_step_state)
+          if _is_step_state(s)]
+
+
+def _with_training_step(opt_state: PyTree, step_of) -> PyTree:
+  """Every ``TrainingStepState`` with ``training_step = step_of(state)``."""
+  return jax.tree.map(
+      lambda s: (s._replace(training_step=step_of(s)) if _is_step_state(s)
+                 else s), opt_state, is_leaf=_is_step_state)
+
+
 def advance(opt_state: PyTree) -> PyTree:
   """``opt_state`` one training step later (every ``TrainingStepState``)."""
-  return jax.tree.map(
-      lambda s: (s._replace(training_step=s.training_step + 1)
-                 if _is_step_state(s) else s),
-      opt_state, is_leaf=_is_step_state)
+  return _with_training_step(opt_state, lambda s: s.training_step + 1)
 
 
 def learning_rate(opt_state: PyTree) -> jax.Array | None:
   """The rate the last update used (``None`` for an optimizer without a
   ``TrainingStepState``: a user's own optax)."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_step_state)
-           if _is_step_state(s)]
+  found = _step_states(opt_state)
   return found[0].learning_rate if found else None
 
 
@@ -120,12 +128,8 @@ def finish_step(old: tuple, new: tuple, loss: jax.Array, *,
     return new
   ok = jnp.isfinite(loss)
   params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  steps = [s.training_step for s in jax.tree.leaves(new[1],
-                                                    is_leaf=_is_step_state)
-           if _is_step_state(s)]
-  return params, jax.tree.map(
-      lambda s: s._replace(training_step=steps[0]) if _is_step_state(s) else s,
-      opt_state, is_leaf=_is_step_state)
+  steps = iter(s.training_step for s in _step_states(new[1]))
+  return params, _with_training_step(opt_state, lambda s: next(steps))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
