@@ -118,44 +118,54 @@ def has_norms(spec, params: PyTree) -> bool:
 def clip_moments(spec, params: PyTree, clip: jax.Array) -> list:
   """Sub-batch moments at every norm layer over every frame of ``clip``.
 
-  The synchronous (``bp``) forward, frame by frame: at evaluation every
-  engine gives each stage the same inputs, frame ``t``'s features (the
+  The synchronous (``bp``) forward (``tick.forward_group`` over all stages,
+  scanned over the frames, each read as the engines read it): at evaluation
+  every engine gives each stage the same inputs, frame ``t``'s features (the
   pipelined ones a few ticks later). Temporal stages carry their state.
 
   Args:
-    clip: ``(B, T, *frame_shape)``.
+    clip: ``(B, T, *frame_shape)``, float or uint8 (scaled to [0, 1]).
 
   Returns:
     Per norm layer (block order, then module order) ``(means, variances)``,
     each ``(T * k, C)``.
   """
-  from skipside import stages  # pylint: disable=g-import-not-at-top
-  b, t = clip.shape[:2]
-  states = list(spec.init_states(params, b))
-  blocks = [nnx.merge(spec.block_defs[l], params['blocks'][l])
-            for l in range(spec.num_stages)]
-  # Every norm layer sows its moments; nnx.capture collects them per block.
-  layers = []
-  for l, blk in enumerate(blocks):
-    for path, m in nnx.iter_modules(blk):
-      if isinstance(m, stages.SubBatchNorm):
+  # pylint: disable=g-import-not-at-top
+  from skipside import engine, stages, tick  # They import this module.
+  num = spec.num_stages
+
+  def norms(blk):
+    return [(path, m) for path, m in nnx.iter_modules(blk)
+            if isinstance(m, stages.SubBatchNorm)]
+  paths = [[path for path, _ in norms(nnx.merge(spec.block_defs[l],
+                                                params['blocks'][l]))]
+           for l in range(num)]
+
+  def frame(states, t):
+    sown = {}
+
+    def apply_block(l, p, inputs, state):
+      """The block with its norm layers sowing their moments."""
+      blk = nnx.merge(spec.block_defs[l], p)
+      for _, m in norms(blk):
         m.collect = True
-        layers.append((l, path))
-  forwards = [nnx.capture(blk, nnx.Intermediate) for blk in blocks]
-  moments = [([], []) for _ in layers]
-  for i in range(t):
-    x = clip[:, i].astype(jnp.float32)
-    outs, sown = [], []
-    for l, forward in enumerate(forwards):
-      inputs = (x,) if l == 0 else tuple(outs[k] for k in spec.in_edges[l])
-      (y, states[l]), captured = forward(inputs, states[l])
-      outs.append(y)
-      sown.append(captured)
-    for (means, variances), (l, path) in zip(moments, layers):
-      (mean, var), = _at(sown[l], path)['moments'].get_value()
-      means.append(mean)
-      variances.append(var)
-  return [(jnp.concatenate(a), jnp.concatenate(v)) for a, v in moments]
+      (y, state), sown[l] = nnx.capture(blk, nnx.Intermediate)(
+          tuple(inputs), state)
+      return y, state
+
+    x = engine.read_frame(clip, t, jnp.float32)
+    _, new = tick.forward_group(
+        spec, range(num), lambda l: params['blocks'][l], None,
+        lambda l: states[l], x, sync=True, apply_block=apply_block)
+    moments = [_at(sown[l], path)['moments'].get_value()[0]
+               for l in range(num) for path in paths[l]]
+    return tuple(new[l] for l in range(num)), moments
+
+  states = tuple(spec.init_states(params, clip.shape[0]))
+  _, moments = jax.lax.scan(frame, states, jnp.arange(clip.shape[1]))
+  # (T, k, C) per layer -> (T * k, C), frame-major.
+  return [(m.reshape(-1, m.shape[-1]), v.reshape(-1, v.shape[-1]))
+          for m, v in moments]
 
 
 def _at(tree, path):

@@ -68,6 +68,10 @@ same semantics: ``read_frame``, ``tick_target``, ``tick_weights``,
 ``update_metrics``, ``run_ticks``, ``window_grads``, ``finish``,
 ``apply_gradients``, ``optimize_clip``.
 
+The engine interface: ``LocalEngine`` (this module) and
+``mesh.MeshEngine`` have the same methods and return types; the training
+loop, PGT and the TPU planner take either and never ask which it is.
+
 Example::
 
     spec, params = network.split(net)
@@ -78,6 +82,7 @@ Example::
                                              mode='sideways', carry=out.carry)
 """
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -656,3 +661,101 @@ def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
   return optimize_clip(grads_fn, optimizer, params, opt_state, carry,
                        num_frames=clip.shape[1], flush=flush,
                        update_every=update_every)
+
+
+# -- The engine interface. -----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LocalEngine:
+  """The single-device engine behind the interface every runner uses.
+
+  An engine is a network's static structure (on a mesh, also its placement)
+  and runs it on params held in the engine's own *state layout*: here the
+  ``network.split`` pytree, on ``mesh.MeshEngine`` the stage-sharded packed
+  layout. ``skipside.train``, ``skipside.progressive`` and
+  ``skipside.tpu_plan`` call only these methods, so they run unchanged on
+  one device or a mesh. Hashable by value (a static ``jit`` argument).
+
+  Methods (the same on both engines):
+
+  - ``to_state(tree)`` / ``to_tree(state)``: params, or an optimizer state
+    over them, into and out of the state layout (checkpoints and
+    evaluation use the pytree); ``state_like(tree)``: the layout's
+    ``ShapeDtypeStruct``s (ahead-of-time lowering); ``params_like(state)``:
+    the params pytree's ``ShapeDtypeStruct``s.
+  - ``put_batch(tree, global_size)``: this process's rows of a batch as the
+    arrays the engine takes; ``batch_like``: their ``ShapeDtypeStruct``s.
+  - ``init_carry``, ``from_stream_carry``, ``to_stream_carry``: a fresh
+    stream in the engine's carry layout; ``StreamCarry`` in and out (exact).
+  - ``run`` / ``window_grads``: ``length`` ticks of a clip from frame
+    ``start`` (building blocks inside ``jit``: PGT's fragments).
+  - ``forward`` / ``train_step``: one clip, jitted, as ``forward`` (without
+    ``collect``: returns the ``ClipOutput``) and ``train_step`` here.
+  - ``with_spec(spec)``: the same engine (same placement) on another spec of
+    the network: another frame size, PGT's pooled caches.
+
+  Example::
+
+    eng = engine.LocalEngine(spec)       # or mesh.MeshEngine(mspec)
+    params = eng.to_state(params)
+    opt_state = eng.to_state(optimizer.init(eng.to_tree(params)))
+    params, opt_state, out = eng.train_step(optimizer, params, opt_state,
+                                            clip, labels, mode='sideways')
+    out = eng.forward(params, clip, labels, mode='sideways')
+  """
+  spec: NetworkSpec
+
+  def with_spec(self, spec: NetworkSpec) -> 'LocalEngine':
+    return LocalEngine(spec)
+
+  def to_state(self, tree: PyTree) -> PyTree:
+    return tree
+
+  def to_tree(self, state: PyTree) -> PyTree:
+    return state
+
+  def state_like(self, tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+  def params_like(self, params: PyTree) -> PyTree:
+    return self.state_like(params)
+
+  def put_batch(self, tree: PyTree, global_size: int) -> PyTree:
+    del global_size  # Each process runs its own rows.
+    return tree
+
+  def batch_like(self, tree: PyTree, global_size: int) -> PyTree:
+    """``ShapeDtypeStruct``s of ``put_batch(x, global_size)`` for
+    process-local rows shaped like ``tree`` (ahead-of-time lowering)."""
+    del global_size
+    return self.state_like(tree)
+
+  def init_carry(self, params, clip, targets, mode: str,
+                 compute_dtype=jnp.float32) -> StreamCarry:
+    return init_carry(self.spec, params, clip, targets, mode, compute_dtype)
+
+  def from_stream_carry(self, carry: StreamCarry) -> StreamCarry:
+    return carry
+
+  def to_stream_carry(self, carry: StreamCarry) -> StreamCarry:
+    return carry
+
+  def run(self, params, clip, targets, carry, *, mode: str, start,
+          length: int, mask_fill: bool, compute_dtype, total=None):
+    """``run_ticks`` without gradients: ``(loss, ClipOutput)``."""
+    loss, (carry, m, _, _) = run_ticks(
+        self.spec, params, clip, targets, carry, mode=mode, start=start,
+        length=length, mask_fill=mask_fill, compute_dtype=compute_dtype,
+        total=total)
+    return loss, finish(self.spec, carry, m)
+
+  def window_grads(self, params, clip, targets, carry, **kw):
+    """``window_grads``: ``(loss, grads, ClipOutput)``."""
+    return window_grads(self.spec, params, clip, targets, carry, **kw)
+
+  def forward(self, params, clip, targets, **kw) -> ClipOutput:
+    return forward(self.spec, params, clip, targets, **kw)[0]
+
+  def train_step(self, optimizer, params, opt_state, clip, targets, **kw):
+    return train_step(self.spec, optimizer, params, opt_state, clip, targets,
+                      **kw)

@@ -921,6 +921,21 @@ def loss_and_grads(mspec: MeshSpec, params: PyTree, clip: jax.Array,
                        mask_fill=mask_fill, compute_dtype=compute_dtype)
 
 
+def _forward(mspec, pstack, params, clip, targets, *, mode, carry, flush,
+             mask_fill, compute_dtype) -> engine.ClipOutput:
+  """The pipelined (or ``bp``) forward of a clip on packed params; ``params``
+  the pytree (or its shapes) for the shapes of a fresh carry."""
+  carry = _prepare(mspec, params, clip, targets, carry, mode,
+                   compute_dtype, flush=flush, mask_fill=mask_fill,
+                   needs_loss=False)
+  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  _, (carry, m, _) = _run_packed(
+      mspec, pstack, clip, targets, carry, mode=fwd_mode, start=0,
+      length=clip.shape[1] + flush, mask_fill=mask_fill,
+      compute_dtype=compute_dtype, params_like=params)
+  return engine.finish(mspec.spec, carry, m)
+
+
 @functools.partial(jax.jit, static_argnames=('mspec', 'mode', 'flush',
                                              'mask_fill', 'compute_dtype'))
 def forward(mspec: MeshSpec, params: PyTree, clip: jax.Array,
@@ -929,14 +944,11 @@ def forward(mspec: MeshSpec, params: PyTree, clip: jax.Array,
             compute_dtype=jnp.float32) -> engine.ClipOutput:
   """Runs a clip forward on the mesh (evaluation); as ``engine.forward``
   without ``collect``. ``sideways`` uses the pipelined forward."""
-  carry = _prepare(mspec, params, clip, targets, carry, mode,
-                   compute_dtype, flush=flush, mask_fill=mask_fill,
-                   needs_loss=False)
-  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
-  _, (carry, m, _) = _run(mspec, params, clip, targets, carry, mode=fwd_mode,
-                          start=0, length=clip.shape[1] + flush,
-                          mask_fill=mask_fill, compute_dtype=compute_dtype)
-  return engine.finish(mspec.spec, carry, m)
+  pstack = _ravel_params(_plan(mspec, params, compute_dtype), params,
+                         mspec.pad_value)
+  return _forward(mspec, pstack, params, clip, targets, mode=mode,
+                  carry=carry, flush=flush, mask_fill=mask_fill,
+                  compute_dtype=compute_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=('mspec', 'optimizer', 'mode',
@@ -1086,6 +1098,20 @@ def train_step_sharded(mspec: MeshSpec,
   return _constrain(mspec, pstack), _constrain(mspec, opt_state), out
 
 
+@functools.partial(jax.jit, static_argnames=('mspec', 'mode', 'flush',
+                                             'mask_fill', 'compute_dtype'))
+def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
+                    targets: jax.Array, *, mode: str, carry=None,
+                    flush: int = 0, mask_fill: bool = True,
+                    compute_dtype=jnp.float32) -> engine.ClipOutput:
+  """``forward`` on the stage-sharded params (``shard_tree``): evaluation
+  without unpacking them."""
+  params = _unravel_params(_plan(mspec), pstack)  # Shapes for a fresh carry.
+  return _forward(mspec, pstack, params, clip, targets, mode=mode,
+                  carry=carry, flush=flush, mask_fill=mask_fill,
+                  compute_dtype=compute_dtype)
+
+
 def sharded_like(mspec: MeshSpec, tree: PyTree) -> PyTree:
   """``ShapeDtypeStruct``s (with shardings) of ``shard_tree(mspec, tree)``:
   the stage-sharded state's shapes, for ``lower`` and compile-only plans."""
@@ -1095,3 +1121,109 @@ def sharded_like(mspec: MeshSpec, tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=stage if _is_packed(mspec, x) else whole),
                       shapes)
+
+
+# -- The engine interface (``engine.LocalEngine``'s methods). -----------------
+
+@dataclasses.dataclass(frozen=True)
+class MeshEngine:
+  """The mesh engine behind the interface every runner uses.
+
+  The same methods and return types as ``engine.LocalEngine`` (see there);
+  the state layout is the stage-sharded one (``shard_tree``): params and
+  optimizer state packed ``(S, P)`` and sharded over 'stage', so each device
+  holds and updates only its own group's. Carries are ``MeshCarry``s.
+
+  Example::
+
+    mspec = mesh.place(spec, mesh.make_mesh(2, 4), params=params)
+    eng = mesh.MeshEngine(mspec)
+    pstack = eng.to_state(params)
+    opt_state = eng.to_state(optimizer.init(params))
+    pstack, opt_state, out = eng.train_step(optimizer, pstack, opt_state,
+                                            clip, labels, mode='sideways')
+    params = eng.to_tree(pstack)             # checkpoints, export
+  """
+  mspec: MeshSpec
+
+  def __post_init__(self):
+    if self.mspec.param_shapes is None:
+      raise ValueError(
+          'mesh.MeshEngine needs the params\' shapes for its stage-sharded '
+          'state: place the network with mesh.place(spec, mesh, ..., '
+          'params=params)')
+
+  @property
+  def spec(self) -> NetworkSpec:
+    return self.mspec.spec
+
+  def with_spec(self, spec: NetworkSpec) -> 'MeshEngine':
+    """The same groups and padding for another spec of the network (its
+    params' shapes must be the same)."""
+    m = self.mspec
+    if spec == m.spec:
+      return self
+    return MeshEngine(place(spec, m.mesh, m.groups, params=m.params_like,
+                            pad_value=m.pad_value))
+
+  def to_state(self, tree: PyTree) -> PyTree:
+    return shard_tree(self.mspec, tree)
+
+  def to_tree(self, state: PyTree) -> PyTree:
+    return unshard_tree(self.mspec, state)
+
+  def state_like(self, tree: PyTree) -> PyTree:
+    return sharded_like(self.mspec, tree)
+
+  def params_like(self, params: PyTree) -> PyTree:
+    del params  # Fixed by the placement.
+    return self.mspec.params_like
+
+  def put_batch(self, tree: PyTree, global_size: int) -> PyTree:
+    return global_batch(self.mspec.mesh, tree, global_size)
+
+  def batch_like(self, tree: PyTree, global_size: int) -> PyTree:
+    """``ShapeDtypeStruct``s of ``put_batch(x, global_size)``: the global
+    batch, sharded over 'data'."""
+    if global_size % self.mspec.num_data:
+      raise ValueError(f'batch {global_size} does not split over '
+                       f"{self.mspec.num_data} devices on 'data'")
+    sharding = NamedSharding(self.mspec.mesh, P('data'))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (global_size, *x.shape[1:]), x.dtype, sharding=sharding), tree)
+
+  def init_carry(self, params, clip, targets, mode: str,
+                 compute_dtype=jnp.float32) -> MeshCarry:
+    return init_carry(self.mspec, _unravel_params(_plan(self.mspec), params),
+                      clip, targets, mode, compute_dtype)
+
+  def from_stream_carry(self, carry) -> MeshCarry:
+    """A ``StreamCarry`` in the mesh layout (a ``MeshCarry`` as it is)."""
+    if isinstance(carry, MeshCarry):
+      return carry
+    return from_stream_carry(self.mspec, None, carry)
+
+  def to_stream_carry(self, carry: MeshCarry) -> engine.StreamCarry:
+    return to_stream_carry(self.mspec, None, carry)
+
+  def run(self, params, clip, targets, carry, *, mode: str, start,
+          length: int, mask_fill: bool, compute_dtype, total=None):
+    """``length`` ticks without gradients: ``(loss, ClipOutput)``."""
+    loss, (carry, m, _) = _run_packed(
+        self.mspec, params, clip, targets, carry, mode=mode, start=start,
+        length=length, mask_fill=mask_fill, compute_dtype=compute_dtype,
+        total=total)
+    return loss, engine.finish(self.spec, carry, m)
+
+  def window_grads(self, params, clip, targets, carry, **kw):
+    """``(loss, grads, ClipOutput)`` of a window; ``grads`` packed (zero
+    on padding)."""
+    return _window_grads_packed(self.mspec, params, clip, targets, carry,
+                                **kw)
+
+  def forward(self, params, clip, targets, **kw) -> engine.ClipOutput:
+    return forward_sharded(self.mspec, params, clip, targets, **kw)
+
+  def train_step(self, optimizer, params, opt_state, clip, targets, **kw):
+    return train_step_sharded(self.mspec, optimizer, params, opt_state, clip,
+                              targets, **kw)

@@ -63,11 +63,20 @@ Example::
                                 options=opts)
     preds.max  # (B, K): max ensemble over fragments; also .mean, .last
 
-On a mesh, pass a ``MeshSpec`` instead of the spec; for ``'avg'``/``'max'``
-place the pooled spec: ``mesh.place(progressive.pooled_spec(spec, 'avg'),
-mesh_obj, params=params)``. The mesh engine's windows run the fragments and
-the cache policies act on its carry through ``to_stream_carry`` /
-``from_stream_carry`` (exact), so the results equal the single-device ones.
+Engines: ``spec`` is a ``NetworkSpec`` (one device) or any engine
+(``engine.LocalEngine``, ``mesh.MeshEngine``), with params and optimizer
+state in that engine's state layout: on a mesh the stage-sharded one
+(``eng.to_state(params)``), gradients and updates included. The fragments
+are the engine's windows (``run``, ``window_grads``) and the cache policies
+act on its carry through ``to_stream_carry`` / ``from_stream_carry``
+(exact), so the results equal the single-device ones::
+
+    eng = mesh.MeshEngine(mesh.place(spec, mesh.make_mesh(2, 2),
+                                     params=params))
+    pstack, opt_state, out = progressive.train_step(
+        eng, optimizer, eng.to_state(params),
+        eng.to_state(optimizer.init(params)), video, labels, mode='bp',
+        options=opts)
 
 Shapes and multigrid: nothing is fixed but ``Options``; the number of
 fragments comes from the video's shape and a ``NetworkSpec`` follows the frame
@@ -82,7 +91,7 @@ length per long-cycle stage; here it is fixed.
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -234,98 +243,49 @@ def pooled_spec(spec: NetworkSpec, cache_policy: str) -> NetworkSpec:
   return PooledSpec(**fields, pool=cache_policy)
 
 
-# -- Engines: the single-device one or the mesh. ------------------------------
+# -- The engine the fragments run on (``engine.LocalEngine`` or
+# ``mesh.MeshEngine``: the same interface). -----------------------------------
 
-class _Backend(NamedTuple):
-  """The tick engine the fragments run on (engine or mesh), one interface."""
-  spec: NetworkSpec
-  prepare: Callable  # (params, clip, targets, carry, mode, dtype) -> carry
-  run: Callable  # (params, clip, targets, carry, **kw) -> (loss, ClipOutput)
-  window_grads: Callable  # (params, ...) -> (loss, grads, ClipOutput)
-  states: Callable  # (params, carry) -> per-stage states
-  with_states: Callable  # (params, carry, states) -> carry
-
-
-def _backend(spec, cache_policy: str, params, frame_shape) -> _Backend:
-  """The backend of a ``NetworkSpec`` or a mesh ``MeshSpec`` for frames of
-  ``frame_shape`` (a ``NetworkSpec`` follows the frame size: multigrid)."""
+def as_engine(spec):
+  """An engine (returned as is), or a ``NetworkSpec`` on one device."""
   if isinstance(spec, NetworkSpec):
-    spec = pooled_spec(spec, cache_policy)
-    if tuple(frame_shape) != spec.frame_shape and hasattr(
-        network, 'for_frame_shape'):
-      spec = network.for_frame_shape(spec, params, frame_shape)
+    return engine.LocalEngine(spec)
+  if not hasattr(spec, 'window_grads'):
+    raise TypeError(
+        f'progressive takes a NetworkSpec or an engine (engine.LocalEngine, '
+        f'mesh.MeshEngine), got {type(spec).__name__}; on a mesh pass '
+        'mesh.MeshEngine(mspec) with the stage-sharded state '
+        '(MeshEngine.to_state)')
+  return spec
 
-    def prepare(params, clip, targets, carry, mode, compute_dtype):
-      if tuple(clip.shape[2:]) != spec.frame_shape:
-        raise ValueError(
-            f'video frames {clip.shape[2:]} do not match the network: '
-            f'expected {spec.frame_shape}')
-      if carry is None:
-        carry = engine.init_carry(spec, params, clip, targets, mode,
-                                  compute_dtype)
-      return carry
 
-    def run(params, clip, targets, carry, **kw):
-      loss, (c, m, _, _) = engine.run_ticks(spec, params, clip, targets, carry, **kw)
-      return loss, engine.finish(spec, c, m)
-    return _Backend(
-        spec=spec, prepare=prepare, run=run,
-        window_grads=functools.partial(engine.window_grads, spec),
-        states=lambda params, carry: carry.states,
-        with_states=lambda params, carry, states: carry._replace(
-            states=tuple(states)))
-
-  from skipside import mesh as mesh_lib  # Only mesh users pay its import.
-  mspec = spec
-  if cache_policy != 'last' and not (
-      isinstance(mspec.spec, PooledSpec) and mspec.spec.pool == cache_policy):
-    raise ValueError(
-        f'cache_policy={cache_policy!r} on a mesh needs the pooled spec '
-        'placed: mesh.place(progressive.pooled_spec(spec, '
-        f'{cache_policy!r}), mesh, ...)')
-
-  def mprepare(params, clip, targets, carry, mode, compute_dtype):
-    if tuple(clip.shape[2:]) != mspec.spec.frame_shape:
-      raise ValueError(
-          f'video frames {clip.shape[2:]} do not match the network: '
-          f'expected {mspec.spec.frame_shape}')
-    if carry is None:
-      return mesh_lib.init_carry(mspec, params, clip, targets, mode,
-                                 compute_dtype)
-    if isinstance(carry, engine.StreamCarry):
-      return mesh_lib.from_stream_carry(mspec, params, carry)
-    return carry
-
-  def mrun(params, clip, targets, carry, **kw):
-    loss, (c, m, _) = mesh_lib._run(mspec, params, clip, targets, carry, **kw)
-    return loss, engine.finish(mspec.spec, c, m)
-
-  def mstates(params, carry):
-    return mesh_lib.to_stream_carry(mspec, params, carry).states
-
-  def mwith_states(params, carry, states):
-    stream = mesh_lib.to_stream_carry(mspec, params, carry)
-    return mesh_lib.from_stream_carry(
-        mspec, params, stream._replace(states=tuple(states)))
-  return _Backend(
-      spec=mspec.spec, prepare=mprepare, run=mrun,
-      window_grads=functools.partial(mesh_lib._window_grads, mspec),
-      states=mstates, with_states=mwith_states)
+def _engine_for(eng, cache_policy: str, params, frame_shape):
+  """``eng`` on the spec a ``cache_policy`` needs (pooled stage states) at
+  frames of ``frame_shape`` (multigrid: any size the network takes)."""
+  spec = pooled_spec(eng.spec, cache_policy)
+  if tuple(frame_shape) != spec.frame_shape:
+    spec = network.for_frame_shape(spec, eng.params_like(params), frame_shape)
+  return eng.with_spec(spec)
 
 
 def _setup(spec, params, video, targets, opts: Options, carry, mode,
            compute_dtype):
-  """Backend, normalised video, initial carry and caches of a video."""
+  """Engine, normalised video, initial carry and caches of a video."""
   engine.check_mode(mode)
-  base = spec if isinstance(spec, NetworkSpec) else spec.spec
-  frame_ndim = len(base.frame_shape)
+  eng = as_engine(spec)
+  frame_ndim = len(eng.spec.frame_shape)
   frame_shape = video.shape[video.ndim - frame_ndim:]
-  b = _backend(spec, opts.cache_policy, params, frame_shape)
+  try:
+    b = _engine_for(eng, opts.cache_policy, params, frame_shape)
+  except ValueError as e:
+    raise ValueError(f'video frames {tuple(frame_shape)} do not match the '
+                     f'network: {e}') from e
   v = _normalise(b.spec, opts, video, targets)
   clip, tgt, _, _ = _window(v, opts, jnp.asarray(0),
                             True if opts.overlap else None)
   fresh = carry is None
-  carry = b.prepare(params, clip, tgt, carry, mode, compute_dtype)
+  carry = (b.init_carry(params, clip, tgt, mode, compute_dtype) if fresh
+           else b.from_stream_carry(carry))
   ticks = _video_ticks(v, opts)
   if fresh and opts.mask_fill and ticks <= engine.delay(b.spec, mode):
     raise ValueError(
@@ -451,7 +411,7 @@ def _split_state(spec: NetworkSpec, state):
   return state, None
 
 
-def _boundary(b: _Backend, opts: Options, params, carry, caches, f, first):
+def _boundary(b, opts: Options, params, carry, caches, f, first):
   """Applies the cache policy to every temporal stage before fragment ``f``.
 
   Returns ``(carry, caches)``; ``caches[l]`` is stage ``l``'s cache set at
@@ -468,13 +428,14 @@ def _boundary(b: _Backend, opts: Options, params, carry, caches, f, first):
   # Ticks the fragment before ran (its pool's count).
   ticks = jnp.where(f == 1, opts.fragment_frames,
                     opts.step).astype(jnp.float32)
-  states = list(b.states(params, carry))
+  states = list(b.to_stream_carry(carry).states)
+  like = b.params_like(params)  # The stage objects, for their hooks.
   caches = list(caches)
   for l in range(spec.num_stages):
     if not spec.temporal[l]:
       continue
     window, pool = _split_state(spec, states[l])
-    stage = nnx.merge(spec.block_defs[l], params['blocks'][l]).stage
+    stage = nnx.merge(spec.block_defs[l], like['blocks'][l]).stage
     hook = getattr(stage, 'fragment_boundary', None)
     if hook is None:
       if opts.cache_policy != 'last' or opts.momentum:
@@ -494,12 +455,14 @@ def _boundary(b: _Backend, opts: Options, params, carry, caches, f, first):
       states[l] = {'stage': new, 'pool': jnp.where(apply, fresh, pool)}
     else:
       states[l] = new
-  return b.with_states(params, carry, states), tuple(caches)
+  stream = b.to_stream_carry(carry)._replace(states=tuple(states))
+  return b.from_stream_carry(stream), tuple(caches)
 
 
-def _initial_caches(b: _Backend, params, carry) -> tuple:
+def _initial_caches(b, params, carry) -> tuple:
   """Zero caches shaped like every temporal stage's window state."""
-  states = b.states(params, carry)
+  del params
+  states = b.to_stream_carry(carry).states
   return tuple(
       jax.tree.map(jnp.zeros_like, _split_state(b.spec, s)[0])
       if b.spec.temporal[l] else ()
@@ -561,7 +524,7 @@ def _add(a, b):
 
 # -- Training. ----------------------------------------------------------------
 
-def _truncated(b: _Backend, optimizer, params, opt_state, v: _Video,
+def _truncated(b, optimizer, params, opt_state, v: _Video,
                opts: Options, carry, caches, *, mode, compute_dtype,
                update: bool):
   """Fragment by fragment, gradients stopped at every boundary.
@@ -597,7 +560,7 @@ def _truncated(b: _Backend, optimizer, params, opt_state, v: _Video,
   return params, opt_state, obj, grads, out
 
 
-def _untruncated(b: _Backend, params, v: _Video, opts: Options, carry,
+def _untruncated(b, params, v: _Video, opts: Options, carry,
                  caches, *, mode, compute_dtype):
   """Exact gradient of the video objective through every fragment (exact
   modes), one fragment's activations at a time (rematerialised)."""
@@ -648,8 +611,8 @@ def loss_and_grads(spec, params: PyTree, video: jax.Array,
   """The video objective and its gradient, fragment by fragment.
 
   Args:
-    spec: a ``NetworkSpec`` (or a mesh ``MeshSpec``).
-    params: from ``network.split``.
+    spec: a ``NetworkSpec``, or an engine (``mesh.MeshEngine``).
+    params: from ``network.split`` (in the engine's state layout).
     video: ``(B, T, *frame_shape)`` or fragments ``(B, F, Tf, *frame_shape)``.
     targets: a clip label ``(B,)`` (``(B, K)`` multi-hot), per-fragment labels
       ``(B, F)`` (``(B, F, K)``), or per-frame targets in the video's layout.
@@ -776,13 +739,8 @@ def video_predictions(spec, params, video, targets, *, mode: str,
     raise ValueError(f'ensemble={ensemble!r} is unknown; use one of '
                      f'{ENSEMBLES}')
   if ensemble == 'full':
-    forward = engine.forward
-    if not isinstance(spec, NetworkSpec):
-      from skipside import mesh as mesh_lib
-      forward = mesh_lib.forward
-    out = forward(spec, params, video, targets, mode=mode,
-                  compute_dtype=compute_dtype)
-    return (out[0] if isinstance(out, tuple) else out).predictions
+    return as_engine(spec).forward(params, video, targets, mode=mode,
+                                   compute_dtype=compute_dtype).predictions
   preds = predict(spec, params, video, targets, mode=mode, options=options,
                   compute_dtype=compute_dtype)
   return getattr(preds, ensemble)
@@ -859,6 +817,9 @@ def make_train_step(spec, optimizer, config, *, compute_dtype,
                     skip_nonfinite: bool = False):
   """The training loop's step for ``config.progressive.enabled``.
 
+  ``spec``: a ``NetworkSpec`` or an engine (``mesh.MeshEngine``: params and
+  optimizer state in its stage-sharded layout).
+
   Returns ``step(params, opt_state, video, targets, carry) -> (params,
   opt_state, ClipOutput)`` like ``skipside.train``'s; ``carry`` is ignored
   (each video is a fresh stream). Shape-generic: one compile per video shape
@@ -867,7 +828,8 @@ def make_train_step(spec, optimizer, config, *, compute_dtype,
   opts = validate_config(config)
   mode = config.mode
 
-  @jax.jit
+  # The loop owns its state: params and optimizer state are donated.
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, video, targets, carry=None):
     del carry
     *new, out = train_step(spec, optimizer, params, opt_state, video,

@@ -23,8 +23,8 @@ Nothing here loops over time. The functions run over a *group* of
 consecutive stages (``forward_group``, ``sideways_group``):
 ``skipside.engine`` scans them with one group of all stages, and
 ``skipside.mesh`` runs one group per device, each in-edge value brought by a
-transport. (``batchnorm.clip_moments`` still runs its own synchronous
-forward to collect statistics: to be moved onto ``forward_group``.)
+transport; ``batchnorm.clip_moments`` scans the synchronous
+``forward_group`` with a block call that collects its norm statistics.
 
 Example (the single-device engine's tick)::
 
@@ -99,7 +99,8 @@ def stage_inputs(spec: NetworkSpec, l: int, x: jax.Array,
 
 
 def forward_group(spec: NetworkSpec, group: Sequence[int], params_of,
-                  value_of, states_of, x: jax.Array, *, sync: bool):
+                  value_of, states_of, x: jax.Array, *, sync: bool,
+                  apply_block=None):
   """One forward tick of the stages in ``group`` (consecutive, ascending).
 
   Args:
@@ -109,14 +110,17 @@ def forward_group(spec: NetworkSpec, group: Sequence[int], params_of,
       outside the group (a stage inside the group is read from this tick's
       results directly).
     x: the frame ``(B, *frame_shape)`` (read by stage 0 only).
+    apply_block: ``(l, params, inputs, state) -> (y, state)``; default
+      ``spec.apply_block`` (statistics passes call the block their way).
 
   Returns:
     ``(ys, states)``: dicts stage -> this tick's output / new state.
   """
+  apply_block = apply_block or spec.apply_block
   ys, new_states = {}, {}
   source = (lambda k: ys[k] if k in ys else value_of(k)) if sync else value_of
   for l in group:
-    ys[l], new_states[l] = spec.apply_block(
+    ys[l], new_states[l] = apply_block(
         l, params_of(l), stage_inputs(spec, l, x, source), states_of(l))
   return ys, new_states
 

@@ -298,38 +298,40 @@ def _abstract(tree: PyTree, sharding) -> PyTree:
       tree)
 
 
-def _batch(run: _Run, clip_shape) -> tuple:
-  """Abstract global ``(clip, targets)`` sharded over 'data'."""
-  sharded = NamedSharding(run.mesh, P('data'))
-  clip = jax.ShapeDtypeStruct(tuple(clip_shape), jnp.float32, sharding=sharded)
-  if run.spec.loss == 'mse':  # Next frame: per-frame targets like the clip.
-    return clip, clip
-  return clip, jax.ShapeDtypeStruct(clip_shape[:1], jnp.int32,
-                                    sharding=sharded)
-
-
-def _mspec(run: _Run, frame_shape) -> mesh_lib.MeshSpec:
-  """The network at this frame size, placed with the run's groups."""
+def _engine(run: _Run, frame_shape) -> mesh_lib.MeshEngine:
+  """The mesh engine of the network at this frame size, with the run's
+  groups: the training loop's engine on the target mesh."""
   spec = network.for_frame_shape(run.spec, run.params, frame_shape)
-  return mesh_lib.place(spec, run.mesh, run.groups, params=run.params)
+  return mesh_lib.MeshEngine(mesh_lib.place(spec, run.mesh, run.groups,
+                                            params=run.params))
 
+
+def _batch(run: _Run, eng, clip_shape) -> tuple:
+  """Abstract global ``(clip, targets)`` as the loop passes them."""
+  clip = jax.ShapeDtypeStruct(tuple(clip_shape), jnp.float32)
+  targets = (clip if run.spec.loss == 'mse' else  # Next frame: like the clip.
+             jax.ShapeDtypeStruct(clip_shape[:1], jnp.int32))
+  return eng.batch_like((clip, targets), clip_shape[0])
+
+
+# Each lowers the training loop's own step function on the loop's engine and
+# train-state layout (``train._train_step``, ``train._eval_step``, PGT's
+# ``make_train_step``), so what is planned is what training runs.
 
 def _lower_train(run: _Run, clip_shape):
   from skipside import train  # pylint: disable=g-import-not-at-top
   c = run.config
-  mspec = _mspec(run, clip_shape[2:])
-  clip, targets = _batch(run, clip_shape)
+  eng = _engine(run, clip_shape[2:])
+  clip, targets = _batch(run, eng, clip_shape)
   carry = None
   if c.train.stream:  # The engine-layout carry, replicated (as in train).
     carry = _abstract(jax.eval_shape(
         lambda: engine.init_carry(run.spec, run.params, clip, targets, c.mode,
                                   run.compute_dtype)),
                       NamedSharding(run.mesh, P()))
-  # The stage-sharded train state, as the training loop holds it.
-  params, opt_state = (mesh_lib.sharded_like(mspec, run.params),
-                       mesh_lib.sharded_like(mspec, run.opt_state))
   return train._train_step.lower(  # pylint: disable=protected-access
-      mspec, run.optimizer, params, opt_state, clip, targets, carry,
+      eng, run.optimizer, eng.state_like(run.params),
+      eng.state_like(run.opt_state), clip, targets, carry,
       mode=c.mode, compute_dtype=run.compute_dtype,
       update_every=c.train.update_every or None, flush=c.train.flush,
       skip_nonfinite=c.train.on_nonfinite == 'skip')
@@ -338,22 +340,22 @@ def _lower_train(run: _Run, clip_shape):
 def _lower_progressive(run: _Run, clip_shape):
   from skipside import progressive  # pylint: disable=g-import-not-at-top
   c = run.config
-  spec = network.for_frame_shape(run.spec, run.params, clip_shape[2:])
-  pspec = mesh_lib.place(progressive.pooled_spec(spec,
-                                                 c.progressive.cache_policy),
-                         run.mesh, run.groups)
+  eng = _engine(run, clip_shape[2:])
   step = progressive.make_train_step(
-      pspec, run.optimizer, c, compute_dtype=run.compute_dtype,
+      eng, run.optimizer, c, compute_dtype=run.compute_dtype,
       skip_nonfinite=c.train.on_nonfinite == 'skip')
-  clip, targets = _batch(run, clip_shape)
-  return step.lower(run.params, run.opt_state, clip, targets)
+  clip, targets = _batch(run, eng, clip_shape)
+  return step.lower(eng.state_like(run.params), eng.state_like(run.opt_state),
+                    clip, targets)
 
 
 def _lower_eval(run: _Run, clip_shape):
-  clip, targets = _batch(run, clip_shape)
-  return mesh_lib.forward.lower(_mspec(run, clip_shape[2:]), run.params, clip,
-                                targets, mode=run.config.mode,
-                                compute_dtype=run.compute_dtype)
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  eng = _engine(run, clip_shape[2:])
+  clip, targets = _batch(run, eng, clip_shape)
+  return train._eval_step.lower(  # pylint: disable=protected-access
+      eng, eng.state_like(run.params), clip, targets, mode=run.config.mode,
+      compute_dtype=run.compute_dtype)
 
 
 def programs(config: ml_collections.ConfigDict, info, schedule=None

@@ -317,9 +317,9 @@ def _replicated(mesh: jax.sharding.Mesh, tree: PyTree) -> PyTree:
   return jax.tree.map(one, tree)
 
 
-def _host(x: jax.Array) -> np.ndarray:
+def _host(x) -> np.ndarray:
   """A (possibly multi-process) array as a host array on every process."""
-  if x.is_fully_addressable:
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
   if x.is_fully_replicated:
     return np.asarray(x.addressable_data(0))
@@ -335,35 +335,26 @@ def _data_shard(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
   return rows.start // n, batch_size // n
 
 
-def _mesh_eval(mspec: mesh_lib.MeshSpec, batches, batch_size: int, *,
-               mode: str, compute_dtype, compiled=None):
-  """``(batches, forward)`` for ``evaluate`` on the mesh: clips as global
-  arrays, labels and masks as host copies of the whole global batch.
-  ``compiled(params, clip, targets)`` replaces ``mesh.forward`` (multigrid:
+def _eval_feed(eng, batches, batch_size: int, *, mode: str, compute_dtype,
+               compiled=None):
+  """``(batches, forward)`` for ``evaluate`` on engine ``eng`` (params in its
+  state layout): every array of a batch as the engine takes it
+  (``eng.put_batch``: global arrays on a mesh), outputs as host arrays.
+  ``compiled(params, clip, targets)`` replaces ``_eval_step`` (multigrid:
   compiled ahead of time)."""
-  m = mspec.mesh
-  sharded = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec('data'))
-
   def feed():
     for batch in batches:
-      out = {k: mesh_lib.global_batch(m, np.asarray(v), batch_size)
-             for k, v in batch.items() if k in ('video', 'target')}
-      for k in ('label', 'mask'):
-        if k in batch:
-          out[k] = _host(mesh_lib.global_batch(m, np.asarray(batch[k]),
-                                               batch_size))
-      yield out
+      yield {k: eng.put_batch(np.asarray(v), batch_size)
+             for k, v in batch.items()
+             if k in ('video', 'target', 'label', 'mask')}
 
   def forward(params, clip, targets):
-    if not isinstance(targets, jax.Array):  # A host copy of the global batch.
-      t = np.asarray(targets)
-      targets = jax.make_array_from_callback(t.shape, sharded, lambda i: t[i])
-    out = (compiled(params, clip, targets) if compiled else mesh_lib.forward(
-        mspec, params, clip, targets, mode=mode, compute_dtype=compute_dtype))
+    out = (compiled(params, clip, targets) if compiled else _eval_step(
+        eng, params, clip, targets, mode=mode, compute_dtype=compute_dtype))
     host = lambda x: None if x is None else _host(x)  # noqa: E731
-    return out._replace(carry=None, predictions=host(out.predictions),
+    return out._replace(predictions=host(out.predictions),
                         example_loss=host(out.example_loss), metrics={
-                            k: _host(v) for k, v in out.metrics.items()}), None
+                            k: _host(v) for k, v in out.metrics.items()})
   return feed(), forward
 
 
@@ -599,26 +590,33 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 # ---------------------------------------------------------------------------
 # Steps.
 
-@functools.partial(jax.jit, static_argnames=('spec', 'optimizer', 'mode',
+@functools.partial(jax.jit, static_argnames=('eng', 'optimizer', 'mode',
                                              'compute_dtype', 'update_every',
                                              'flush', 'skip_nonfinite'),
                    donate_argnames=('params', 'opt_state'))
-def _train_step(spec, optimizer, params, opt_state, clip, targets, carry, *,
+def _train_step(eng, optimizer, params, opt_state, clip, targets, carry, *,
                 mode, compute_dtype, update_every, flush, skip_nonfinite):
-  """The loop's step. On a mesh (``spec`` a ``MeshSpec``) ``params`` and
-  ``opt_state`` are the stage-sharded state (``mesh.shard_tree``)."""
-  on_mesh = isinstance(spec, mesh_lib.MeshSpec)
-  step = mesh_lib.train_step_sharded if on_mesh else engine.train_step
-  new = step(spec, optimizer, params, opt_state, clip, targets, mode=mode,
-             carry=carry, compute_dtype=compute_dtype,
-             update_every=update_every, flush=flush)
+  """The loop's step on any engine (``engine.LocalEngine``,
+  ``mesh.MeshEngine``): ``params`` and ``opt_state`` in its state layout,
+  donated; the carry in and out as an ``engine.StreamCarry`` (checkpoints
+  fit every engine)."""
+  new = eng.train_step(optimizer, params, opt_state, clip, targets,
+                       mode=mode, carry=carry, compute_dtype=compute_dtype,
+                       update_every=update_every, flush=flush)
   out = new[2]
-  if on_mesh:  # The engine's carry layout: checkpoints fit either engine.
-    out = out._replace(carry=mesh_lib.to_stream_carry(spec, None, out.carry))
+  out = out._replace(carry=eng.to_stream_carry(out.carry))
   params, opt_state = optim.finish_step(
       (params, opt_state), new[:2], out.metrics['loss'],
       skip_nonfinite=skip_nonfinite)
   return params, opt_state, out
+
+
+@functools.partial(jax.jit, static_argnames=('eng', 'mode', 'compute_dtype'))
+def _eval_step(eng, params, clip, targets, *, mode, compute_dtype):
+  """The loop's evaluation forward on any engine (params in its layout)."""
+  out = eng.forward(params, clip, targets, mode=mode,
+                    compute_dtype=compute_dtype)
+  return out._replace(carry=None)
 
 
 def _targets(batch: dict, spec: network.NetworkSpec) -> np.ndarray:
@@ -652,8 +650,9 @@ def evaluate(spec: network.NetworkSpec, params: PyTree, batches, *, mode: str,
              forward=None) -> dict:
   """Clip-level metrics over an eval iterator (one pass).
 
-  ``forward(params, clip, targets) -> (ClipOutput, _)`` replaces
-  ``engine.forward`` (e.g. an executable compiled ahead of time).
+  ``forward(params, clip, targets) -> ClipOutput`` replaces
+  ``engine.forward`` (e.g. ``_eval_step`` on an engine, or an executable of
+  it compiled ahead of time).
 
   Classification: top-1 accuracy of the logits averaged over the valid ticks
   of each clip (and mAP for multi-hot labels); next-frame: MSE. Padded and
@@ -663,13 +662,13 @@ def evaluate(spec: network.NetworkSpec, params: PyTree, batches, *, mode: str,
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
-    mask = np.asarray(batch.get('mask', np.ones(len(batch['video']), bool)))
+    mask = _host(batch.get('mask', np.ones(len(batch['video']), bool)))
     if forward is None:
       out, _ = engine.forward(spec, params, batch['video'],
                               _targets(batch, spec), mode=mode,
                               compute_dtype=compute_dtype)
     else:
-      out, _ = forward(params, batch['video'], _targets(batch, spec))
+      out = forward(params, batch['video'], _targets(batch, spec))
     k = int(mask.sum())
     if out.example_loss is not None:  # Padded clips left out.
       loss_sum += float(np.asarray(out.example_loss)[mask].sum())
@@ -678,7 +677,7 @@ def evaluate(spec: network.NetworkSpec, params: PyTree, batches, *, mode: str,
     n += k
     if out.predictions is not None:
       pred = np.asarray(out.predictions)[mask]
-      label = np.asarray(batch['label'])[mask]
+      label = _host(batch['label'])[mask]
       if spec.loss == 'xent':
         correct += float((pred.argmax(-1) == label).sum())
       else:
@@ -843,19 +842,18 @@ def evaluate_workdir(workdir: str,
   return {'step': state.step, **metrics}
 
 
-def _compile_multigrid(config, spec, optimizer, state, schedule, info,
-                       compute_dtype, tree_params, mesh=None, groups=None):
+def _compile_multigrid(config, eng, optimizer, state, schedule, info,
+                       compute_dtype, tree_params):
   """Every train shape of ``schedule`` and the eval shape, compiled ahead of
   time: ``(train step table, eval forward table)`` (``multigrid.BucketTable``,
   keyed by the clip shape the loop passes: per process on one device, global
   on a mesh).
 
-  Each bucket gets the spec of its frame size (``network.for_frame_shape``),
-  placed on the mesh with the same stage ``groups`` when there is one, and
-  the step of its kind: the engine's, or PGT's (``config.progressive``: the
-  bucket's frames cut into fragments of the configured length).
-  ``tree_params``: the params' pytree (shapes suffice; on a mesh ``state``
-  is stage-sharded).
+  Each bucket runs the loop's own step functions (``_train_step``,
+  ``_eval_step``, PGT's ``make_train_step``) on engine ``eng`` with the spec
+  of its frame size (``network.for_frame_shape``; on a mesh the same stage
+  groups). ``state``: the train state in the engine's layout;
+  ``tree_params``: the params pytree's shapes.
   """
   static = dict(mode=config.mode, compute_dtype=compute_dtype,
                 update_every=None, flush=config.train.flush,
@@ -863,29 +861,27 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
   pgt = config.get('progressive') and config.progressive.enabled
   if pgt:
     from skipside import progressive  # pylint: disable=g-import-not-at-top
-  data_sharding = None if mesh is None else jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
 
-  def bucket_spec(key, pooled):
-    spec_b = network.for_frame_shape(spec, tree_params, key[2:])
-    if pooled:  # PGT's 'avg'/'max' caches pool the stages' inputs.
-      spec_b = progressive.pooled_spec(spec_b, config.progressive.cache_policy)
-    return spec_b if mesh is None else mesh_lib.place(spec_b, mesh, groups,
-                                                      params=tree_params)
+  def bucket_engine(key):
+    return eng.with_spec(network.for_frame_shape(eng.spec, tree_params,
+                                                 key[2:]))
 
   def abstract(key):
-    if mesh is not None and key[0] % mesh.shape['data']:
-      raise ConfigError(
-          f'multigrid bucket of clip shape {key}: batch {key[0]} is not '
-          f"divisible by the data axis config.mesh.data={mesh.shape['data']}")
-    return (jax.ShapeDtypeStruct(key, jnp.float32, sharding=data_sharding),
-            jax.ShapeDtypeStruct(key[:1], jnp.int32, sharding=data_sharding))
+    """The loop's ``(clip, targets)`` for this process's clips of ``key``."""
+    local = (jax.ShapeDtypeStruct(key, jnp.float32),
+             jax.ShapeDtypeStruct(key[:1], jnp.int32))
+    try:
+      return eng.batch_like(local, key[0] * info.shard_count)
+    except ValueError as e:
+      raise ConfigError(f'multigrid bucket of clip shape {key}: {e} '
+                        '(config.mesh.data)') from e
 
   params, opt_state = (multigrid.abstract(state.params),
                        multigrid.abstract(state.opt_state))
 
-  def lower_step(key):
-    clip, targets = abstract(key)
+  def lower_step(local_key):
+    clip, targets = abstract(local_key)
+    key = tuple(clip.shape)
     if pgt:
       try:
         progressive.Options.from_config(config.progressive).num_fragments(
@@ -894,37 +890,34 @@ def _compile_multigrid(config, spec, optimizer, state, schedule, info,
         raise ConfigError(f'multigrid bucket of clip shape {key}: '
                           f'config.progressive: {e}') from e
       step = progressive.make_train_step(
-          bucket_spec(key, pooled=True), optimizer, config,
+          bucket_engine(key), optimizer, config,
           compute_dtype=compute_dtype, skip_nonfinite=static['skip_nonfinite'])
       return step.lower(params, opt_state, clip, targets, None)
-    return _train_step.lower(bucket_spec(key, pooled=False), optimizer, params,
+    return _train_step.lower(bucket_engine(key), optimizer, params,
                              opt_state, clip, targets, None, **static)
 
-  def lower_eval(key):
-    clip, targets = abstract(key)
-    if mesh is not None:
-      return mesh_lib.forward.lower(bucket_spec(key, pooled=False),
-                                    tree_params, clip, targets,
-                                    mode=config.mode,
-                                    compute_dtype=compute_dtype)
-    return engine.forward.lower(spec, tree_params, clip, targets,
-                                mode=config.mode, compute_dtype=compute_dtype)
+  def lower_eval(local_key):
+    clip, targets = abstract(local_key)
+    return _eval_step.lower(bucket_engine(tuple(clip.shape)), params, clip,
+                            targets,
+                            mode=config.mode, compute_dtype=compute_dtype)
 
   channels = info.element_shape[-1]
-  keys = [multigrid.clip_spec(s, channels, info.shard_count)[0].shape
-          for s in schedule.buckets()]
-  if mesh is not None:  # The loop passes global batches.
-    keys = [(k[0] * info.shard_count, *k[1:]) for k in keys]
+  local_keys = [multigrid.clip_spec(s, channels, info.shard_count)[0].shape
+                for s in schedule.buckets()]
   threads = config.multigrid.compile_threads or None
+  # Keyed by the clip the loop passes (``eng.put_batch``: global on a mesh).
+  local_of = {tuple(abstract(k)[0].shape): k for k in local_keys}
   steps = multigrid.compile_buckets(
-      lower_step, keys, key_fn=lambda p, o, clip, t, c=None: tuple(clip.shape),
+      lambda k: lower_step(local_of[k]), list(local_of),
+      key_fn=lambda p, o, clip, t, c=None: tuple(clip.shape),
       name='train step', num_threads=threads)
-  eval_batch = info.batch_size * (1 if mesh is None else info.shard_count)
+  eval_key = (info.batch_size, *info.element_shape)
   evals = multigrid.compile_buckets(
-      lower_eval, [(eval_batch, *info.element_shape)],
+      lambda k: lower_eval(eval_key), [tuple(abstract(eval_key)[0].shape)],
       key_fn=lambda p, clip, t: tuple(clip.shape), name='eval forward')
   logging.info('multigrid: compiled %d train shapes + eval in %.1fs',
-               len(keys), steps.wall_seconds + evals.wall_seconds)
+               len(local_of), steps.wall_seconds + evals.wall_seconds)
   return steps, evals
 
 
@@ -1031,26 +1024,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       print(f'Resumed from {workdir} at step {state.step}.', flush=True)
   tree_params = multigrid.abstract(state.params)  # Shapes of the pytree.
   pgt = bool(config.get('progressive') and config.progressive.enabled)
-  # On the mesh the train state is stage-sharded: each device holds its own
-  # stages' params and optimizer state (PGT's mesh step still takes the
-  # replicated pytree). Checkpoints and evaluation see the pytree (as_tree).
-  sharded = mspec is not None and not pgt
-  if sharded:
-    state = dataclasses.replace(
-        state, params=mesh_lib.shard_tree(mspec, state.params),
-        opt_state=mesh_lib.shard_tree(mspec, state.opt_state))
+  # The train state in the engine's layout: on a mesh stage-sharded (each
+  # device holds and updates its own stages' params and optimizer state).
+  # Checkpoints and evaluation's statistics see the pytree (as_tree).
+  eng = (engine.LocalEngine(spec) if mspec is None
+         else mesh_lib.MeshEngine(mspec))
+  state = dataclasses.replace(state, params=eng.to_state(state.params),
+                              opt_state=eng.to_state(state.opt_state))
 
   def as_tree(state: TrainState) -> TrainState:
     """``state`` with params and optimizer state as pytrees."""
-    if not sharded:
-      return state
-    return dataclasses.replace(
-        state, params=mesh_lib.unshard_tree(mspec, state.params),
-        opt_state=mesh_lib.unshard_tree(mspec, state.opt_state))
+    return dataclasses.replace(state, params=eng.to_tree(state.params),
+                               opt_state=eng.to_tree(state.opt_state))
 
   writer = MetricWriter(workdir, enabled=is_main)
   step_fn = functools.partial(
-      _train_step, mspec or spec, optimizer, mode=config.mode,
+      _train_step, eng, optimizer, mode=config.mode,
       compute_dtype=compute_dtype,
       update_every=config.train.update_every or None,
       flush=config.train.flush,
@@ -1058,8 +1047,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_forward, norm_moments, compile_s = None, None, 0.0
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
-        config, spec, optimizer, state, schedule, train_iter.info,
-        compute_dtype, tree_params, mesh, mspec and mspec.groups)
+        config, eng, optimizer, state, schedule, train_iter.info,
+        compute_dtype, tree_params)
     compile_s = step_fn.wall_seconds + eval_forward.wall_seconds
     if batchnorm.has_norms(spec, tree_params):  # Its statistics pass too.
       norm_moments = _compile_norm_moments(spec, tree_params,
@@ -1067,11 +1056,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       compile_s += norm_moments.wall_seconds
   elif pgt:
     from skipside import progressive  # PGT: videos as serial fragments.
-    pspec = spec if mspec is None else mesh_lib.place(  # Pooled caches.
-        progressive.pooled_spec(spec, config.progressive.cache_policy), mesh,
-        mspec.groups)
     step_fn = progressive.make_train_step(
-        pspec, optimizer, config, compute_dtype=compute_dtype,
+        eng, optimizer, config, compute_dtype=compute_dtype,
         skip_nonfinite=config.train.on_nonfinite == 'skip')
 
   def meta():
@@ -1081,22 +1067,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       m['multigrid'] = schedule.position(state.step)
     return m
 
-  def eval_tree(params: PyTree) -> PyTree:
-    """The params pytree of the (possibly stage-sharded) ``params``."""
-    return mesh_lib.unshard_tree(mspec, params) if sharded else params
-
   def run_eval():
-    tree = eval_tree(state.params)
-    params = eval_params(config, spec, tree, data_config, norm_moments)
-    if mesh is not None and params is not tree:
-      params = _replicated(mesh, params)
+    params = state.params
+    if batchnorm.has_norms(spec, tree_params):  # Population statistics.
+      params = eval_params(config, spec, eng.to_tree(params), data_config,
+                           norm_moments)
+      params = eng.to_state(params if mesh is None else
+                            _replicated(mesh, params))
     it = data_lib.make_eval_iterator(data_config)
-    batches, forward = it, eval_forward
-    if mspec is not None:
-      batches, forward = _mesh_eval(mspec, it, config.data.batch_size,
-                                    mode=config.mode,
-                                    compute_dtype=compute_dtype,
-                                    compiled=eval_forward)
+    batches, forward = _eval_feed(
+        eng, it, config.data.batch_size, mode=config.mode,
+        compute_dtype=compute_dtype, compiled=eval_forward)
     try:
       return evaluate(spec, params, batches, mode=config.mode,
                       compute_dtype=compute_dtype,
@@ -1105,8 +1086,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finally:
       it.close()
 
-  if sharded:  # Compile the pytree conversions before the loop counts.
-    as_tree(state)
+  as_tree(state)  # Compile the pytree conversions before the loop counts.
   total = schedule.num_steps if schedule else config.train.num_steps
   summary = {'preempted': False, 'start_step': state.step}
   train_metrics, eval_metrics = {}, {}
@@ -1122,9 +1102,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       except ValueError as e:
         raise ValueError(f'training batch {state.step + 1} of '
                          f'{config.data.dataset!r}: {e}') from e
-      if mesh is not None:  # This process's rows -> global arrays.
-        clip, targets = mesh_lib.global_batch(  # (Multigrid: bucket's size.)
-            mesh, (clip, targets), len(clip) * train_iter.info.shard_count)
+      # This process's rows -> the engine's arrays (multigrid: the bucket's).
+      clip, targets = eng.put_batch((clip, targets),
+                                    len(clip) * train_iter.info.shard_count)
       params, opt_state, out = step_fn(state.params, state.opt_state, clip,
                                        targets, state.carry)
       loss = float(out.metrics['loss'])

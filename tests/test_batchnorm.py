@@ -101,6 +101,19 @@ def test_population_statistics_merge_every_sub_batch_of_every_frame():
     batchnorm.population_statistics(spec, params, [])
 
 
+def test_statistics_read_uint8_clips_as_the_engines_do():
+  """A uint8 clip is scaled to [0, 1] frame by frame by every engine
+  (``engine.read_frame``); its statistics must be those of that input."""
+  spec, params = _net()
+  raw = jnp.asarray(np.random.default_rng(0).integers(
+      0, 256, CLIP.shape), jnp.uint8)
+  got = batchnorm.population_statistics(spec, params, [raw])
+  want = batchnorm.population_statistics(
+      spec, params, [raw.astype(jnp.float32) / 255])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), got, want)
+
+
 def test_uneven_batch_names_the_sizes():
   with pytest.raises(ValueError, match='batch 12 does not split into '
                      'sub-batches of 8'):

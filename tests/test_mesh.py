@@ -408,7 +408,8 @@ def test_train_steps_donate_params_and_optimizer_state():
   # The training loop's step, on one device.
   from skipside import train  # pylint: disable=g-import-not-at-top
   p, s = _copy(params), opt.init(params)
-  train._train_step(spec, opt, p, s, clip, targets, None, mode='sideways',
+  train._train_step(engine.LocalEngine(spec), opt, p, s, clip, targets, None,
+                    mode='sideways',
                     compute_dtype=jnp.float32, update_every=None, flush=0,
                     skip_nonfinite=False)
   assert all(x.is_deleted() for x in jax.tree.leaves((p, s)))
@@ -416,6 +417,47 @@ def test_train_steps_donate_params_and_optimizer_state():
   p = _copy(params)
   engine.train_step(spec, opt, p, opt.init(p), clip, targets, mode='sideways')
   assert not any(x.is_deleted() for x in jax.tree.leaves(p))
+
+
+@pytest.mark.parametrize('mode', ['sideways', 'bp'])
+def test_engines_share_one_interface(mode):
+  """A runner written once against the engine interface (as the training
+  loop and PGT are) gets the same results from the local engine and from a
+  2x4 mesh engine on its stage-sharded state."""
+  spec, params = NETS['conv_temporal_chain']
+  clip, targets = _data(spec, frames=8)
+  opt = optax.adam(1e-2)
+
+  def runner(eng):
+    p = eng.to_state(params)
+    o = eng.to_state(opt.init(eng.to_tree(p)))
+    p, o, out = eng.train_step(opt, p, o, clip, targets, mode=mode)
+
+    @jax.jit
+    def window(p, carry):
+      return eng.window_grads(p, clip, targets, carry, mode=mode, start=0,
+                              length=5, mask_fill=True,
+                              compute_dtype=jnp.float32)
+    loss, grads, win = window(p, eng.init_carry(p, clip, targets, mode))
+    stream = eng.to_stream_carry(win.carry)
+    again = eng.from_stream_carry(stream)
+    fwd = eng.forward(p, clip, targets, mode=mode, carry=stream)
+    return dict(params=eng.to_tree(p), opt=eng.to_tree(o),
+                metrics=out.metrics, loss=loss, grads=eng.to_tree(grads),
+                carry=stream, again=eng.to_stream_carry(again),
+                predictions=fwd.predictions,
+                fwd_carry=eng.to_stream_carry(fwd.carry))
+
+  local = engine.LocalEngine(spec)
+  on_mesh = mesh.MeshEngine(mesh.place(spec, _mesh('2x4'), params=params,
+                                       pad_value=NAN))
+  _close(runner(on_mesh), runner(local), rtol=1e-4, atol=1e-5)
+  assert on_mesh.to_state(params).sharding.spec[0] == 'stage'
+  like = on_mesh.batch_like((jax.ShapeDtypeStruct((2, 8, 16, 16, 1),
+                                                  jnp.float32),), 4)[0]
+  assert like.shape == (4, 8, 16, 16, 1) and like.sharding.spec[0] == 'data'
+  with pytest.raises(ValueError, match='params=params'):
+    mesh.MeshEngine(mesh.place(spec, _mesh('2x4')))
 
 
 def test_exact_modes_keep_only_their_own_stages_residuals_per_device():

@@ -401,23 +401,48 @@ def test_options_are_validated():
 @pytest.mark.parametrize('mode,policy,truncate', [
     ('sideways', 'avg', True), ('bp', 'max', False)])
 def test_mesh_equals_single_device(mode, policy, truncate):
-  """The same progressive step on a 2x2 ('data', 'stage') mesh, NaN padding."""
+  """The same progressive gradient on a 2x2 ('data', 'stage') mesh engine,
+  on its stage-sharded state (NaN padding): the pooled spec is placed with
+  the same groups by the engine itself."""
   from skipside import mesh
   opts = _opts(2, cache_policy=policy, momentum=0.25,
                truncate_gradients=truncate)
-  pspec = progressive.pooled_spec(SPEC, policy)
-  mspec = mesh.place(pspec, mesh.make_mesh(2, 2), pad_value=float('nan'))
+  eng = mesh.MeshEngine(mesh.place(SPEC, mesh.make_mesh(2, 2), params=PARAMS,
+                                   pad_value=float('nan')))
   loss, grads, out = progressive.loss_and_grads(
-      mspec, PARAMS, VIDEO, LABELS, mode=mode, options=opts)
+      eng, eng.to_state(PARAMS), VIDEO, LABELS, mode=mode, options=opts)
   want_loss, want_grads, want = progressive.loss_and_grads(
       SPEC, PARAMS, VIDEO, LABELS, mode=mode, options=opts)
   _close(loss, want_loss)
-  _close(grads, want_grads, rtol=1e-4, atol=1e-6)
+  assert grads.shape == (2, eng.to_state(PARAMS).shape[1])  # Packed.
+  _close(eng.to_tree(grads), want_grads, rtol=1e-4, atol=1e-6)
   _close(out.metrics, want.metrics)
-  _close(mesh.to_stream_carry(mspec, PARAMS, out.carry), want.carry)
-  with pytest.raises(ValueError, match='pooled spec'):
+  pooled = eng.with_spec(progressive.pooled_spec(SPEC, policy))
+  _close(pooled.to_stream_carry(out.carry), want.carry)
+  with pytest.raises(TypeError, match='MeshEngine'):  # A bare MeshSpec.
     progressive.loss_and_grads(mesh.place(SPEC, mesh.make_mesh(2, 2)), PARAMS,
                                VIDEO, LABELS, mode=mode, options=opts)
+
+
+def test_mesh_train_step_on_sharded_state():
+  """PGT's step per fragment with Adam on the mesh's stage-sharded params and
+  optimizer state equals the single-device step."""
+  from skipside import mesh
+  opts = _opts(2, cache_policy='avg', momentum=0.25, step_per='fragment')
+  optimizer = optax.adam(1e-2)
+  eng = mesh.MeshEngine(mesh.place(SPEC, mesh.make_mesh(1, 4), params=PARAMS,
+                                   pad_value=float('nan')))
+  opt_state = optimizer.init(PARAMS)
+  pstack, ostate, out = progressive.train_step(
+      eng, optimizer, eng.to_state(PARAMS), eng.to_state(opt_state), VIDEO,
+      LABELS, mode='sideways', options=opts)
+  want_params, want_state, want = progressive.train_step(
+      SPEC, optimizer, PARAMS, opt_state, VIDEO, LABELS, mode='sideways',
+      options=opts)
+  assert pstack.sharding.spec[0] == 'stage'  # Never replicated.
+  _close(eng.to_tree(pstack), want_params, rtol=1e-4, atol=1e-6)
+  _close(eng.to_tree(ostate), want_state, rtol=1e-4, atol=1e-6)
+  _close(out.metrics, want.metrics)
 
 
 # -- The training loop. -------------------------------------------------------

@@ -167,8 +167,9 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
   kw = dict(mode='sideways', compute_dtype=jnp.float32, update_every=None,
             flush=0, skip_nonfinite=False)
   step_fn = train._train_step  # pylint: disable=protected-access
-  steps = {k: functools.partial(step_fn, s, opt)
-           for k, s in (('single', spec), ('mesh', mspec))}
+  steps = {k: functools.partial(step_fn, e, opt)
+           for k, e in (('single', engine.LocalEngine(spec)),
+                        ('mesh', mesh.MeshEngine(mspec)))}
   times = {k: [] for k in steps}
   for i in range(repeats + 1):  # The first round compiles and warms up.
     for k, step in steps.items():

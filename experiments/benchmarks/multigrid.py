@@ -41,7 +41,7 @@ import numpy as np
 
 from experiments.configs import multigrid as mg_config
 from experiments.benchmarks import common
-from skipside import multigrid, train
+from skipside import engine, multigrid, train
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'results')
 
@@ -122,7 +122,8 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
   spec, optimizer, state = train.init_state(c, it.info, sched)
   t0 = time.perf_counter()
   steps, evals = train._compile_multigrid(  # pylint: disable=protected-access
-      c, spec, optimizer, state, sched, it.info, train.PRECISIONS['float32'])
+      c, engine.LocalEngine(spec), optimizer, state, sched, it.info,
+      train.PRECISIONS['float32'], multigrid.abstract(state.params))
   compile_s = time.perf_counter() - t0
   params, opt_state = state.params, state.opt_state
   next(it)  # Warm the loader (its first batch), then restart at step 0.
