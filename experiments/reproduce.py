@@ -34,7 +34,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from experiments.configs import default  # noqa: E402
-from skipside import data, engine, network, train  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from skipside import checkpoints, data, engine, evaluation, network  # noqa: E402,E501
+from skipside import config as config_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAIN = ()
@@ -80,9 +83,9 @@ def run_config(task: str, mode: str, stages: str, skips, *, seed: int,
 
 def train_run(config, args) -> dict:
   """Trains with the engine directly; returns the curve and held-out metrics."""
-  dconfig = train._data_config(config)  # pylint: disable=protected-access
+  dconfig = config_lib.data_config(config)  # pylint: disable=protected-access
   it = data.make_iterator(dconfig)
-  spec, optimizer, state = train.init_state(config, it.info)
+  spec, optimizer, state = checkpoints.init_state(config, it.info)
   params, opt_state = state.params, state.opt_state
   curve, t0 = [], time.time()
   for step in range(config.train.num_steps):
@@ -95,7 +98,7 @@ def train_run(config, args) -> dict:
   wall = time.time() - t0
   it.close()
   eval_it = data.make_eval_iterator(dconfig)
-  metrics = train.evaluate(spec, params, eval_it, mode=config.mode,
+  metrics = evaluation.evaluate(spec, params, eval_it, mode=config.mode,
                            max_batches=args.eval_batches)
   eval_it.close()
   return {'curve': curve, 'wall_s': wall, **metrics}
@@ -193,8 +196,8 @@ def fidelity(args, log) -> list[dict]:
                        jnp.float32) / 255.0
     labels = jnp.asarray([e['direction'] for e in examples], jnp.int32)
     c = run_config('motion', 'sideways', STAGES, SKIPS_A, seed=0, args=args)
-    net = train.build_network(c, tuple(clip.shape[2:]), 4,
-                              train.nnx.Rngs(0))
+    net = config_lib.build_network(c, tuple(clip.shape[2:]), 4,
+                              nnx.Rngs(0))
     spec, params = network.split(net)
     flush = spec.depth  # Let every in-flight message land.
     _, g_sw, _ = engine.loss_and_grads(spec, params, clip, labels,

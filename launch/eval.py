@@ -24,8 +24,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from skipside import train
-  metrics = train.evaluate_workdir(_WORKDIR.value, _CONFIG.value)
+  from skipside import evaluation
+  metrics = evaluation.evaluate_workdir(_WORKDIR.value, _CONFIG.value)
   print(json.dumps(metrics, sort_keys=True), flush=True)
 
 

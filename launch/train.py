@@ -107,7 +107,8 @@ def default_workdir(config_flag: str) -> str:
 
 def compile_only(config) -> None:
   """``--compile_only``: the table of every program on ``--topology``."""
-  from skipside import train, tpu_plan  # pylint: disable=g-import-not-at-top
+  from skipside import tpu_plan  # pylint: disable=g-import-not-at-top
+  from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
   if not _TOPOLOGY.value:
     raise app.UsageError('--compile_only needs --topology, e.g. v5e:16x16')
   try:
@@ -123,7 +124,7 @@ def compile_only(config) -> None:
     tpu_plan.check_memory(reports, chip)
   except tpu_plan.MemoryExceededError as e:
     sys.exit(f'does not fit: {e}')
-  except (ValueError, train.ConfigError) as e:
+  except (ValueError, config_lib.ConfigError) as e:
     sys.exit(f'config error: {e}')
 
 
@@ -135,7 +136,9 @@ def main(argv):
   if _COMPILE_ONLY.value:  # One process, no TPU: nothing to initialize.
     return compile_only(_CONFIG.value)
   distributed.initialize()  # Before any backend starts; no-op single-host.
-  from skipside import train  # After absl parsed flags (jax flags included).
+  # After absl parsed flags (jax flags included).
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
   config_flag = flags.FLAGS['config'].config_filename or _DEFAULT_CONFIG
   workdir = _WORKDIR.value or default_workdir(
       flags.FLAGS['config'].value and config_flag)
@@ -143,7 +146,7 @@ def main(argv):
   try:
     summary = train.train_and_evaluate(_CONFIG.value, workdir,
                                        restart=_RESTART.value)
-  except train.ConfigError as e:  # One line, exit code 2 (usage).
+  except config_lib.ConfigError as e:  # One line, exit code 2 (usage).
     config_error(str(e))
   print('Summary: ' + json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v

@@ -73,7 +73,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from skipside import engine, mesh as mesh_lib, multigrid, network, placement
+from skipside import checkpoints, engine, evaluation, multigrid, network
+from skipside import config as config_lib
+from skipside import mesh as mesh_lib
+from skipside import placement
 
 PyTree = Any
 GiB = 2 ** 30
@@ -315,7 +318,7 @@ def _batch(run: _Run, eng, clip_shape) -> tuple:
 
 
 # Each lowers the training loop's own step function on the loop's engine and
-# train-state layout (``train._train_step``, ``train._eval_step``, PGT's
+# train-state layout (``train._train_step``, ``evaluation.eval_step``, PGT's
 # ``make_train_step``), so what is planned is what training runs.
 
 def _lower_train(run: _Run, clip_shape):
@@ -350,10 +353,9 @@ def _lower_progressive(run: _Run, clip_shape):
 
 
 def _lower_eval(run: _Run, clip_shape):
-  from skipside import train  # pylint: disable=g-import-not-at-top
   eng = _engine(run, clip_shape[2:])
   clip, targets = _batch(run, eng, clip_shape)
-  return train._eval_step.lower(  # pylint: disable=protected-access
+  return evaluation.eval_step.lower(  # pylint: disable=protected-access
       eng, eng.state_like(run.params), clip, targets, mode=run.config.mode,
       compute_dtype=run.compute_dtype)
 
@@ -381,8 +383,7 @@ def programs(config: ml_collections.ConfigDict, info, schedule=None
 def _data(config: ml_collections.ConfigDict):
   """``(info, schedule)`` of the run's data: the global batch as one shard."""
   from skipside import data as data_lib  # pylint: disable=g-import-not-at-top
-  from skipside import train  # pylint: disable=g-import-not-at-top
-  data_config = train._data_config(config)  # pylint: disable=protected-access
+  data_config = config_lib.data_config(config)  # pylint: disable=protected-access
   data_config.shard_index, data_config.shard_count = 0, 1
   source = data_lib.make_source(data_config, data_config.split)
   it = data_lib.make_iterator(data_config, train=True, source=source)
@@ -418,10 +419,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   Returns:
     One ``ShapeReport`` per program and shape, in ``programs`` order.
   """
-  from skipside import train  # pylint: disable=g-import-not-at-top
   single = ml_collections.ConfigDict(config.to_dict())
   single.mesh.data = single.mesh.stage = 1  # The target mesh is checked here.
-  train.validate_config(single)
+  config_lib.validate_config(single)
   chip = chip_of(topology)
   if hbm_bytes:
     chip = dataclasses.replace(chip, hbm_bytes=int(hbm_bytes))
@@ -438,9 +438,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   target = target_mesh(devices, data, stage, num_slices)
   if info is None:
     info, schedule = _data(config)
-  spec, optimizer, state = train.init_state(config, info, schedule)
+  spec, optimizer, state = checkpoints.init_state(config, info, schedule)
   if config.mesh.get('groups'):
-    groups = train.parse_groups(config.mesh.groups, spec.num_stages, stage)
+    groups = config_lib.parse_groups(config.mesh.groups, spec.num_stages, stage)
   else:  # Flops-balanced; the per-stage flops are compiled on this host.
     groups = placement.balance(placement.stage_costs(
         spec, state.params, config.data.batch_size // data), stage)
@@ -449,7 +449,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
              params=_abstract(state.params, replicated),
              opt_state=_abstract(state.opt_state, replicated), mesh=target,
              groups=groups, channels=info.element_shape[-1],
-             compute_dtype=train.PRECISIONS[config.precision])
+             compute_dtype=config_lib.PRECISIONS[config.precision])
   lowerers = {'train': _lower_train, 'train progressive': _lower_progressive,
               'eval': _lower_eval}
   reports = []

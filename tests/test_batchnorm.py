@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from skipside import batchnorm, engine, mesh, network, stages
+from skipside import batchnorm, checkpoints, engine, evaluation, mesh
+from skipside import config as config_lib
+from skipside import network, stages
 
 def test_sub_batch_moments_and_merge_against_a_plain_loop():
   rng = np.random.default_rng(0)
@@ -160,7 +162,7 @@ def test_multigrid_training_loop_with_sub_batch_norm(tmp_path, on_mesh):
   assert summary['eval/clips'] == want['clips']
   assert summary['eval/accuracy'] == pytest.approx(want['accuracy'])
   assert summary['eval/loss'] == pytest.approx(want['loss'], rel=1e-4)
-  again = train.evaluate_workdir(str(tmp_path / 'run'))
+  again = evaluation.evaluate_workdir(str(tmp_path / 'run'))
   assert again['eval/accuracy'] == pytest.approx(summary['eval/accuracy'])
 
 
@@ -168,14 +170,14 @@ def _plain_eval(c, workdir):
   """Eval loss, accuracy and clips of ``workdir``'s latest checkpoint,
   computed without the loop: ``c.eval.norm_batches`` training batches for
   the statistics, ``c.eval.max_batches`` eval batches, one device."""
-  from skipside import data as data_lib, train  # pylint: disable=g-import-not-at-top
-  data_config = train._data_config(c)  # pylint: disable=protected-access
+  from skipside import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_config = config_lib.data_config(c)  # pylint: disable=protected-access
   it = data_lib.make_iterator(data_config, train=True)
   clips = [next(it)['video'] for _ in range(c.eval.norm_batches)]
   it.close()
   it = data_lib.make_eval_iterator(data_config)
-  spec, _, state = train.init_state(c, it.info)
-  ckpt = train.Checkpointer(workdir, c.train.keep_checkpoints)
+  spec, _, state = checkpoints.init_state(c, it.info)
+  ckpt = checkpoints.Checkpointer(workdir, c.train.keep_checkpoints)
   params = ckpt.restore(state)[0].params
   ckpt.close()
   params = batchnorm.population_statistics(spec, params, clips)
@@ -195,18 +197,17 @@ def _plain_eval(c, workdir):
 
 def test_config_errors_name_the_batch_that_does_not_split():
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
-  from skipside import train  # pylint: disable=g-import-not-at-top
   c = default.get_config('tiny')
   c.model.stages = 'convbn:4:2,conv:8:2'
   c.model.skips = ()
   c.model.norm_base_size = 8
   c.data.batch_size = 12
-  with pytest.raises(train.ConfigError, match=r'config.data.batch_size = 12 '
+  with pytest.raises(config_lib.ConfigError, match=r'config.data.batch_size = 12 '
                      'does not split into sub-batches of '
                      r'config.model.norm_base_size=8'):
-    train.validate_config(c)
+    config_lib.validate_config(c)
   c.data.batch_size = 16
-  train.validate_config(c)
+  config_lib.validate_config(c)
 
 
 def test_population_statistics_with_a_batch_that_does_not_split():

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from skipside import config as config_lib
 from skipside import multigrid
 
 # DESIGN.md §3: SlowFast's SLOWFAST_8x8_R50_stepwise_multigrid on Kinetics.
@@ -404,9 +405,8 @@ def _tiny_config(data_dir, *variants):
 
 
 def test_iterator_follows_the_schedule_and_resumes_exactly(data_dir):
-  from skipside import train  # pylint: disable=g-import-not-at-top
   c = _tiny_config(data_dir, 'bp')
-  data_config = train._data_config(c)  # pylint: disable=protected-access
+  data_config = config_lib.data_config(c)  # pylint: disable=protected-access
   it = multigrid.MultigridIterator(
       data_config, multigrid.schedule_from_config(c, 256, 32))
   sched = it.schedule
@@ -425,6 +425,25 @@ def test_iterator_follows_the_schedule_and_resumes_exactly(data_dir):
     np.testing.assert_array_equal(a['label'], b['label'])
   it.close()
   again.close()
+
+
+def test_a_failed_run_closes_its_loader_threads(tmp_path, data_dir):
+  """A run that stops on a non-finite loss (or any error) shuts the
+  multigrid loader's thread pools down instead of leaking them."""
+  from skipside import train  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(data_dir, 'bp')
+  c.optimizer.name = 'sgd'
+  c.optimizer.learning_rate, c.optimizer.grad_clip_norm = 1e36, 0.0
+  with pytest.raises(train.NonFiniteLossError) as failure:
+    train.train_and_evaluate(c, str(tmp_path))
+  loaders, tb = [], failure.value.__traceback__
+  while tb is not None:  # The loop's own loader, from its frame.
+    loaders += [v for v in tb.tb_frame.f_locals.values()
+                if isinstance(v, multigrid.MultigridIterator)]
+    tb = tb.tb_next
+  assert loaders
+  for it in loaders:  # pylint: disable=protected-access
+    assert it._pool._shutdown and it._ahead._shutdown
 
 
 def test_whole_schedule_trains_with_zero_compilations_after_the_start(
@@ -459,11 +478,10 @@ def test_whole_schedule_trains_with_zero_compilations_after_the_start(
 
 
 def test_multigrid_config_errors_name_the_key(data_dir):
-  from skipside import train  # pylint: disable=g-import-not-at-top
   c = _tiny_config(data_dir)
   c.optimizer.schedule = 'cosine'
-  with pytest.raises(train.ConfigError, match='config.optimizer.schedule'):
-    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match='config.optimizer.schedule'):
+    config_lib.validate_config(c)
 
 
 def test_depth_errors_name_min_frames_the_bucket_and_the_depth(data_dir):
@@ -489,14 +507,13 @@ def test_norm_base_larger_than_the_device_batch_is_explained(data_dir):
   """Charades/SSv2 layout: 16 clips on 8 data-parallel devices, base 8. The
   reference switches the norm per stage (sync BN below the base); here the
   error says so and how to lay the run out instead."""
-  from skipside import train  # pylint: disable=g-import-not-at-top
   c = _tiny_config(data_dir, 'bp')
   c.model.stages = 'convbn:4:2,convbn:8:2,res:8'
   c.model.norm_base_size = 8
   c.data.batch_size = 16
   c.mesh.data, c.mesh.stage = 8, 1
-  with pytest.raises(train.ConfigError) as e:
-    train.validate_config(c, num_devices=8)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate_config(c, num_devices=8)
   for part in ('config.model.norm_base_size=8', '2 clips', 'config.mesh.data',
                'synchronized', 'not supported'):
     assert part in str(e.value)
@@ -534,5 +551,5 @@ def test_schedule_with_progressive_training(tmp_path, data_dir):
   assert summary['compilations_in_loop'] == 0
   assert np.isfinite(summary['train/loss'])
   c.progressive.fragment_frames = 3  # A 4-frame bucket does not split.
-  with pytest.raises(train.ConfigError, match='bucket of clip shape'):
+  with pytest.raises(config_lib.ConfigError, match='bucket of clip shape'):
     train.train_and_evaluate(c, str(tmp_path / 'run2'))

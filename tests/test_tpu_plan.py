@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 pytest.importorskip('libtpu')
 
 from experiments.configs import default  # noqa: E402
-from skipside import engine, mesh, tpu_plan, train  # noqa: E402
+from skipside import checkpoints, engine, mesh, tpu_plan  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2 ** 20
@@ -120,7 +120,7 @@ def reports(devices):
 
 
 def test_sideways_step_memory_within_hand_computed_bounds(reports):
-  spec, _, state = train.init_state(_config('sideways'), _info(FRAMES))
+  spec, _, state = checkpoints.init_state(_config('sideways'), _info(FRAMES))
   rows = BATCH // 4  # Each chip's 'data' shard.
   clip = np.zeros((BATCH, FRAMES, SIDE, SIDE, 1), np.float32)
   labels = np.zeros((BATCH,), np.int32)

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import default
-from skipside import train
+from skipside import checkpoints, evaluation, train
+from skipside import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +170,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, capsys):
   aside = os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
   assert len(aside) == 1 and aside[0].startswith('6-')
   assert {'6', '8'} <= set(os.listdir(os.path.join(workdir, 'checkpoints')))
-  assert train.evaluate_workdir(workdir)['step'] == 8
+  assert evaluation.evaluate_workdir(workdir)['step'] == 8
   summary = train.train_and_evaluate(
       _tiny(data_dir, **{'train.num_steps': 8}), workdir)
   assert summary['start_step'] == 8
@@ -215,8 +216,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
 ])
 def test_bad_config_fails_fast_naming_the_key(key, value, message, data_dir):
   c = _tiny(data_dir, **{'mesh.data': 2, key: value})
-  with pytest.raises(train.ConfigError, match=message):
-    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate_config(c)
 
 
 @pytest.mark.parametrize('flag, message', [
@@ -248,7 +249,7 @@ def test_used_workdir_refuses_another_config_and_restart_moves_it_aside(
     stored = f.read()
   ckpts = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   other = _tiny(data_dir, **{'train.num_steps': 2, 'mode': 'pipelined_bp'})
-  with pytest.raises(train.WorkdirConflictError,
+  with pytest.raises(checkpoints.WorkdirConflictError,
                      match=r"holds a run of another config: config.mode "
                      r"\('sideways' -> 'pipelined_bp'\) differ; use a new "
                      r'--workdir, or --restart'):
@@ -260,13 +261,13 @@ def test_used_workdir_refuses_another_config_and_restart_moves_it_aside(
   empty = tmp_path / 'no_run'
   empty.mkdir()
   (empty / 'config.json').write_text(stored)
-  train.prepare_workdir(other, str(empty))
+  checkpoints.prepare_workdir(other, str(empty))
   # Checkpoints that all fail to restore (another state) are not buried.
   c_mlp = _tiny(data_dir, **{'train.num_steps': 2,
                              'model.stages': 'conv:4:2,conv:6:2,res:6'})
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(c_mlp.to_json_best_effort(indent=2, sort_keys=True))
-  with pytest.raises(train.CheckpointMismatchError,
+  with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r'no checkpoint in .* restores into this run'):
     train.train_and_evaluate(c_mlp, workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -348,16 +349,16 @@ def test_stream_training_checkpoints_and_resumes_its_carry(tmp_path, data_dir):
   assert int(saved['carry']['tick']) == 6 * c.data.num_frames
   # The FIFO: batch 6's targets of its last `delay` (= depth 2) frames, the
   # ones whose outputs the next clip's first ticks produce.
-  it = data_lib.make_iterator(train._data_config(c), train=True)  # pylint: disable=protected-access
+  it = data_lib.make_iterator(config_lib.data_config(c), train=True)  # pylint: disable=protected-access
   batches = [next(it) for _ in range(8)]
   it.close()
   np.testing.assert_array_equal(saved['carry']['targets'],
                                 batches[5]['target'][:, -2:])
   # Restored as the loop does it, into a fresh stream's structure.
-  spec, _, state = train.init_state(c, it.info)
+  spec, _, state = checkpoints.init_state(c, it.info)
   state.carry = engine.init_carry(spec, state.params, batches[0]['video'],
                                   batches[0]['target'], c.mode)
-  restored = train.Checkpointer(workdir, 3).restore(state)[0].carry
+  restored = checkpoints.Checkpointer(workdir, 3).restore(state)[0].carry
   assert isinstance(restored, engine.StreamCarry)
   assert jax.tree.structure(restored) == jax.tree.structure(state.carry)
   for field in engine.StreamCarry._fields:  # Saved as lists and dicts.
@@ -437,8 +438,8 @@ def test_mesh_training_matches_single_device_and_shares_checkpoints(
 ])
 def test_bad_mesh_groups_fail_naming_the_key(data_dir, groups, message):
   c = _tiny(data_dir, **{'mesh.stage': 2, 'mesh.groups': groups})
-  with pytest.raises(train.ConfigError, match=message):
-    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate_config(c)
 
 
 def test_evaluate_leaves_padded_clips_out_of_the_loss():
@@ -451,7 +452,7 @@ def test_evaluate_leaves_padded_clips_out_of_the_loss():
   video = jax.random.normal(jax.random.key(0), (2, 5, 6))
   batch = {'video': video, 'label': np.array([1, 2]),
            'mask': np.array([True, False])}
-  got = train.evaluate(spec, params, [batch], mode='sideways',
+  got = evaluation.evaluate(spec, params, [batch], mode='sideways',
                        compute_dtype=jax.numpy.float32)
   alone, _ = engine.forward(spec, params, video[:1], np.array([1]),
                             mode='sideways')

@@ -41,7 +41,9 @@ import numpy as np
 
 from experiments.configs import multigrid as mg_config
 from experiments.benchmarks import common
-from skipside import engine, multigrid, train
+from skipside import checkpoints, engine, evaluation, multigrid, train
+from skipside import config as config_lib
+from skipside import data as data_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'results')
 
@@ -114,16 +116,16 @@ def _config(mode: str, variant: str, epochs: float, data_dir: str | None):
 def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
   """Trains one schedule; returns its row (times, steps, accuracy)."""
   c = _config(mode, variant, epochs, data_dir)
-  data_config = train._data_config(c)  # pylint: disable=protected-access
-  source = train.data_lib.make_source(data_config, data_config.split)
+  data_config = config_lib.data_config(c)  # pylint: disable=protected-access
+  source = data_lib.make_source(data_config, data_config.split)
   # The baseline is the schedule with both cycles off: one shape, same LR.
   sched = multigrid.schedule_from_config(c, len(source.data))
   it = multigrid.MultigridIterator(data_config, sched, source)
-  spec, optimizer, state = train.init_state(c, it.info, sched)
+  spec, optimizer, state = checkpoints.init_state(c, it.info, sched)
   t0 = time.perf_counter()
   steps, evals = train._compile_multigrid(  # pylint: disable=protected-access
       c, engine.LocalEngine(spec), optimizer, state, sched, it.info,
-      train.PRECISIONS['float32'], multigrid.abstract(state.params))
+      config_lib.PRECISIONS['float32'], multigrid.abstract(state.params))
   compile_s = time.perf_counter() - t0
   params, opt_state = state.params, state.opt_state
   next(it)  # Warm the loader (its first batch), then restart at step 0.
@@ -139,8 +141,8 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
       losses.append(out.metrics['loss'])
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t0
-    eval_it = train.data_lib.make_eval_iterator(data_config)
-    metrics = train.evaluate(spec, params, eval_it, mode=c.mode,
+    eval_it = data_lib.make_eval_iterator(data_config)
+    metrics = evaluation.evaluate(spec, params, eval_it, mode=c.mode,
                              forward=evals)
     eval_it.close()
     # The same schedule again, loader and steps apart: every batch read

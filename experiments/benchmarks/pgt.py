@@ -41,7 +41,8 @@ from flax import nnx
 
 from experiments.configs import pgt as pgt_config
 from experiments.benchmarks import common
-from skipside import engine, network, optim, progressive, train
+from skipside import engine, network, optim, progressive
+from skipside import config as config_lib
 from skipside.data import moving_digits
 
 CLIP = 16
@@ -166,7 +167,7 @@ def main():
   test_x, test_y = load('test', args.test)
   frames = train_x.shape[1]
 
-  net = train.build_network(config, train_x.shape[2:], 2,
+  net = config_lib.build_network(config, train_x.shape[2:], 2,
                             nnx.Rngs(config.seed))
   spec, params0 = network.split(net)
   runs = [('pgt', opts), ('clip', None)]
