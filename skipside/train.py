@@ -434,6 +434,24 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
   as_tree(state)  # Compile the pytree conversions before the loop counts.
   total = schedule.num_steps if schedule else config.train.num_steps
   summary = {'preempted': False, 'start_step': state.step}
+
+  def check_loss(step: int, loss: jax.Array) -> float:
+    """``loss`` of training step ``step`` on the host; a non-finite one
+    stops the run (``'stop'``) or is counted (``'skip'``: its update was
+    dropped on the device, ``optim.finish_step``)."""
+    value = float(loss)
+    if np.isfinite(value):
+      return value
+    if config.train.on_nonfinite == 'stop':
+      raise NonFiniteLossError(
+          f'non-finite loss {value} at step {step}; stopping. The last good '
+          f'checkpoint in {workdir}/checkpoints is kept '
+          "(set config.train.on_nonfinite='skip' to skip such steps)")
+    logging.warning('non-finite loss at step %d: update skipped', step)
+    summary['skipped_steps'] = summary.get('skipped_steps', 0) + 1
+    return value
+
+  unread = None  # (step, loss) of the last step, not yet read on the host.
   train_metrics, eval_metrics = {}, {}
   clips, t0, t_log = 0, time.time(), time.time()
   bar = _progress(total, state.step)
@@ -453,21 +471,22 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
                                     len(clip) * train_iter.info.shard_count)
       params, opt_state, out = step_fn(state.params, state.opt_state, clip,
                                        targets, state.carry)
-      loss = float(out.metrics['loss'])
-      if not np.isfinite(loss):
-        if config.train.on_nonfinite == 'stop':
-          raise NonFiniteLossError(
-              f'non-finite loss {loss} at step {state.step + 1}; stopping. The '
-              f'last good checkpoint in {workdir}/checkpoints is kept '
-              "(set config.train.on_nonfinite='skip' to skip such steps)")
-        logging.warning('non-finite loss at step %d: update skipped',
-                        state.step + 1)
-        summary['skipped_steps'] = summary.get('skipped_steps', 0) + 1
+      # The step before's loss is read now, while this one is queued: a
+      # host read of this step's would stall the device every step.
+      if unread is not None:
+        check_loss(*unread)
+      unread = (state.step + 1, out.metrics['loss'])
       state = dataclasses.replace(
           state, step=state.step + 1, params=params, opt_state=opt_state,
           carry=out.carry if config.train.stream else None)
       clips += len(batch['video'])
       bar.update(1)
+      boundary = state.step == total or preemption.requested or any(
+          state.step % every == 0 for every in (
+              config.train.log_every, config.train.checkpoint_every,
+              config.train.eval_every))
+      if boundary:  # Nothing is logged or saved past an unread loss.
+        loss, unread = check_loss(*unread), None
       if state.step % config.train.log_every == 0 or state.step == total:
         now = time.time()
         train_metrics = {f'train/{k}': float(v)
