@@ -419,10 +419,13 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   Returns:
     One ``ShapeReport`` per program and shape, in ``programs`` order.
   """
+  chip = chip_of(topology)
+  # Before anything starts a jax backend (validation counts devices): off
+  # a TPU VM, libtpu would print its start-up errors.
+  silence_libtpu(chip)
   single = ml_collections.ConfigDict(config.to_dict())
   single.mesh.data = single.mesh.stage = 1  # The target mesh is checked here.
   config_lib.validate_config(single)
-  chip = chip_of(topology)
   if hbm_bytes:
     chip = dataclasses.replace(chip, hbm_bytes=int(hbm_bytes))
   devices = devices or topology_devices(topology, num_slices)
