@@ -83,7 +83,7 @@ def run_config(task: str, mode: str, stages: str, skips, *, seed: int,
 
 def train_run(config, args) -> dict:
   """Trains with the engine directly; returns the curve and held-out metrics."""
-  dconfig = config_lib.data_config(config)  # pylint: disable=protected-access
+  dconfig = config_lib.data_config(config)
   it = data.make_iterator(dconfig)
   spec, optimizer, state = checkpoints.init_state(config, it.info)
   params, opt_state = state.params, state.opt_state

@@ -184,7 +184,8 @@ def population_statistics(spec, params: PyTree, clips: Iterable, *,
 
   Args:
     spec, params: the network (``network.split``).
-    clips: training clips ``(B, T, *frame)`` (a few batches are enough).
+    clips: training clips ``(B, T, *frame)``, float or uint8 (scaled to
+      [0, 1] as the engines read it; a few batches are enough).
     moments_fn: replaces the jitted ``clip_moments`` (e.g. an executable
       compiled ahead of time), called as ``moments_fn(params, clip)``.
 

@@ -120,10 +120,14 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ConfigError(
         f'config.mesh ({config.mesh.data} data x {config.mesh.stage} stage = '
         f'{mesh_size} devices) is larger than the {devices} devices present')
-  if config.data.batch_size % config.mesh.data:
+  data = mesh_axes(config)[0]
+  if config.data.batch_size % data:
+    axis = (f'the data axis config.mesh.data={data}' if data == config.mesh.data
+            else f"the {data} devices of this multi-process job (all on "
+            "'data' when config.mesh is 1 x 1)")
     raise ConfigError(
         f'config.data.batch_size={config.data.batch_size} is not divisible by '
-        f'the data axis config.mesh.data={config.mesh.data}')
+        f'{axis}')
   if mesh_size > 1:
     for error in _mesh_config_errors(config, num, devices):
       raise ConfigError(error)
@@ -185,9 +189,21 @@ def build_network(config: ml_collections.ConfigDict,
     raise ConfigError(f'config.model: {e}') from e
 
 
+def mesh_axes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """``(data, stage)`` of the run's mesh: ``config.mesh``, except that a
+  multi-process job that sets neither (1 x 1) puts every device on 'data':
+  data parallelism, each process loading its own rows of the global batch
+  (one process per host would otherwise train alone)."""
+  data, stage = config.mesh.data, config.mesh.stage
+  if data * stage == 1 and jax.process_count() > 1:
+    return jax.device_count(), 1
+  return data, stage
+
+
 def use_mesh(config: ml_collections.ConfigDict) -> bool:
   """Whether ``config`` runs on the ``('data', 'stage')`` mesh engine."""
-  return config.mesh.data * config.mesh.stage > 1
+  data, stage = mesh_axes(config)
+  return data * stage > 1
 
 
 def parse_groups(value, num_stages: int,
@@ -231,7 +247,7 @@ def _norm_config_errors(config) -> list[str]:
   ``config.model.norm_base_size`` clips (per device and whole batch)."""
   base = config.model.norm_base_size
   batch = config.data.batch_size
-  per_device = batch // config.mesh.data
+  per_device = batch // mesh_axes(config)[0]
   if base < 1:
     return [f'config.model.norm_base_size={base} must be >= 1']
   errors = []
@@ -247,10 +263,10 @@ def _norm_config_errors(config) -> list[str]:
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The ``config.mesh.data x config.mesh.stage`` mesh (global if
   multi-process; the first devices if the mesh is smaller than the job)."""
-  size = config.mesh.data * config.mesh.stage
+  data, stage = mesh_axes(config)
+  size = data * stage
   devices = None if size == jax.device_count() else jax.devices()[:size]
-  return mesh_lib.make_mesh(config.mesh.data, config.mesh.stage,
-                            devices=devices)
+  return mesh_lib.make_mesh(data, stage, devices=devices)
 
 
 def place(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
@@ -262,7 +278,7 @@ def place(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
     return mesh_lib.place(spec, mesh, parse_groups(
         groups, spec.num_stages, mesh.shape['stage']), params=params)
   return mesh_lib.place(spec, mesh, params=params,
-                        batch_size=config.data.batch_size // config.mesh.data)
+                        batch_size=config.data.batch_size // mesh.shape['data'])
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -41,10 +41,12 @@ Params keep the ``network.split`` pytree structure in and out of
 ``loss_and_grads``, ``forward`` and ``train_step``. A training loop keeps the
 *stage-sharded* train state instead (``shard_tree``, ``train_step_sharded``,
 ``unshard_tree``): the packed ``[S, P]`` params and an optimizer state of the
-same layout, sharded over ``stage``, donated to every step; checkpoints and
-evaluation use the pytree, so they do not care which engine ran. The stream carry has a mesh layout
-(``MeshCarry``); ``to_stream_carry`` / ``from_stream_carry`` convert it to and
-from ``engine.StreamCarry`` exactly.
+same layout, sharded over ``stage``, donated to every step; evaluation runs
+on it (``forward_sharded``) and checkpoints hold the pytree, so they do not
+care which engine ran. ``MeshEngine`` is this engine behind the interface
+every runner uses (``engine.LocalEngine``'s methods). The stream carry has a
+mesh layout (``MeshCarry``); ``to_stream_carry`` / ``from_stream_carry``
+convert it to and from ``engine.StreamCarry`` exactly.
 
 Example::
 
@@ -1061,10 +1063,6 @@ def unshard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
           _unravel_params(plan, x) if _is_packed(mspec, x) else x), tree)
 
 
-@functools.partial(jax.jit, static_argnames=('mspec', 'optimizer', 'mode',
-                                             'flush', 'mask_fill',
-                                             'update_every', 'compute_dtype'),
-                   donate_argnames=('pstack', 'opt_state'))
 def train_step_sharded(mspec: MeshSpec,
                        optimizer: optax.GradientTransformation,
                        pstack: jax.Array, opt_state: PyTree, clip: jax.Array,
@@ -1096,6 +1094,15 @@ def train_step_sharded(mspec: MeshSpec,
       grads_fn, optimizer, pstack, opt_state, carry, num_frames=clip.shape[1],
       flush=flush, update_every=update_every)
   return _constrain(mspec, pstack), _constrain(mspec, opt_state), out
+
+
+_STEP_STATIC = ('mspec', 'optimizer', 'mode', 'flush', 'mask_fill',
+                'update_every', 'compute_dtype')
+# The engine interface's step keeps its inputs (as engine.train_step); the
+# public one donates them (a loop that owns its state).
+_train_step_kept = jax.jit(train_step_sharded, static_argnames=_STEP_STATIC)
+train_step_sharded = jax.jit(train_step_sharded, static_argnames=_STEP_STATIC,
+                             donate_argnames=('pstack', 'opt_state'))
 
 
 @functools.partial(jax.jit, static_argnames=('mspec', 'mode', 'flush',
@@ -1225,5 +1232,6 @@ class MeshEngine:
     return forward_sharded(self.mspec, params, clip, targets, **kw)
 
   def train_step(self, optimizer, params, opt_state, clip, targets, **kw):
-    return train_step_sharded(self.mspec, optimizer, params, opt_state, clip,
-                              targets, **kw)
+    """Keeps its inputs (the loop's ``train._train_step`` donates)."""
+    return _train_step_kept(self.mspec, optimizer, params, opt_state, clip,
+                            targets, **kw)

@@ -264,7 +264,12 @@ def _engine_for(eng, cache_policy: str, params, frame_shape):
   frames of ``frame_shape`` (multigrid: any size the network takes)."""
   spec = pooled_spec(eng.spec, cache_policy)
   if tuple(frame_shape) != spec.frame_shape:
-    spec = network.for_frame_shape(spec, eng.params_like(params), frame_shape)
+    try:
+      spec = network.for_frame_shape(spec, eng.params_like(params),
+                                     frame_shape)
+    except ValueError as e:
+      raise ValueError(f'video frames {tuple(frame_shape)} do not match the '
+                       f'network: {e}') from e
   return eng.with_spec(spec)
 
 
@@ -275,11 +280,7 @@ def _setup(spec, params, video, targets, opts: Options, carry, mode,
   eng = as_engine(spec)
   frame_ndim = len(eng.spec.frame_shape)
   frame_shape = video.shape[video.ndim - frame_ndim:]
-  try:
-    b = _engine_for(eng, opts.cache_policy, params, frame_shape)
-  except ValueError as e:
-    raise ValueError(f'video frames {tuple(frame_shape)} do not match the '
-                     f'network: {e}') from e
+  b = _engine_for(eng, opts.cache_policy, params, frame_shape)
   v = _normalise(b.spec, opts, video, targets)
   clip, tgt, _, _ = _window(v, opts, jnp.asarray(0),
                             True if opts.overlap else None)

@@ -46,6 +46,9 @@ A *stage* is one unit of depth: the engine places each stage on its own tick
    or max (``'max'``) of the stage's input over the fragment just run
    (``None`` for ``'last'``); ``previous`` is the state this hook returned at
    the last boundary (zeros before the first), to blend with ``momentum``.
+   The hook acts on the state: it is called on the stage built from its
+   parameters' shapes (the engine may hold the values packed), so it must
+   not read parameter values.
    A temporal stage without the hook keeps its state unchanged across
    boundaries, which is the ``'last'`` policy with momentum 0 (a stream).
 

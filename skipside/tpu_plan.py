@@ -30,8 +30,8 @@ SPMD-partitioned program, i.e. per chip; checked in tests/test_tpu_plan.py
 against programs with hand-computed footprints):
 
 - ``args``: HBM bytes of the program's parameters on one chip: its shard of
-  every argument (replicated params and optimizer state in full, the clip's
-  'data' shard), in TPU tiled layouts -- small arrays pad to (8, 128) tiles,
+  every argument (its own row of the stage-sharded params and optimizer
+  state, the clip's 'data' shard), in TPU tiled layouts -- small arrays pad to (8, 128) tiles,
   so a tiny net's figure exceeds its logical bytes.
 - ``out``: HBM bytes of the results on one chip (new params, optimizer
   state, carry, metrics).
@@ -355,7 +355,7 @@ def _lower_progressive(run: _Run, clip_shape):
 def _lower_eval(run: _Run, clip_shape):
   eng = _engine(run, clip_shape[2:])
   clip, targets = _batch(run, eng, clip_shape)
-  return evaluation.eval_step.lower(  # pylint: disable=protected-access
+  return evaluation.eval_step.lower(
       eng, eng.state_like(run.params), clip, targets, mode=run.config.mode,
       compute_dtype=run.compute_dtype)
 
@@ -383,7 +383,7 @@ def programs(config: ml_collections.ConfigDict, info, schedule=None
 def _data(config: ml_collections.ConfigDict):
   """``(info, schedule)`` of the run's data: the global batch as one shard."""
   from skipside import data as data_lib  # pylint: disable=g-import-not-at-top
-  data_config = config_lib.data_config(config)  # pylint: disable=protected-access
+  data_config = config_lib.data_config(config)
   data_config.shard_index, data_config.shard_count = 0, 1
   source = data_lib.make_source(data_config, data_config.split)
   it = data_lib.make_iterator(data_config, train=True, source=source)

@@ -481,7 +481,8 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
           carry=out.carry if config.train.stream else None)
       clips += len(batch['video'])
       bar.update(1)
-      boundary = state.step == total or preemption.requested or any(
+      stopping = bool(preemption.requested) and state.step < total
+      boundary = state.step == total or stopping or any(
           state.step % every == 0 for every in (
               config.train.log_every, config.train.checkpoint_every,
               config.train.eval_every))
@@ -512,7 +513,7 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
         if is_main:
           bar.write(f'step {state.step}: ' + ', '.join(
               f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-      if preemption.requested and state.step < total:
+      if stopping:  # The flag as read above: its loss was read then.
         with compiles.paused():
           ckpt.save(as_tree(state), train_iter.get_state(), meta(),
                     wait=True)

@@ -171,7 +171,7 @@ def _plain_eval(c, workdir):
   computed without the loop: ``c.eval.norm_batches`` training batches for
   the statistics, ``c.eval.max_batches`` eval batches, one device."""
   from skipside import data as data_lib  # pylint: disable=g-import-not-at-top
-  data_config = config_lib.data_config(c)  # pylint: disable=protected-access
+  data_config = config_lib.data_config(c)
   it = data_lib.make_iterator(data_config, train=True)
   clips = [next(it)['video'] for _ in range(c.eval.norm_batches)]
   it.close()

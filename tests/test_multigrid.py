@@ -406,7 +406,7 @@ def _tiny_config(data_dir, *variants):
 
 def test_iterator_follows_the_schedule_and_resumes_exactly(data_dir):
   c = _tiny_config(data_dir, 'bp')
-  data_config = config_lib.data_config(c)  # pylint: disable=protected-access
+  data_config = config_lib.data_config(c)
   it = multigrid.MultigridIterator(
       data_config, multigrid.schedule_from_config(c, 256, 32))
   sched = it.schedule

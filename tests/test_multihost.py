@@ -5,6 +5,7 @@ Both processes are started through the project's launcher
 writes its final params, which must equal one process with 8 devices.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -127,21 +128,21 @@ def test_launch_train_two_processes_match_one(tmp_path):
   (the 'stage' axis spans both processes; both load the same rows) ends with
   the checkpoint of 1 process x 4 devices."""
   data_dir = str(tmp_path / 'tfds')
-  mesh_flags = ['--config.mesh.data=1', '--config.mesh.stage=4']
+  one_flags = two_flags = ['--config.mesh.data=1', '--config.mesh.stage=4']
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)
   env.pop('JAX_NUM_CPU_DEVICES', None)
   # The reference first: it also builds the dataset the two processes read.
   one = str(tmp_path / 'one')
   proc = subprocess.run(
-      _launch_train(one, data_dir, mesh_flags, '--local_device_count=4'),
+      _launch_train(one, data_dir, one_flags, '--local_device_count=4'),
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   two, port, procs = str(tmp_path / 'two'), _free_port(), []
   for pid in range(2):
     procs.append(subprocess.Popen(
-        _launch_train(two, data_dir, mesh_flags, '--local_device_count=2',
+        _launch_train(two, data_dir, two_flags, '--local_device_count=2',
                       f'--coordinator_address=localhost:{port}',
                       '--num_processes=2', f'--process_id={pid}'),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -156,3 +157,44 @@ def test_launch_train_two_processes_match_one(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(
         np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7), got[key],
                  ref[key])
+
+
+@pytest.mark.skipif(_platform_reason() is not None,
+                    reason=str(_platform_reason()))
+def test_launch_train_two_processes_without_mesh_keys(tmp_path):
+  """The README's multi-host command sets no mesh keys: every device goes on
+  'data' (a 4 x 1 mesh over both processes), so the processes train one
+  model together and checkpoint it (each used to train alone and crash at
+  the first checkpoint on a host-local array)."""
+  data_dir = str(tmp_path / 'tfds')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  # Builds the dataset once, before two processes would race to build it;
+  # the fresh state is the tree the checkpoint restores into.
+  from experiments.configs import default  # noqa: PLC0415
+  from skipside import checkpoints, data  # noqa: PLC0415
+  from skipside import config as config_lib  # noqa: PLC0415
+  c = default.get_config('tiny')
+  c.data.data_dir = data_dir
+  it = data.make_iterator(config_lib.data_config(c))
+  like = checkpoints.init_state(c, it.info)[2].tree()
+  it.close()
+  work, port, procs = str(tmp_path / 'two'), _free_port(), []
+  for pid in range(2):
+    procs.append(subprocess.Popen(
+        _launch_train(work, data_dir, [], '--local_device_count=2',
+                      f'--coordinator_address=localhost:{port}',
+                      '--num_processes=2', f'--process_id={pid}'),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  summaries = [json.loads(log.split('Summary: ')[-1].splitlines()[0])
+               for log in _wait_all(procs, 300, 'multi-process launch.train')]
+  # One model: both processes report the same global metrics.
+  for key in ('step', 'train/loss', 'eval/loss', 'eval/accuracy'):
+    assert summaries[0][key] == summaries[1][key], key
+  assert summaries[0]['step'] == 6
+  step, state = _checkpoint_state(work, like=like)
+  assert step == 6
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(state['params']))

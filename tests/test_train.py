@@ -349,7 +349,7 @@ def test_stream_training_checkpoints_and_resumes_its_carry(tmp_path, data_dir):
   assert int(saved['carry']['tick']) == 6 * c.data.num_frames
   # The FIFO: batch 6's targets of its last `delay` (= depth 2) frames, the
   # ones whose outputs the next clip's first ticks produce.
-  it = data_lib.make_iterator(config_lib.data_config(c), train=True)  # pylint: disable=protected-access
+  it = data_lib.make_iterator(config_lib.data_config(c), train=True)
   batches = [next(it) for _ in range(8)]
   it.close()
   np.testing.assert_array_equal(saved['carry']['targets'],

@@ -37,6 +37,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import multigrid as mg_config
@@ -116,7 +117,7 @@ def _config(mode: str, variant: str, epochs: float, data_dir: str | None):
 def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
   """Trains one schedule; returns its row (times, steps, accuracy)."""
   c = _config(mode, variant, epochs, data_dir)
-  data_config = config_lib.data_config(c)  # pylint: disable=protected-access
+  data_config = config_lib.data_config(c)
   source = data_lib.make_source(data_config, data_config.split)
   # The baseline is the schedule with both cycles off: one shape, same LR.
   sched = multigrid.schedule_from_config(c, len(source.data))
@@ -127,7 +128,8 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
       c, engine.LocalEngine(spec), optimizer, state, sched, it.info,
       config_lib.PRECISIONS['float32'], multigrid.abstract(state.params))
   compile_s = time.perf_counter() - t0
-  params, opt_state = state.params, state.opt_state
+  # The compiled steps donate their state: each pass starts from a copy.
+  params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
   next(it)  # Warm the loader (its first batch), then restart at step 0.
   it.set_state({'multigrid': {'step': 0, 'position': 0},
                 'stats': {'failed': 0, 'too_short': 0}})
@@ -143,7 +145,7 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
     train_s = time.perf_counter() - t0
     eval_it = data_lib.make_eval_iterator(data_config)
     metrics = evaluation.evaluate(spec, params, eval_it, mode=c.mode,
-                             forward=evals)
+                                  forward=evals)
     eval_it.close()
     # The same schedule again, loader and steps apart: every batch read
     # first (load_s), then the steps alone on them (compute_s).
@@ -152,7 +154,8 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
     t0 = time.perf_counter()
     batches = [next(it) for _ in range(sched.num_steps)]
     load_s = time.perf_counter() - t0
-    params, opt_state = state.params, state.opt_state
+    params, opt_state = jax.tree.map(jnp.copy,
+                                     (state.params, state.opt_state))
     t0 = time.perf_counter()
     for batch in batches:
       params, opt_state, _ = steps(params, opt_state, batch['video'],
