@@ -99,7 +99,7 @@ def train_run(config, args) -> dict:
   it.close()
   eval_it = data.make_eval_iterator(dconfig)
   metrics = evaluation.evaluate(spec, params, eval_it, mode=config.mode,
-                           max_batches=args.eval_batches)
+                                max_batches=args.eval_batches)
   eval_it.close()
   return {'curve': curve, 'wall_s': wall, **metrics}
 
@@ -197,7 +197,7 @@ def fidelity(args, log) -> list[dict]:
     labels = jnp.asarray([e['direction'] for e in examples], jnp.int32)
     c = run_config('motion', 'sideways', STAGES, SKIPS_A, seed=0, args=args)
     net = config_lib.build_network(c, tuple(clip.shape[2:]), 4,
-                              nnx.Rngs(0))
+                                   nnx.Rngs(0))
     spec, params = network.split(net)
     flush = spec.depth  # Let every in-flight message land.
     _, g_sw, _ = engine.loss_and_grads(spec, params, clip, labels,

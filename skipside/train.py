@@ -204,8 +204,9 @@ def _compile_multigrid(config, eng, optimizer, state, schedule, info,
     try:
       return eng.batch_like(local, key[0] * info.shard_count)
     except ValueError as e:
-      raise config_lib.ConfigError(f'multigrid bucket of clip shape {key}: {e} '
-                        '(config.mesh.data)') from e
+      raise config_lib.ConfigError(
+          f'multigrid bucket of clip shape {key}: {e} (config.mesh.data)'
+      ) from e
 
   params, opt_state = (multigrid.abstract(state.params),
                        multigrid.abstract(state.opt_state))
@@ -218,8 +219,9 @@ def _compile_multigrid(config, eng, optimizer, state, schedule, info,
         progressive.Options.from_config(config.progressive).num_fragments(
             key[1])
       except ValueError as e:
-        raise config_lib.ConfigError(f'multigrid bucket of clip shape {key}: '
-                          f'config.progressive: {e}') from e
+        raise config_lib.ConfigError(
+            f'multigrid bucket of clip shape {key}: config.progressive: {e}'
+        ) from e
       step = progressive.make_train_step(
           bucket_engine(key), optimizer, config,
           compute_dtype=compute_dtype, skip_nonfinite=static['skip_nonfinite'])
@@ -424,10 +426,10 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
         eng, it, config.data.batch_size, mode=config.mode,
         compute_dtype=compute_dtype, compiled=eval_forward)
     try:
-      return evaluation.evaluate(spec, params, batches, mode=config.mode,
-                      compute_dtype=compute_dtype,
-                      max_batches=config.eval.max_batches or None,
-                      forward=forward)
+      return evaluation.evaluate(
+          spec, params, batches, mode=config.mode,
+          compute_dtype=compute_dtype,
+          max_batches=config.eval.max_batches or None, forward=forward)
     finally:
       it.close()
 

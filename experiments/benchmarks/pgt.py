@@ -168,7 +168,7 @@ def main():
   frames = train_x.shape[1]
 
   net = config_lib.build_network(config, train_x.shape[2:], 2,
-                            nnx.Rngs(config.seed))
+                                 nnx.Rngs(config.seed))
   spec, params0 = network.split(net)
   runs = [('pgt', opts), ('clip', None)]
   if args.exact:
