@@ -25,13 +25,15 @@ Defaults, stated once:
   flush, or a stream of consecutive clips. A fresh training clip with no loss
   tick (``T <= L-1``) is an error; a stream of short clips starts from an
   explicit ``init_carry``. ``mask_fill=False`` scores every tick.
-  DESIGN.md's two fill conventions -- mask the loss before tick ``L-1``, or
-  count stage ``l``'s gradient only once its messages carry real loss --
-  give the same Sideways gradient here: with the loss masked, every message
-  before tick ``L-1+d_l`` is exactly zero, so stage ``l``'s gradient already
-  counts from then on. They would differ only in a per-stage normalisation
-  (each stage's mean over its own ticks instead of the loss's), which Adam's
-  per-parameter scaling removes; it is not offered.
+  DESIGN.md's second fill convention is ``mask_fill='stages'`` (Sideways
+  only): the loss of every tick is scored (and normalised) as with
+  ``False``, but stage ``l``'s parameter gradient counts only from stream
+  tick ``L-1+d_l``, when its messages first carry the loss of a real frame,
+  and the head's from tick ``L-1``. On a chain this is the default's
+  gradient times ``(T-L+1)/T`` (every message before then carries fill
+  loss only); with skip edges the longer paths still bring some fill
+  ticks' loss to the lower stages, which the default never scores. The
+  messages themselves are never gated.
 - ``flush=0``: no flush. ``flush=n`` appends ``n`` ticks that repeat the last
   frame with the loss masked, so the last errors reach the bottom stages
   (``n = L-1`` lets every in-flight message land). A flushed carry should not
@@ -176,8 +178,44 @@ def is_per_frame(spec: NetworkSpec, clip: jax.Array, targets: jax.Array) -> bool
       f'{tuple(clip.shape)} and the {spec.loss!r} loss: expected {expected}')
 
 
+FILL_RULES = (True, False, 'stages')
+
+
+def masks_loss(mask_fill) -> bool:
+  """Whether ``mask_fill`` masks the fill ticks out of the loss: ``True``
+  does; ``False`` and ``'stages'`` (which gates the stages' gradients
+  instead, ``stage_gates``) score every tick."""
+  return mask_fill is True
+
+
+def check_fill(mask_fill, mode: str) -> None:
+  """``mask_fill`` is one of ``FILL_RULES``; ``'stages'`` needs ``sideways``."""
+  if not any(mask_fill is r or (isinstance(r, str) and mask_fill == r)
+             for r in FILL_RULES):
+    raise ValueError(f'mask_fill={mask_fill!r} is unknown: use True (mask '
+                     "the fill ticks' loss), False (score every tick) or "
+                     "'stages' (count each stage's Sideways gradient from "
+                     'its first message of real loss)')
+  if mask_fill == 'stages' and mode != 'sideways':
+    raise ValueError(
+        f"mask_fill='stages' in mode {mode!r}: it gates the Sideways "
+        'messages of the fill, so it is a sideways rule; the exact modes '
+        'take mask_fill=True or False')
+
+
+def stage_gates(spec: NetworkSpec, mask_fill, tick):
+  """``mask_fill='stages'``: stage -> whether its Sideways gradient of the
+  stream tick ``tick`` counts (from tick ``L-1+d_l``, ``message_distances``;
+  the head counts with the top stage). ``None`` for the other rules (every
+  tick counts, masked by the loss weight)."""
+  if mask_fill != 'stages':
+    return None
+  first = [spec.depth + d for d in message_distances(spec)]
+  return lambda l: tick >= first[l]
+
+
 def check_inputs(spec: NetworkSpec, clip, targets, *, mode: str, carry,
-                 flush: int, mask_fill: bool, needs_loss: bool = True) -> None:
+                 flush: int, mask_fill: bool | str, needs_loss: bool = True) -> None:
   """What the shapes decide, checked at trace time with the rule named.
 
   The clip is ``(B, T, *frame)`` with ``T >= 1``; the targets fit it
@@ -188,6 +226,7 @@ def check_inputs(spec: NetworkSpec, clip, targets, *, mode: str, carry,
   pixels) are the data's business: ``check_values``.
   """
   check_mode(mode)
+  check_fill(mask_fill, mode)
   frame_ndim = len(spec.frame_shape)
   if clip.ndim != frame_ndim + 2 or clip.shape[1] < 1:
     raise ValueError(
@@ -206,10 +245,10 @@ def check_inputs(spec: NetworkSpec, clip, targets, *, mode: str, carry,
     raise ValueError(
         f'a clip of {clip.shape[1]} frames has no loss tick in {mode!r}: a '
         f'fresh stream through {spec.num_stages} stages masks its first '
-        f'{delay(spec, mode)} ticks (the pipeline fill, mask_fill=True). '
-        f'Use clips of more than {delay(spec, mode)} frames, continue a '
-        'stream (carry=...; engine.init_carry starts one), or '
-        'mask_fill=False')
+        f'{delay(spec, mode)} ticks (the pipeline fill, '
+        f'mask_fill={mask_fill!r}). Use clips of more than '
+        f'{delay(spec, mode)} frames, continue a stream (carry=...; '
+        'engine.init_carry starts one), or mask_fill=False')
 
 
 def check_values(spec: NetworkSpec, clip, targets) -> None:
@@ -275,7 +314,7 @@ def message_distances(spec: NetworkSpec) -> tuple[int, ...]:
 
 
 def gradient_ticks(spec: NetworkSpec, mode: str, num_frames: int, *,
-                   flush: int = 0, mask_fill: bool = True) -> tuple[int, ...]:
+                   flush: int = 0, mask_fill: bool | str = True) -> tuple[int, ...]:
   """Per stage, the ticks of a fresh ``num_frames`` clip whose gradient
   carries loss of a real frame.
 
@@ -339,7 +378,7 @@ def tick_target(targets: jax.Array, t, fifo: jax.Array | None,
 
 
 def tick_weights(carry: StreamCarry, start, length: int, num_frames: int,
-                  depth: int, mask_fill: bool, total=None):
+                  depth: int, mask_fill: bool | str, total=None):
   """Loss weight of each tick of a window and the window's valid ticks.
 
   The weight is ``mask / total``: ``total`` defaults to this window's valid
@@ -350,7 +389,7 @@ def tick_weights(carry: StreamCarry, start, length: int, num_frames: int,
   """
   local = start + jnp.arange(length)
   valid = local < num_frames
-  if mask_fill:
+  if masks_loss(mask_fill):
     valid &= (carry.tick + jnp.arange(length)) >= depth
   count = valid.sum()
   denominator = count if total is None else total
@@ -390,7 +429,7 @@ def update_metrics(spec, m, weight, losses, pred, target):
 
 def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
          targets: jax.Array, carry: StreamCarry, *, mode: str, start,
-         length: int, mask_fill: bool, compute_dtype, collect: bool = False,
+         length: int, mask_fill: bool | str, compute_dtype, collect: bool = False,
          total=None):
   """Scans ``length`` ticks from clip frame ``start`` (frames past the end
   repeat the last one: the flush).
@@ -428,7 +467,8 @@ def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
                                                 c.states, x)
     else:
       outs, msgs, states, tick_grads, (loss, pred) = tick_lib.sideways_tick(
-          spec, params, c.outs, c.msgs, c.states, x, target, w)
+          spec, params, c.outs, c.msgs, c.states, x, target, w,
+          gate_of=stage_gates(spec, mask_fill, c.tick))
       g = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g, tick_grads)
     if not sideways:
       _, (pred, loss) = tick_lib.head_loss(spec, params['head'], outs[-1],
@@ -504,7 +544,7 @@ def _prepare(spec, params, clip, targets, carry, mode, compute_dtype, *,
 def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
                    targets: jax.Array, *, mode: str,
                    carry: StreamCarry | None = None, flush: int = 0,
-                   mask_fill: bool = True, compute_dtype=jnp.float32,
+                   mask_fill: bool | str = True, compute_dtype=jnp.float32,
                    debug_checks: bool = False):
   """Loss and accumulated parameter gradients of one clip, in any mode.
 
@@ -516,7 +556,10 @@ def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
     mode: ``'bp'``, ``'pipelined_bp'`` or ``'sideways'``.
     carry: a stream carry from a previous clip; ``None`` starts a new stream.
     flush: extra ticks repeating the last frame, loss masked.
-    mask_fill: mask the pipeline fill out of the loss.
+    mask_fill: the fill rule (``FILL_RULES``): ``True`` masks the pipeline
+      fill out of the loss; ``False`` scores every tick; ``'stages'``
+      (sideways) scores every tick but counts stage ``l``'s gradient only
+      from tick ``L-1+d_l`` (the module docstring).
     compute_dtype: dtype of activations and messages (``jnp.bfloat16`` for
       mixed precision); params, gradients and the loss stay float32.
     debug_checks: also check the values (``check_values``: labels in range,
@@ -540,7 +583,7 @@ def loss_and_grads(spec: NetworkSpec, params: PyTree, clip: jax.Array,
                                              'compute_dtype'))
 def forward(spec: NetworkSpec, params: PyTree, clip: jax.Array,
             targets: jax.Array, *, mode: str, carry: StreamCarry | None = None,
-            flush: int = 0, mask_fill: bool = True, collect: bool = False,
+            flush: int = 0, mask_fill: bool | str = True, collect: bool = False,
             compute_dtype=jnp.float32):
   """Runs a clip forward (evaluation): ``(ClipOutput, collected)``.
 
@@ -627,7 +670,7 @@ def train_step(spec: NetworkSpec, optimizer: optax.GradientTransformation,
                params: PyTree, opt_state: PyTree, clip: jax.Array,
                targets: jax.Array, *, mode: str,
                carry: StreamCarry | None = None, flush: int = 0,
-               mask_fill: bool = True, update_every: int | None = None,
+               mask_fill: bool | str = True, update_every: int | None = None,
                compute_dtype=jnp.float32, debug_checks: bool = False):
   """One training step on a clip: gradients in ``mode``, then optax.
 
@@ -741,7 +784,7 @@ class LocalEngine:
     return carry
 
   def run(self, params, clip, targets, carry, *, mode: str, start,
-          length: int, mask_fill: bool, compute_dtype, total=None):
+          length: int, mask_fill: bool | str, compute_dtype, total=None):
     """``run_ticks`` without gradients: ``(loss, ClipOutput)``."""
     loss, (carry, m, _, _) = run_ticks(
         self.spec, params, clip, targets, carry, mode=mode, start=start,

@@ -596,12 +596,13 @@ def _idle_forward(plan: _Plan):
   return branch
 
 
-def _sideways_branch(plan: _Plan, g: int):
+def _sideways_branch(plan: _Plan, g: int, mask_fill):
   """Device ``g``'s Sideways tick: ``tick.sideways_group`` of its stages.
 
-  Operands: ``(pflat, recvs, own, local, got, st, x, target, w, metrics)``:
-  ``local`` the messages this device's stages sent its own stages last
-  tick, ``got`` the buffers that came down in each round.
+  Operands: ``(pflat, recvs, own, local, got, st, x, target, w, tick,
+  metrics)``: ``local`` the messages this device's stages sent its own
+  stages last tick, ``got`` the buffers that came down in each round,
+  ``tick`` the stream tick (``mask_fill='stages'`` gates by it).
   Returns ``(own, ups, local, sends, st, grads (P,), metrics)``: ``ups``
   one buffer per round for the devices above, ``sends`` for those below.
   """
@@ -610,7 +611,7 @@ def _sideways_branch(plan: _Plan, g: int):
   num_data = plan.mspec.num_data
 
   def branch(ops):
-    pflat, recvs, own, local, got, st, x, target, w, m = ops
+    pflat, recvs, own, local, got, st, x, target, w, tick, m = ops
     b = x.shape[0]
     params_of = _params_of(plan, pflat)
     # Each device's loss is a mean over its b examples; / num_data makes
@@ -619,7 +620,8 @@ def _sideways_branch(plan: _Plan, g: int):
         spec, grp, params_of, _transport(plan, g, own, recvs),
         lambda l: _states_of(plan, st, l), _messages_of(plan, g, local, got),
         x,
-        params_of(top + 1) if top in grp else None, target, w / num_data)
+        params_of(top + 1) if top in grp else None, target, w / num_data,
+        engine.stage_gates(spec, mask_fill, tick))
     keys = list(grp)
     if head is not None:
       pgrads['head'], loss, pred = head
@@ -649,7 +651,7 @@ def _sideways_branch(plan: _Plan, g: int):
 
 def _idle_sideways(plan: _Plan):
   def branch(ops):
-    pflat, _, own, local, _, st, x, _, _, m = ops
+    pflat, _, own, local, _, st, x, _, _, _, m = ops
     b = x.shape[0]
     pads = tuple(jnp.full((b, r.width), plan.mspec.pad_value, plan.act_dtype)
                  for r in plan.rounds)
@@ -713,7 +715,7 @@ def _sync_tick(plan: _Plan, branches, pflat, own, st, x, target, w, m, g):
 
 
 def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
-                 num_frames: int):
+                 num_frames: int, mask_fill):
   """The per-device program of ``length`` ticks (the body of shard_map)."""
   spec, groups = plan.spec, plan.mspec.groups
   sideways = mode == 'sideways'
@@ -732,8 +734,8 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
             for g, grp in enumerate(groups) if grp]
     sync_tick = remat(functools.partial(_sync_tick, plan, sync))
   else:
-    make = _sideways_branch if sideways else functools.partial(
-        _forward_branch, sync=False)
+    make = (functools.partial(_sideways_branch, mask_fill=mask_fill)
+            if sideways else functools.partial(_forward_branch, sync=False))
     idle = _idle_sideways(plan) if sideways else _idle_forward(plan)
     branches = [remat(make(plan, g)) if grp else idle
                 for g, grp in enumerate(groups)]
@@ -769,7 +771,7 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
       else:
         own, ups, local, sends, st, gtick, m = lax.switch(
             g, branches, (pflat, _send(plan, ups, down=False), own, local,
-                          got, st, x, target, w, m))
+                          got, st, x, target, w, tick0 + i, m))
         got = _send(plan, sends, down=True)
         gacc = gacc + gtick
       return ((own, ups, local, got, st, m, gacc), fifo), None
@@ -795,7 +797,7 @@ def _check_batch(mspec: MeshSpec, clip: jax.Array):
 
 def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
                 carry: MeshCarry, *, mode: str, start, length: int,
-                mask_fill: bool, compute_dtype, params_like=None,
+                mask_fill: bool | str, compute_dtype, params_like=None,
                 total=None):
   """``length`` ticks from clip frame ``start`` on the mesh.
 
@@ -819,7 +821,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
   sharded = P('stage', 'data')
   fn = jax.shard_map(
       _device_clip(plan, mode=mode, length=length, per_frame=per_frame,
-                   num_frames=num_frames),
+                   num_frames=num_frames, mask_fill=mask_fill),
       mesh=mspec.mesh,
       in_specs=(P('stage'), P('data'), P('data'), sharded, sharded, sharded,
                 P('data'), P(), P(), P()),
@@ -839,7 +841,7 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
 
 
 def _run(mspec: MeshSpec, params: PyTree, clip, targets, carry: MeshCarry, *,
-         mode: str, start, length: int, mask_fill: bool, compute_dtype,
+         mode: str, start, length: int, mask_fill: bool | str, compute_dtype,
          total=None):
   """``_run_packed`` on a params pytree (packed here, every call).
 
@@ -900,7 +902,7 @@ def _prepare(mspec, params, clip, targets, carry, mode, compute_dtype, *,
                                              'mask_fill', 'compute_dtype'))
 def loss_and_grads(mspec: MeshSpec, params: PyTree, clip: jax.Array,
                    targets: jax.Array, *, mode: str, carry=None,
-                   flush: int = 0, mask_fill: bool = True,
+                   flush: int = 0, mask_fill: bool | str = True,
                    compute_dtype=jnp.float32):
   """Loss and gradients of one clip on the mesh; as ``engine.loss_and_grads``.
 
@@ -942,7 +944,7 @@ def _forward(mspec, pstack, params, clip, targets, *, mode, carry, flush,
                                              'mask_fill', 'compute_dtype'))
 def forward(mspec: MeshSpec, params: PyTree, clip: jax.Array,
             targets: jax.Array, *, mode: str, carry=None, flush: int = 0,
-            mask_fill: bool = True,
+            mask_fill: bool | str = True,
             compute_dtype=jnp.float32) -> engine.ClipOutput:
   """Runs a clip forward on the mesh (evaluation); as ``engine.forward``
   without ``collect``. ``sideways`` uses the pipelined forward."""
@@ -959,7 +961,7 @@ def forward(mspec: MeshSpec, params: PyTree, clip: jax.Array,
 def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
                params: PyTree, opt_state: PyTree, clip: jax.Array,
                targets: jax.Array, *, mode: str, carry=None, flush: int = 0,
-               mask_fill: bool = True, update_every: int | None = None,
+               mask_fill: bool | str = True, update_every: int | None = None,
                compute_dtype=jnp.float32):
   """One training step on the mesh, as ``engine.train_step``.
 
@@ -1067,7 +1069,7 @@ def train_step_sharded(mspec: MeshSpec,
                        optimizer: optax.GradientTransformation,
                        pstack: jax.Array, opt_state: PyTree, clip: jax.Array,
                        targets: jax.Array, *, mode: str, carry=None,
-                       flush: int = 0, mask_fill: bool = True,
+                       flush: int = 0, mask_fill: bool | str = True,
                        update_every: int | None = None,
                        compute_dtype=jnp.float32):
   """One training step on the stage-sharded train state (``shard_tree``).
@@ -1109,7 +1111,7 @@ train_step_sharded = jax.jit(train_step_sharded, static_argnames=_STEP_STATIC,
                                              'mask_fill', 'compute_dtype'))
 def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
                     targets: jax.Array, *, mode: str, carry=None,
-                    flush: int = 0, mask_fill: bool = True,
+                    flush: int = 0, mask_fill: bool | str = True,
                     compute_dtype=jnp.float32) -> engine.ClipOutput:
   """``forward`` on the stage-sharded params (``shard_tree``): evaluation
   without unpacking them."""
@@ -1214,7 +1216,7 @@ class MeshEngine:
     return to_stream_carry(self.mspec, None, carry)
 
   def run(self, params, clip, targets, carry, *, mode: str, start,
-          length: int, mask_fill: bool, compute_dtype, total=None):
+          length: int, mask_fill: bool | str, compute_dtype, total=None):
     """``length`` ticks without gradients: ``(loss, ClipOutput)``."""
     loss, (carry, m, _) = _run_packed(
         self.mspec, params, clip, targets, carry, mode=mode, start=start,

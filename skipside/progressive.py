@@ -127,7 +127,8 @@ class Options:
     step_per: ``'video'`` (gradients summed, one step) or ``'fragment'``.
     truncate_gradients: stop gradients at fragment boundaries.
     loss_weighting: ``'sum'`` (PGT) or ``'mean'`` (by valid ticks).
-    mask_fill: mask the pipeline fill (once per video) out of the loss.
+    mask_fill: the fill rule of the video's one fill (``engine.FILL_RULES``):
+      ``True`` masks it out of the loss.
   """
   fragment_frames: int
   overlap: int = 0
@@ -136,7 +137,7 @@ class Options:
   step_per: str = 'video'
   truncate_gradients: bool = True
   loss_weighting: str = 'sum'
-  mask_fill: bool = True
+  mask_fill: bool | str = True
 
   def __post_init__(self):
     if self.fragment_frames < 1 or not 0 <= self.overlap < self.fragment_frames:
@@ -187,7 +188,7 @@ class Options:
                step_per=c.step_per,
                truncate_gradients=bool(c.truncate_gradients),
                loss_weighting=c.get('loss_weighting', 'sum'),
-               mask_fill=bool(c.get('mask_fill', True)))
+               mask_fill=c.get('mask_fill', True))
 
 
 # -- Pooled states for the 'avg' / 'max' policies. ----------------------------
@@ -284,6 +285,7 @@ def _setup(spec, params, video, targets, opts: Options, carry, mode,
   v = _normalise(b.spec, opts, video, targets)
   clip, tgt, _, _ = _window(v, opts, jnp.asarray(0),
                             True if opts.overlap else None)
+  engine.check_fill(opts.mask_fill, mode)
   fresh = carry is None
   carry = (b.init_carry(params, clip, tgt, mode, compute_dtype) if fresh
            else b.from_stream_carry(carry))
@@ -292,7 +294,7 @@ def _setup(spec, params, video, targets, opts: Options, carry, mode,
     raise ValueError(
         f'a video of {ticks} frames has no loss tick in {mode!r}: a fresh '
         f'stream masks its first {engine.delay(b.spec, mode)} ticks (the '
-        'pipeline fill, mask_fill=True)')
+        f'pipeline fill, mask_fill={opts.mask_fill!r})')
   return b, v, carry, _initial_caches(b, params, carry)
 
 

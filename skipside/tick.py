@@ -125,9 +125,16 @@ def forward_group(spec: NetworkSpec, group: Sequence[int], params_of,
   return ys, new_states
 
 
+def _gated(gate_of, l: int, grads: PyTree) -> PyTree:
+  """``grads`` where stage ``l``'s gate is open, zeros where it is shut."""
+  if gate_of is None:
+    return grads
+  return jax.tree.map(lambda g: jnp.where(gate_of(l), g, 0), grads)
+
+
 def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
                    value_of, states_of, msg_of, x: jax.Array, head_params,
-                   target: jax.Array, weight: jax.Array):
+                   target: jax.Array, weight: jax.Array, gate_of=None):
   """One Sideways tick (DESIGN.md §1) of the stages in ``group``.
 
   Each stage takes one VJP of its block at its *current* input with the
@@ -140,6 +147,9 @@ def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
     msg_of: stage -> the message it holds (gradient w.r.t. its output).
     head_params, target, weight: the head and this tick's aligned target
       and loss weight; used only if the top stage is in ``group``.
+    gate_of: stage -> whether its parameter gradient of this tick counts
+      (``engine.stage_gates``; the head goes with the top stage); ``None``:
+      all count. Messages are sent either way.
 
   Returns:
     ``(ys, states, grads, sent, head)``: dicts stage -> output, new state,
@@ -164,11 +174,12 @@ def sideways_group(spec: NetworkSpec, group: Sequence[int], params_of,
     (_, (pred, losses)), (head_grads, cotangents[top]) = jax.value_and_grad(
         head_loss, argnums=(1, 2), has_aux=True)(
             spec, head_params, ys[top], target, weight)
-    head = (head_grads, losses, pred)
+    head = (_gated(gate_of, top, head_grads), losses, pred)
 
   grads, sent = {}, {}
   for l in group:
     grads[l], in_grads = vjps[l](cotangents[l].astype(ys[l].dtype))
+    grads[l] = _gated(gate_of, l, grads[l])
     # (A VJP's input gradient has its input's dtype: the source's.)
     for k, g in zip(spec.in_edges[l], in_grads if l else ()):
       sent[k] = sent[k] + g if k in sent else g
@@ -201,7 +212,7 @@ def synchronous_forward(spec: NetworkSpec, params: PyTree, states: tuple,
 
 def sideways_tick(spec: NetworkSpec, params: PyTree, outs: tuple, msgs: tuple,
                   states: tuple, x: jax.Array, target: jax.Array,
-                  weight: jax.Array):
+                  weight: jax.Array, gate_of=None):
   """One Sideways tick of the whole network (``sideways_group`` of all
   stages).
 
@@ -211,6 +222,7 @@ def sideways_tick(spec: NetworkSpec, params: PyTree, outs: tuple, msgs: tuple,
     states: temporal states.
     x: the frame ``(B, *frame_shape)``; ``target``: the aligned target.
     weight: the loss weight of this tick (0 during fill and flush).
+    gate_of: as in ``sideways_group``.
 
   Returns:
     ``(new_outs, new_msgs, new_states, grads, (losses, pred))`` where
@@ -220,7 +232,7 @@ def sideways_tick(spec: NetworkSpec, params: PyTree, outs: tuple, msgs: tuple,
   ys, new_states, grads, sent, head = sideways_group(
       spec, _all(spec), lambda l: params['blocks'][l], lambda k: outs[k],
       lambda l: states[l], lambda l: msgs[l], x, params['head'], target,
-      weight)
+      weight, gate_of)
   head_grads, losses, pred = head
   new_msgs = tuple(sent[l] if l in sent else jnp.zeros_like(ys[l])
                    for l in _all(spec))

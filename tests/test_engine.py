@@ -333,18 +333,26 @@ def test_per_frame_targets_aligned_across_clips():
          (first.metrics['loss'] * n1 + second.metrics['loss'] * n2) / (n1 + n2))
 
 
-def sideways_reference(spec, params, clip, targets, flush):
+def sideways_reference(spec, params, clip, targets, flush, gate_from=None):
   """Sideways (DESIGN.md §1) as an unrolled Python loop of a stateless net:
   ``flush`` ticks repeat the last frame with the loss masked; the loss is
-  the mean over the clip's ticks from ``depth`` on (clip labels)."""
+  the mean over the clip's ticks from ``depth`` on (clip labels).
+
+  ``gate_from``: DESIGN.md's second fill convention instead: the loss of
+  every clip tick is scored (mean over all of them) and stage ``l``'s
+  parameter gradient counts from tick ``gate_from[l]`` on (the head's with
+  the top stage's).
+  """
   b, t_len = clip.shape[:2]
-  top, n = spec.num_stages - 1, t_len - spec.depth
+  top = spec.num_stages - 1
+  n = t_len - spec.depth if gate_from is None else t_len
+  first = ([0] * spec.num_stages if gate_from is None else list(gate_from))
   outs = [jnp.zeros((b, *s)) for s in spec.out_shapes]
   msgs = [jnp.zeros_like(o) for o in outs]
   grads = jax.tree.map(jnp.zeros_like, params)
   for t in range(t_len + flush):
     x = clip[:, min(t, t_len - 1)]
-    weight = 1.0 / n if spec.depth <= t < t_len else 0.0
+    weight = 1.0 / n if t_len - n <= t < t_len else 0.0
     ys, vjps = [], []
     for l in range(spec.num_stages):
       ins = (x,) if l == 0 else tuple(outs[k] for k in spec.in_edges[l])
@@ -355,11 +363,13 @@ def sideways_reference(spec, params, clip, targets, flush):
     head_g, top_cot = jax.grad(
         lambda h, y: weight * _head_loss(spec, {'head': h}, y, targets),
         argnums=(0, 1))(params['head'], ys[top])
-    grads['head'] = jax.tree.map(jnp.add, grads['head'], head_g)
+    if t >= first[top]:
+      grads['head'] = jax.tree.map(jnp.add, grads['head'], head_g)
     new_msgs = [jnp.zeros_like(y) for y in ys]
     for l in range(spec.num_stages):
       g_p, g_in = vjps[l](top_cot if l == top else msgs[l])
-      grads['blocks'][l] = jax.tree.map(jnp.add, grads['blocks'][l], g_p)
+      if t >= first[l]:
+        grads['blocks'][l] = jax.tree.map(jnp.add, grads['blocks'][l], g_p)
       for k, g in zip(spec.in_edges[l], g_in if l else ()):
         new_msgs[k] = new_msgs[k] + g
     outs, msgs = ys, new_msgs
@@ -638,6 +648,71 @@ def test_network_input_mistakes_are_named():
 
 
 # -- Which stages learn from a fresh clip. -----------------------------------
+
+@pytest.mark.parametrize('name,flush', [('mlp_skips_sum', 0),
+                                        ('conv_skips_concat', 2)])
+def test_stage_gated_fill_equals_unrolled_reference(name, flush):
+  """mask_fill='stages' (DESIGN.md's second fill convention): every tick's
+  loss scored, stage l's gradient counted from tick depth + d_l."""
+  spec, params = NETS[name]
+  clip, targets = _data(spec, frames=9)
+  loss, got, out = engine.loss_and_grads(spec, params, clip, targets,
+                                         mode='sideways', flush=flush,
+                                         mask_fill='stages')
+  first = [spec.depth + d for d in engine.message_distances(spec)]
+  _close(got, sideways_reference(spec, params, clip, targets, flush,
+                                 gate_from=first), rtol=1e-4, atol=1e-6)
+  assert int(out.metrics['valid_ticks']) == 9  # Every clip tick scored.
+  # Through the skip edges the longer paths bring fill loss to the lower
+  # stages: not the masked-loss convention's gradient up to a scale.
+  _, masked, _ = engine.loss_and_grads(spec, params, clip, targets,
+                                       mode='sideways', flush=flush)
+  ratio = [float(optax.tree.norm(got['blocks'][l]) /
+                 optax.tree.norm(masked['blocks'][l]))
+           for l in range(spec.num_stages)]
+  assert not np.allclose(ratio, ratio[-1], rtol=1e-3), ratio
+
+
+def test_stage_gated_fill_on_a_chain_is_the_masked_gradient_rescaled():
+  """On a chain every message before tick depth + d_l carries fill loss
+  only, so the two conventions differ by the loss's normalisation alone."""
+  spec, params = network.split(models.mlp_net(
+      (6,), 3, width=8, num_stages=4, rngs=nnx.Rngs(1)))
+  # Non-zero biases: with zero ones every fill activation is relu(0) and
+  # sends no gradient, which would hide what the gates remove.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  frames = 10
+  clip, targets = _data(spec, frames=frames)
+  _, gated, _ = engine.loss_and_grads(spec, params, clip, targets,
+                                      mode='sideways', mask_fill='stages')
+  _, masked, _ = engine.loss_and_grads(spec, params, clip, targets,
+                                       mode='sideways')
+  _, scored, _ = engine.loss_and_grads(spec, params, clip, targets,
+                                       mode='sideways', mask_fill=False)
+  scale = (frames - spec.depth) / frames
+  _close(gated, jax.tree.map(lambda g: g * scale, masked), rtol=1e-4,
+         atol=1e-7)
+  # Without the gates the fill's loss reaches every stage below the top.
+  for l in range(spec.depth):
+    assert not np.allclose(jax.tree.leaves(scored['blocks'][l])[0],
+                           jax.tree.leaves(gated['blocks'][l])[0])
+
+
+@pytest.mark.parametrize('mask_fill,mode,message', [
+    ('stages', 'pipelined_bp', "mask_fill='stages' in mode 'pipelined_bp'"),
+    ('stages', 'bp', "mask_fill='stages' in mode 'bp'"),
+    ('loss', 'sideways', "mask_fill='loss' is unknown"),
+])
+def test_bad_fill_rule_is_named(mask_fill, mode, message):
+  spec, params = NETS['mlp_skips_sum']
+  clip, targets = _data(spec)
+  with pytest.raises(ValueError, match=message):
+    engine.loss_and_grads(spec, params, clip, targets, mode=mode,
+                          mask_fill=mask_fill)
+
 
 def _summed_sideways(spec, params, clip, targets, n):
   """Sideways gradient summed over the first ``n`` ticks (zero when none is

@@ -115,6 +115,27 @@ def test_mesh_equals_single_device(mode, name, shape, flush):
     assert np.isnan(np.asarray(got[2].carry.outs)).any()
 
 
+@pytest.mark.parametrize('name,shape', [('conv_skips', '2x4'),
+                                        ('mlp_skips', '1x8')])
+def test_stage_gated_fill_matches_single_device(name, shape):
+  """mask_fill='stages' gates each stage on its own device by the stream
+  tick, as the single-device engine does; continued into a second clip."""
+  spec, params = NETS[name]
+  mspec = mesh.place(spec, _mesh(shape), pad_value=NAN)
+  clip, targets = _data(spec)
+  kw = dict(mode='sideways', mask_fill='stages')
+  got = mesh.loss_and_grads(mspec, params, clip, targets, **kw)
+  want = engine.loss_and_grads(spec, params, clip, targets, **kw)
+  _check_same(mspec, params, got, want)
+  # A stream past its fill: stages whose gates opened within clip 1 count
+  # every tick of clip 2.
+  got = mesh.loss_and_grads(mspec, params, clip, targets,
+                            carry=got[2].carry, **kw)
+  want = engine.loss_and_grads(spec, params, clip, targets,
+                               carry=want[2].carry, **kw)
+  _check_same(mspec, params, got, want)
+
+
 def test_grouping_with_more_stages_than_devices():
   spec, _ = NETS['mlp_chain6']
   mspec = mesh.place(spec, _mesh('2x4'))
