@@ -1,21 +1,15 @@
-"""Sub-batch normalization: statistics over a fixed number of clips.
+"""Population statistics of sub-batch normalization, for evaluation.
 
-Multigrid changes the batch a device sees by up to 32x; batch norm over the
-whole batch would change its statistics with it. The reference (SlowFast's
-``SubBatchNorm3d``) takes them over sub-batches of a fixed base size and
-merges the sub-batches' statistics for evaluation (DESIGN.md §3). Here:
-
-- ``sub_batch_moments`` / ``sub_batch_norm``: the training transform (the
-  batch split into interleaved groups of ``base_size`` clips).
-- ``merge_moments``: the reference's merge rule, mean of means and mean of
-  variances plus variance of means (exact for groups of equal size).
-- ``population_statistics``: the statistics evaluation uses, from a forward
-  pass over training batches, every sub-batch of every frame merged with the
-  rule above (*precise BN*). The reference keeps an EMA per sub-batch
-  during training and merges those; this computes the same merge over the
-  exact moments instead, and needs nothing threaded through the engines:
-  training never reads the stored statistics (``stages.SubBatchNorm``), so
-  they are computed when an evaluation needs them.
+Training normalizes each sub-batch of ``base_size`` clips with its own
+statistics (``skipside.sub_batch``, ``stages.SubBatchNorm``). Evaluation
+needs fixed ones: ``population_statistics`` computes them from a forward
+pass over training batches, every sub-batch of every frame merged with the
+reference's rule (``sub_batch.merge_moments``: *precise BN*). The reference
+keeps an EMA per sub-batch during training and merges those; this computes
+the same merge over the exact moments instead, and needs nothing threaded
+through the engines: training never reads the stored statistics
+(``stages.SubBatchNorm``), so they are computed when an evaluation needs
+them.
 
 Example::
 
@@ -34,76 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from skipside import engine, stages, tick
+from skipside.sub_batch import merge_moments
+
 PyTree = Any
 
 
-def sub_batch_moments(x: jax.Array, base_size: int = 8
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Per-channel mean and variance over sub-batches of ``base_size`` clips.
-
-  The batch is split into ``k = B // base_size`` *interleaved* groups
-  (group ``j`` holds examples ``j, j + k, j + 2k, ...``, as the reference's
-  ``view(B // k, C * k, ...)``), so statistics are always taken over
-  ``base_size`` examples whatever the bucket's batch. ``B < base_size``
-  gives one group.
-
-  Args:
-    x: ``(B, ..., C)``; ``B`` a multiple of ``base_size`` if larger.
-
-  Returns:
-    ``(means, variances)``, each ``(k, C)`` (population variance).
-  """
-  b, c = x.shape[0], x.shape[-1]
-  k = num_groups(b, base_size)
-  # Statistics in float32 whatever the compute dtype (as flax's BatchNorm).
-  groups = x.astype(jnp.float32).reshape(b // k, k, -1, c)  # [i, j]: i*k + j.
-  mean = groups.mean(axis=(0, 2))
-  var = ((groups - mean[None, :, None]) ** 2).mean(axis=(0, 2))
-  return mean, var
-
-
-def num_groups(batch: int, base_size: int) -> int:
-  """``k``: sub-batches of ``base_size`` in ``batch``; errors if uneven."""
-  if batch > base_size and batch % base_size:
-    raise ValueError(f'batch {batch} does not split into sub-batches of '
-                     f'{base_size} clips')
-  return max(1, batch // base_size)
-
-
-def merge_moments(means: jax.Array, variances: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-  """The reference's merge of sub-batch statistics for evaluation.
-
-  Mean of means, and mean of variances plus variance of means: for groups
-  of equal size, exactly the whole batch's mean and (population) variance.
-  ``(k, C), (k, C) -> (C,), (C,)``.
-  """
-  mean = means.mean(axis=0)
-  return mean, variances.mean(axis=0) + ((means - mean) ** 2).mean(axis=0)
-
-
-def normalize(x: jax.Array, means: jax.Array, variances: jax.Array,
-              eps: float) -> jax.Array:
-  """``x (B, ..., C)`` normalized per interleaved group with ``(k, C)``."""
-  b, c = x.shape[0], x.shape[-1]
-  k = means.shape[0]
-  groups = x.astype(jnp.float32).reshape(b // k, k, -1, c)
-  y = (groups - means[None, :, None]) * jax.lax.rsqrt(
-      variances + eps)[None, :, None]
-  return y.reshape(x.shape).astype(x.dtype)
-
-
-def sub_batch_norm(x: jax.Array, base_size: int = 8, eps: float = 1e-5
-                   ) -> jax.Array:
-  """Normalizes ``x (B, ..., C)`` with its own sub-batch statistics (the
-  training transform, without scale and bias)."""
-  return normalize(x, *sub_batch_moments(x, base_size), eps)
-
-
-# -- Population statistics for evaluation. -----------------------------------
-
 def _norm_layers(module: nnx.Module) -> list:
-  from skipside import stages  # pylint: disable=g-import-not-at-top
   return [m for _, m in nnx.iter_modules(module)
           if isinstance(m, stages.SubBatchNorm)]
 
@@ -130,8 +61,6 @@ def clip_moments(spec, params: PyTree, clip: jax.Array) -> list:
     Per norm layer (block order, then module order) ``(means, variances)``,
     each ``(T * k, C)``.
   """
-  # pylint: disable=g-import-not-at-top
-  from skipside import engine, stages, tick  # They import this module.
   num = spec.num_stages
 
   def norms(blk):

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from skipside import batchnorm
+from skipside import sub_batch
 from skipside import conv
 
 PyTree = Any
@@ -336,10 +336,10 @@ class SubBatchNorm(nnx.Module):
     if self.collect:  # Population statistics (batchnorm.clip_moments): for
       # groups of equal size the merge is the same whatever the grouping, so
       # the whole batch is one group here and any batch size works.
-      means, variances = batchnorm.sub_batch_moments(x, x.shape[0])
+      means, variances = sub_batch.sub_batch_moments(x, x.shape[0])
       self.sow(nnx.Intermediate, 'moments', (means, variances))
     else:
-      means, variances = batchnorm.sub_batch_moments(x, self.base_size)
+      means, variances = sub_batch.sub_batch_moments(x, self.base_size)
     # Stored statistics once set (evaluation), else the batch's (training).
     # Gradients never reach them: the optimizer sees zeros.
     ready = jax.lax.stop_gradient(self.ready[...]) > 0
@@ -347,7 +347,7 @@ class SubBatchNorm(nnx.Module):
                       means)
     variances = jnp.where(ready, jax.lax.stop_gradient(self.var[...])[None],
                           variances)
-    y = batchnorm.normalize(x, means, variances, self.eps)
+    y = sub_batch.normalize(x, means, variances, self.eps)
     return y * self.scale[...].astype(x.dtype) + self.bias[...].astype(
         x.dtype)
 

@@ -75,8 +75,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from skipside import checkpoints, engine, evaluation, multigrid, network
 from skipside import config as config_lib
+from skipside import data as data_lib
 from skipside import mesh as mesh_lib
-from skipside import placement
+from skipside import placement, progressive, train
 
 PyTree = Any
 GiB = 2 ** 30
@@ -322,7 +323,6 @@ def _batch(run: _Run, eng, clip_shape) -> tuple:
 # ``make_train_step``), so what is planned is what training runs.
 
 def _lower_train(run: _Run, clip_shape):
-  from skipside import train  # pylint: disable=g-import-not-at-top
   c = run.config
   eng = _engine(run, clip_shape[2:])
   clip, targets = _batch(run, eng, clip_shape)
@@ -341,7 +341,6 @@ def _lower_train(run: _Run, clip_shape):
 
 
 def _lower_progressive(run: _Run, clip_shape):
-  from skipside import progressive  # pylint: disable=g-import-not-at-top
   c = run.config
   eng = _engine(run, clip_shape[2:])
   step = progressive.make_train_step(
@@ -382,7 +381,6 @@ def programs(config: ml_collections.ConfigDict, info, schedule=None
 
 def _data(config: ml_collections.ConfigDict):
   """``(info, schedule)`` of the run's data: the global batch as one shard."""
-  from skipside import data as data_lib  # pylint: disable=g-import-not-at-top
   data_config = config_lib.data_config(config)
   data_config.shard_index, data_config.shard_count = 0, 1
   source = data_lib.make_source(data_config, data_config.split)

@@ -8,23 +8,24 @@ import pytest
 from flax import nnx
 
 from skipside import batchnorm, checkpoints, engine, evaluation, mesh
+from skipside import sub_batch
 from skipside import config as config_lib
 from skipside import network, stages
 
 def test_sub_batch_moments_and_merge_against_a_plain_loop():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(24, 3, 5, 4)).astype(np.float32) * np.arange(1, 5)
-  means, variances = batchnorm.sub_batch_moments(x, base_size=8)
+  means, variances = sub_batch.sub_batch_moments(x, base_size=8)
   assert means.shape == variances.shape == (3, 4)
   for j in range(3):  # Interleaved groups: examples j, j + 3, ...
     group = x[j::3].reshape(-1, 4)
     np.testing.assert_allclose(means[j], group.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(variances[j], group.var(0), rtol=1e-4)
-  mean, var = batchnorm.merge_moments(means, variances)
+  mean, var = sub_batch.merge_moments(means, variances)
   np.testing.assert_allclose(mean, x.reshape(-1, 4).mean(0), rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(var, x.reshape(-1, 4).var(0), rtol=1e-4)
-  y = np.asarray(batchnorm.sub_batch_norm(x, base_size=8))
+  y = np.asarray(sub_batch.sub_batch_norm(x, base_size=8))
   for j in range(3):
     g = x[j::3]
     want = (g - g.reshape(-1, 4).mean(0)) / np.sqrt(
@@ -32,7 +33,7 @@ def test_sub_batch_moments_and_merge_against_a_plain_loop():
     np.testing.assert_allclose(y[j::3], want, rtol=1e-4, atol=1e-4)
   # A batch no larger than the base size is one group: plain batch norm.
   for b in (8, 5):
-    m1, v1 = batchnorm.sub_batch_moments(x[:b], base_size=8)
+    m1, v1 = sub_batch.sub_batch_moments(x[:b], base_size=8)
     np.testing.assert_allclose(m1, [x[:b].reshape(-1, 4).mean(0)], rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(v1, [x[:b].reshape(-1, 4).var(0)], rtol=1e-4)
@@ -58,7 +59,7 @@ def test_stage_trains_on_sub_batch_statistics_and_no_gradient_reaches_them():
   layer.scale[...] = jnp.array([1.0, 2.0, 0.5])
   layer.bias[...] = jnp.array([0.0, 1.0, -1.0])
   x = jax.random.normal(jax.random.key(0), (8, 5, 5, 3)) * 3 + 1
-  want = (np.asarray(batchnorm.sub_batch_norm(x, 4)) * [1.0, 2.0, 0.5]
+  want = (np.asarray(sub_batch.sub_batch_norm(x, 4)) * [1.0, 2.0, 0.5]
           + [0.0, 1.0, -1.0])
   np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
   spec, params = _net()
@@ -119,7 +120,7 @@ def test_statistics_read_uint8_clips_as_the_engines_do():
 def test_uneven_batch_names_the_sizes():
   with pytest.raises(ValueError, match='batch 12 does not split into '
                      'sub-batches of 8'):
-    batchnorm.sub_batch_moments(jnp.ones((12, 3)), 8)
+    sub_batch.sub_batch_moments(jnp.ones((12, 3)), 8)
 
 
 @pytest.mark.parametrize('mode', ['pipelined_bp', 'sideways'])
