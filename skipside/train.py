@@ -331,6 +331,10 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
   else:
     train_iter = data_lib.make_iterator(data_config, train=True)
     resources.callback(train_iter.close)
+  line = data_lib.describe_process(train_iter.info, mesh)
+  logging.info(line)
+  if jax.process_count() > 1:  # Every process: who it is, which rows it reads.
+    print(line, flush=True)
   spec, optimizer, state = checkpoints.init_state(config, train_iter.info,
                                                   schedule)
   starved = starved_stages_warning(config, spec, schedule)

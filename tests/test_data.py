@@ -162,19 +162,38 @@ def test_eval_is_one_padded_pass(tfds_dir):
   _assert_batches_equal(batches, again)
 
 
-def test_sharding_splits_data(tfds_dir):
-  labels, videos = [], []
+def _rows(batches, index, count):
+  """Rows [index * b, (index + 1) * b) of every batch, b = B / count."""
+  b = len(batches[0]['label']) // count
+  return [{k: v[index * b:(index + 1) * b] for k, v in x.items()}
+          for x in batches]
+
+
+def test_shards_read_their_rows_of_one_global_batch(tfds_dir):
+  """Process p of n reads rows [p * b, (p + 1) * b) of each batch one process
+  reads, augmentation included and across epochs: n processes train on the
+  batches of one (tests/test_multihost.py: in real processes)."""
+  kw = dict(batch_size=24, num_frames=4, resize=40, crop_size=28, flip=True,
+            max_stride=2)
+  steps = 12  # 256 videos: 10 batches an epoch.
+  full = _take(data.make_iterator(_config(tfds_dir, **kw)), steps)
+  for index in range(3):
+    it = data.make_iterator(_config(tfds_dir, shard_index=index,
+                                    shard_count=3, **kw))
+    assert it.info.rows == slice(8 * index, 8 * index + 8)
+    assert it.info.steps_per_epoch == 10
+    _assert_batches_equal(_take(it, steps), _rows(full, index, 3))
+
+
+def test_eval_shards_read_their_rows_of_one_pass(tfds_dir):
+  full = list(data.make_eval_iterator(_config(tfds_dir, batch_size=48)))
   for index in range(2):
-    c = _config(tfds_dir, shard_index=index, shard_count=2, batch_size=32)
-    bs = list(data.make_eval_iterator(c))
-    assert len(bs) == 4 and bs[0]['video'].shape[0] == 16  # Per-process B.
-    videos.append(np.concatenate([b['video'][b['mask']] for b in bs]))
-  assert len(videos[0]) == len(videos[1]) == 64
-  full = np.concatenate(
-      [b['video'] for b in data.make_eval_iterator(_config(tfds_dir,
-                                                           batch_size=32))])
-  np.testing.assert_array_equal(videos[0], full[0::2])
-  np.testing.assert_array_equal(videos[1], full[1::2])
+    c = _config(tfds_dir, shard_index=index, shard_count=2, batch_size=48)
+    got = list(data.make_eval_iterator(c))
+    assert len(got) == 3 and got[0]['video'].shape[0] == 24  # Per-process B.
+    _assert_batches_equal(got, _rows(full, index, 2))
+  # 128 videos: the last batch's rows 32:48 are padding, all on process 1.
+  assert [int(b['mask'].sum()) for b in _rows(full, 1, 2)] == [24, 24, 8]
 
 
 def _frames_by_label(tfds_dir, split, task):

@@ -1,12 +1,16 @@
-"""Real multi-process training: 2 local processes x 4 CPU devices (gloo).
+"""Real multi-process training: 2 local processes on CPU devices (gloo).
 
-Both processes are started through the project's launcher
-(``launch/mesh_train.py``, flags from ``launch/distributed.py``); process 0
-writes its final params, which must equal one process with 8 devices.
+The processes are started through the project's launchers with the flags
+of ``launch/distributed.py``: ``launch/mesh_train.py`` (2 x 4 devices, a
+synthetic batch; process 0 writes its final params, which must equal one
+process with 8 devices) and ``launch/train.py`` (2 x 2 devices, the tiny
+config end to end; its checkpoint and metrics must equal one process with
+4 devices, the data read included).
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -121,34 +125,74 @@ def _checkpoint_state(workdir, like=None):
   return step, got.state
 
 
-@pytest.mark.skipif(_platform_reason() is not None,
-                    reason=str(_platform_reason()))
-def test_launch_train_two_processes_match_one(tmp_path):
-  """``python -m launch.train`` as 2 processes x 2 CPU devices on a 1x4 mesh
-  (the 'stage' axis spans both processes; both load the same rows) ends with
-  the checkpoint of 1 process x 4 devices."""
-  data_dir = str(tmp_path / 'tfds')
-  one_flags = two_flags = ['--config.mesh.data=1', '--config.mesh.stage=4']
+def _subprocess_env() -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)
+  env.pop('XLA_FLAGS', None)  # The test process forces 8 devices; not them.
   env.pop('JAX_NUM_CPU_DEVICES', None)
-  # The reference first: it also builds the dataset the two processes read.
-  one = str(tmp_path / 'one')
-  proc = subprocess.run(
-      _launch_train(one, data_dir, one_flags, '--local_device_count=4'),
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  return env
 
-  two, port, procs = str(tmp_path / 'two'), _free_port(), []
+
+def _summary(log: str) -> dict:
+  return json.loads(log.split('Summary: ')[-1].splitlines()[0])
+
+
+def _launch_two(workdir, data_dir, mesh_flags, env) -> list[str]:
+  """``launch.train`` as 2 processes x 2 CPU devices: their outputs."""
+  port, procs = _free_port(), []
   for pid in range(2):
     procs.append(subprocess.Popen(
-        _launch_train(two, data_dir, two_flags, '--local_device_count=2',
+        _launch_train(workdir, data_dir, mesh_flags, '--local_device_count=2',
                       f'--coordinator_address=localhost:{port}',
                       '--num_processes=2', f'--process_id={pid}'),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
-  for log in _wait_all(procs, 300, 'multi-process launch.train'):
-    assert '"step": 6' in log.split('Summary: ')[-1]
+  return _wait_all(procs, 300, 'multi-process launch.train')
+
+
+@pytest.mark.skipif(_platform_reason() is not None,
+                    reason=str(_platform_reason()))
+@pytest.mark.parametrize('mesh_flags,layout,rows', [
+    ((), "{'data': 4, 'stage': 1}", (2, 2)),
+    (('--config.mesh.data=4', '--config.mesh.stage=1'),
+     "{'data': 4, 'stage': 1}", (2, 2)),
+    (('--config.mesh.data=1', '--config.mesh.stage=4'),
+     "{'data': 1, 'stage': 4}", (0, 4)),
+], ids=['no_mesh_keys', 'data4', 'stage4'])
+def test_launch_train_two_processes_match_one(tmp_path, mesh_flags, layout,
+                                              rows):
+  """``python -m launch.train`` as 2 processes x 2 CPU devices ends with the
+  checkpoint and metrics of 1 process x 4 devices, the same command.
+
+  The 'data' rows span the processes (the README's command without mesh
+  keys: a 4 x 1 mesh; or mesh.data=4): each reads its rows of the global
+  batch that one process reads (each used to read its own shard of the
+  dataset and the results differed); or the 'stage' axis spans them
+  (1 x 4): both read all rows. Each process prints which rows it reads.
+  """
+  data_dir, env = str(tmp_path / 'tfds'), _subprocess_env()
+  # The reference first: it also builds the dataset the two processes read.
+  one = str(tmp_path / 'one')
+  proc = subprocess.run(
+      _launch_train(one, data_dir, mesh_flags, '--local_device_count=4'),
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ref_summary = _summary(proc.stdout)
+
+  two = str(tmp_path / 'two')
+  devices, (step, size) = [], rows
+  for pid, log in enumerate(_launch_two(two, data_dir, mesh_flags, env)):
+    start = pid * step
+    line = re.search(
+        rf'^process {pid} of 2: local devices \[(\d+), (\d+)\] \(cpu\), '
+        rf'mesh {re.escape(layout)}, rows {start}:{start + size} of each '
+        'global batch of 4$', log, re.MULTILINE)
+    assert line, log[-3000:]
+    devices += line.groups()
+    summary = _summary(log)  # Global metrics: the same in both processes.
+    for key in ('step', 'train/loss', 'train/accuracy', 'eval/loss',
+                'eval/accuracy', 'eval/clips'):
+      assert summary[key] == ref_summary[key], (pid, key)
+  assert len(set(devices)) == 4
 
   step_one, ref = _checkpoint_state(one)
   step_two, got = _checkpoint_state(two, like=ref)
@@ -157,44 +201,3 @@ def test_launch_train_two_processes_match_one(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(
         np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7), got[key],
                  ref[key])
-
-
-@pytest.mark.skipif(_platform_reason() is not None,
-                    reason=str(_platform_reason()))
-def test_launch_train_two_processes_without_mesh_keys(tmp_path):
-  """The README's multi-host command sets no mesh keys: every device goes on
-  'data' (a 4 x 1 mesh over both processes), so the processes train one
-  model together and checkpoint it (each used to train alone and crash at
-  the first checkpoint on a host-local array)."""
-  data_dir = str(tmp_path / 'tfds')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)
-  env.pop('JAX_NUM_CPU_DEVICES', None)
-  # Builds the dataset once, before two processes would race to build it;
-  # the fresh state is the tree the checkpoint restores into.
-  from experiments.configs import default  # noqa: PLC0415
-  from skipside import checkpoints, data  # noqa: PLC0415
-  from skipside import config as config_lib  # noqa: PLC0415
-  c = default.get_config('tiny')
-  c.data.data_dir = data_dir
-  it = data.make_iterator(config_lib.data_config(c))
-  like = checkpoints.init_state(c, it.info)[2].tree()
-  it.close()
-  work, port, procs = str(tmp_path / 'two'), _free_port(), []
-  for pid in range(2):
-    procs.append(subprocess.Popen(
-        _launch_train(work, data_dir, [], '--local_device_count=2',
-                      f'--coordinator_address=localhost:{port}',
-                      '--num_processes=2', f'--process_id={pid}'),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True))
-  summaries = [json.loads(log.split('Summary: ')[-1].splitlines()[0])
-               for log in _wait_all(procs, 300, 'multi-process launch.train')]
-  # One model: both processes report the same global metrics.
-  for key in ('step', 'train/loss', 'eval/loss', 'eval/accuracy'):
-    assert summaries[0][key] == summaries[1][key], key
-  assert summaries[0]['step'] == 6
-  step, state = _checkpoint_state(work, like=like)
-  assert step == 6
-  assert all(np.isfinite(np.asarray(x)).all()
-             for x in jax.tree.leaves(state['params']))

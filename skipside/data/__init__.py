@@ -9,7 +9,8 @@ Public API (all re-exported here):
       Batches {'video': float32 (B, T, H, W, C) in [0, 1], 'label': int32 (B,),
       'mask': bool (B,)} (+ 'target' for task 'next_frame'; 'video' is
       (B, F, Tf, H, W, C) with fragments, (T, B, ...) if time_major).
-      Train: shuffled, repeated, augmented, this process's shard.
+      Train: shuffled, repeated, augmented; this process's rows of each
+      global batch.
   make_eval_iterator(config, source=None) -> DataIterator
       One ordered pass over config.eval_split, fixed start, centre crop, last
       batch padded; `mask` is False on padding and unreadable videos.
@@ -17,7 +18,9 @@ Public API (all re-exported here):
       The underlying grain dataset, for composing further.
   DataIterator: next(it); it.get_state() -> dict (JSON-able);
       it.set_state(state) (exact resume); it.stats -> DecodeStats;
-      it.info -> DataInfo.
+      it.info -> DataInfo (.rows: this process's rows of each global batch).
+  describe_process(info, mesh=None) -> str: the start-up line of a process
+      (index, count, local devices, mesh, its rows of the global batch).
   DecodeStats: .failed, .too_short, .metrics() -> {'data/failed_videos': ..}.
   ClipParams, frame_indices, spatial_transform, load_clip: per-call clip
       sampling and augmentation (multigrid varies stride and crop per batch).
@@ -41,6 +44,7 @@ from skipside.data.pipeline import ClipParams
 from skipside.data.pipeline import DataInfo
 from skipside.data.pipeline import DataIterator
 from skipside.data.pipeline import DecodeStats
+from skipside.data.pipeline import describe_process
 from skipside.data.pipeline import frame_indices
 from skipside.data.pipeline import get_config
 from skipside.data.pipeline import load_clip

@@ -2,7 +2,8 @@
 
 One element's path, top to bottom (train):
 
-    record (source[i], this process's shard, shuffled, repeated)
+    record (source[i], shuffled, repeated: one global order)
+      -> this process's rows of each global batch     `global_index`
       -> read + clip sampling   uint8 (T, H0, W0, C)   `frame_indices`
       -> resize / crop / flip   uint8 (T, h, w, C)     `spatial_transform`
       -> unreadable, truncated or (with short_video='skip') too-short videos
@@ -13,13 +14,21 @@ One element's path, top to bottom (train):
          (B, F, Tf, h, w, C), next-frame targets, time-major (T, B, ...).
 
 Per-element randomness comes from grain's `random_map`, seeded by
-(config.seed, shard, index), so a pipeline is deterministic given its seed,
-independent of threads or workers, and its iterator state (`get_state`) is a
-few integers that restore it exactly.
+(config.seed, global index), so a pipeline is deterministic given its seed,
+independent of threads, workers and processes, and its iterator state
+(`get_state`) is a few integers that restore it exactly.
+
+Multi-process: every process builds the same global order (records and
+augmentation) and reads only its rows [p * b, (p + 1) * b) of each global
+batch of B = b * shard_count (`DataInfo.rows`), so n processes feed the
+batches one process would read (`skipside.mesh.global_batch` puts the
+rows together). Only a dropped bad video shifts this process's
+later rows (it reads its next one), no other process's.
 
 Eval (`train=False`): one pass in index order, fixed (centre) start, centre crop,
-no flip; every process gets the same number of batches, the last ones padded;
-`mask` (B,) is False on padding and on unreadable or truncated videos.
+no flip; each process reads its rows of the global batches, so every process
+gets the same number of batches, the last ones padded; `mask` (B,) is False
+on padding and on unreadable or truncated videos.
 
 Bad files are counted where batches are delivered (`DataIterator`): each
 element carries the names of the bad files read for it (with `_DropBad`, those
@@ -49,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -96,12 +104,13 @@ def get_config() -> ml_collections.ConfigDict:
       `fragment_overlap` frames (progressive training).
     time_major: deliver (T, B, ...) instead of (B, T, ...) (with fragments
       (F, B, Tf, ...): axis 1 moves to the front).
-    batch_size: global batch size; each process gets batch_size /
-      shard_count.
+    batch_size: global batch size; each process reads its rows of each
+      global batch, batch_size / shard_count of them.
     shuffle, seed, num_epochs: record shuffling (per epoch), seed of
       everything random, epochs (None: forever) for training.
-    shard_index, shard_count: this process's data shard (None:
-      jax.process_index() / jax.process_count()).
+    shard_index, shard_count: this process reads rows block shard_index of
+      shard_count of each global batch (None: jax.process_index() /
+      jax.process_count(); processes that share rows share an index).
     num_threads, prefetch: grain read threads and elements read ahead.
     num_workers: grain worker processes (0: read in this process).
   """
@@ -495,12 +504,47 @@ def _train_element(record, rng, *, source, params):
   return load_clip(source, record, rng, params)
 
 
-def _eval_element(index, *, source, params, shard_index, shard_count,
+def global_index(index: int, *, rows: int, shard_index: int,
+                 shard_count: int) -> int:
+  """Index in the global stream of this process's element `index`.
+
+  Process `shard_index` reads rows [shard_index * rows, (shard_index + 1) *
+  rows) of every global batch of rows * shard_count elements.
+  """
+  batch, row = divmod(index, rows)
+  return (batch * shard_count + shard_index) * rows + row
+
+
+class _Rows(grain.MapDataset):
+  """This process's rows of each global batch of a global MapDataset."""
+
+  def __init__(self, parent: grain.MapDataset, *, rows: int,
+               shard_index: int, shard_count: int):
+    super().__init__(parent)
+    self._index = functools.partial(global_index, rows=rows,
+                                    shard_index=shard_index,
+                                    shard_count=shard_count)
+    self._length = len(parent) // (rows * shard_count) * rows  # Full batches.
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._index(index)]
+
+  def __str__(self) -> str:
+    return 'RowsMapDataset'
+
+
+def _eval_element(index, *, source, params, rows, shard_index, shard_count,
                   out_shape):
-  """Element `index` of this process's eval shard; padding past the end."""
-  global_index = shard_index + index * shard_count
-  if global_index < len(source.data):
-    e = load_clip(source, source.data[global_index], None, params)
+  """Element `index` of this process's eval rows; padding past the end."""
+  i = global_index(index, rows=rows, shard_index=shard_index,
+                   shard_count=shard_count)
+  if i < len(source.data):
+    e = load_clip(source, source.data[i], None, params)
   else:
     e = dict(_element(None, np.int32(0), _OK), _pad=True)
   ok = e['_status'] == _OK and not e.pop('_pad', False)
@@ -622,8 +666,10 @@ class DataInfo:
     batch_size: per-process batch size.
     element_shape: (T, h, w, C) of one clip before fragments/next-frame.
     class_names: label names if known.
-    shard_index, shard_count: this process's shard.
-    steps_per_epoch: batches per process per epoch (eval: per pass).
+    shard_index, shard_count: this process reads rows block shard_index
+      of shard_count of each global batch (`rows`).
+    steps_per_epoch: batches per epoch (eval: per pass), the same in every
+      process.
   """
   num_examples: int
   num_classes: int
@@ -633,6 +679,12 @@ class DataInfo:
   shard_index: int
   shard_count: int
   steps_per_epoch: int
+
+  @property
+  def rows(self) -> slice:
+    """This process's rows of each global batch."""
+    return slice(self.shard_index * self.batch_size,
+                 (self.shard_index + 1) * self.batch_size)
 
 
 def _shard(config) -> tuple[int, int]:
@@ -644,6 +696,22 @@ def _shard(config) -> tuple[int, int]:
   if not 0 <= index < count:
     raise ValueError(f'shard_index {index} not in [0, {count}).')
   return index, count
+
+
+def describe_process(info: DataInfo, mesh=None) -> str:
+  """One start-up line: this process, its devices, the mesh, its rows.
+
+  E.g. "process 1 of 2: local devices [2, 3] (cpu), mesh {'data': 4,
+  'stage': 1}, rows 2:4 of each global batch of 4".
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.local_devices()
+  layout = dict(mesh.shape) if mesh is not None else 'none (one device)'
+  rows, total = info.rows, info.batch_size * info.shard_count
+  return (f'process {jax.process_index()} of {jax.process_count()}: local '
+          f'devices {[d.id for d in devices]} ({devices[0].platform}), mesh '
+          f'{layout}, rows {rows.start}:{rows.stop} of each global batch of '
+          f'{total}')
 
 
 def clip_params(config: ml_collections.ConfigDict, train: bool) -> ClipParams:
@@ -690,7 +758,8 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
     (dataset, info): iterating `dataset` gives dicts {'video': float32
     (B, T, h, w, C), 'label': int32 (B,), 'mask': bool (B,), '_stats': {...}}
     plus 'target' for task 'next_frame'; B = config.batch_size /
-    shard_count. Prefer `make_iterator`, which also takes '_stats' off.
+    shard_count: this process's rows (`DataInfo.rows`) of each global
+    batch. Prefer `make_iterator`, which also takes '_stats' off.
   """
   split = config.split if train else config.eval_split
   source = source or make_source(config, split)
@@ -704,23 +773,27 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
   n = len(source.data)
   if n == 0:
     raise ValueError(f'Split {split!r} of {source.name} is empty.')
+  own = dict(rows=batch_size, shard_index=shard_index,
+             shard_count=shard_count)
   if train:
-    seed = config.seed + 1_000_003 * shard_index  # Own augmentation per shard.
-    ds = grain.MapDataset.source(source.data)[shard_index::shard_count]
-    per_shard = len(ds)
+    # The global order and augmentation in every process, then its rows
+    # (lazy: only those are read).
+    ds = grain.MapDataset.source(source.data)
     if config.shuffle:
       ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
     ds = ds.random_map(
         functools.partial(_train_element, source=source, params=params),
-        seed=seed)
+        seed=config.seed)
+    ds = _Rows(ds, **own)
+    steps = n // config.batch_size
   else:
     if shape is None:
       raise ValueError('Eval needs a fixed clip shape: set config.crop_size.')
-    per_shard = -(-n // shard_count)  # Same count on every process.
-    ds = grain.MapDataset.range(per_shard).map(functools.partial(
-        _eval_element, source=source, params=params, shard_index=shard_index,
-        shard_count=shard_count, out_shape=shape))
+    steps = -(-n // config.batch_size)  # The last global batch padded.
+    ds = grain.MapDataset.range(steps * batch_size).map(functools.partial(
+        _eval_element, source=source, params=params, out_shape=shape,
+        **own))
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
   if train:
@@ -741,8 +814,6 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.num_workers))
-  steps = (per_shard // batch_size if train
-           else math.ceil(per_shard / batch_size))
   info = DataInfo(num_examples=n, num_classes=source.num_classes,
                   batch_size=batch_size, element_shape=shape,
                   class_names=source.class_names, shard_index=shard_index,
