@@ -25,48 +25,24 @@ fit in a chip's HBM::
 import dataclasses
 import json
 import os
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import distributed  # Defines the multi-host flags.
+from launch import errors
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'experiments',
                                'configs', 'default.py')
-
-
-def config_error(message: str, argv=None) -> None:
-  """One line on stderr naming the ``--config`` flags, exit code 2."""
-  bad = [a for a in (argv or sys.argv)[1:] if a.startswith('--config')]
-  where = f' ({", ".join(bad)})' if bad else ''
-  print(f'config error{where}: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def _one_line(e: Exception) -> str:
-  """ml_collections' nested messages (a misspelt key with its suggestion, a
-  missing file) as one line."""
-  text = str(e)
-  typo = re.search(r"'([^'\\]+)\\?'.*Did you mean \"([^\"]+)\"", text)
-  if typo:
-    return f'unknown key {typo.group(1)!r}; did you mean {typo.group(2)!r}?'
-  missing = re.search(r'\[Errno 2\] No such file or directory: (\S+)', text)
-  if missing:
-    return f'config file {missing.group(1)} not found'
-  # A traceback inside the message (the config file raised): its last line.
-  lines = [l.strip() for l in text.replace('\\n', '\n').splitlines()
-           if l.strip()]
-  return lines[-1] if lines else type(e).__name__
 
 
 try:  # config_flags loads the file and overrides here, at definition.
   _CONFIG = config_flags.DEFINE_config_file(
       'config', _DEFAULT_CONFIG, 'Training config file[:variant].',
       lock_config=True)
-except (AttributeError, KeyError, OSError, ValueError, TypeError) as e:
-  config_error(_one_line(e))
+except Exception as e:  # pylint: disable=broad-except  (any: the file's own)
+  errors.exit_with(errors.flag_error(e, sys.argv, _DEFAULT_CONFIG))
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Compile every program of the run for --topology '
     '(no TPU needed) and print per-chip memory, FLOPs and compile time.')
@@ -88,15 +64,15 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad ``--config`` file or key as one line on
-  stderr and exit code 2 (ml_collections raises tracebacks for those)."""
+  """absl's parsing, with a bad flag, ``--config`` file or key as one line on
+  stderr and exit code 2 (``launch/errors.py``; ml_collections raises
+  tracebacks for those)."""
   try:
     args = flags.FLAGS(argv)
     _CONFIG.value.to_dict()  # A file that failed to load raises here.
     return args
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError,
-          TypeError) as e:
-    config_error(_one_line(e), argv)
+  except Exception as e:  # pylint: disable=broad-except  (the file's own too)
+    errors.exit_with(errors.flag_error(e, argv, _DEFAULT_CONFIG))
 
 
 def default_workdir(config_flag: str) -> str:
@@ -125,7 +101,7 @@ def compile_only(config) -> None:
   except tpu_plan.MemoryExceededError as e:
     sys.exit(f'does not fit: {e}')
   except (ValueError, config_lib.ConfigError) as e:
-    sys.exit(f'config error: {e}')
+    errors.exit_with(str(e))
 
 
 def main(argv):
@@ -135,7 +111,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
   if _COMPILE_ONLY.value:  # One process, no TPU: nothing to initialize.
     return compile_only(_CONFIG.value)
-  distributed.initialize()  # Before any backend starts; no-op single-host.
+  try:  # Before any backend starts; no-op single-host.
+    distributed.initialize()
+  except ValueError as e:  # The three multi-host flags go together.
+    errors.exit_with(f'--num_processes: {e} (all three flags, or none)')
   # After absl parsed flags (jax flags included).
   from skipside import train  # pylint: disable=g-import-not-at-top
   from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -147,7 +126,7 @@ def main(argv):
     summary = train.train_and_evaluate(_CONFIG.value, workdir,
                                        restart=_RESTART.value)
   except config_lib.ConfigError as e:  # One line, exit code 2 (usage).
-    config_error(str(e))
+    errors.exit_with(str(e))
   print('Summary: ' + json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v
        for k, v in summary.items()}, sort_keys=True), flush=True)

@@ -12,7 +12,12 @@ Example::
     net = config_lib.build_network(config, (32, 32, 1), 4, nnx.Rngs(0))
 """
 
+import ast
+import dataclasses
+import importlib
+import inspect
 import math
+import re
 from typing import Any
 
 import jax
@@ -21,7 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from skipside import engine, multigrid, network, optim, placement, stages
+from skipside import engine, multigrid, network, optim, placement, progressive
+from skipside import stages
 from skipside import mesh as mesh_lib
 
 PyTree = Any
@@ -31,146 +37,363 @@ PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 STAGE_KINDS = ('conv', 'convbn', 'res', 'tconv', 'mlp')
+# Filled in by ``build_network`` when a custom stage's constructor takes them.
+FILLED_ARGS = ('in_features', 'in_shape', 'rngs')
 
 
 class ConfigError(ValueError):
-  """A config value is wrong; the message names the key."""
+  """A config value the run cannot use, as one line naming the key.
+
+  ``ConfigError(key, problem, allowed)`` reads ``<key>: <problem>
+  (<allowed>)``, the form the launchers print after ``config error:``;
+  one argument is a message already in that form (``multigrid.config_errors``).
+
+  Example::
+
+      str(ConfigError('config.data.batch_size', 'got 0', 'an integer > 0'))
+      # 'config.data.batch_size: got 0 (an integer > 0)'
+  """
+
+  def __init__(self, key: str, problem: str = '', allowed: str = ''):
+    text = f'{key}: {problem}' if problem else key
+    text = f'{text} ({allowed})' if allowed else text
+    super().__init__(' '.join(text.split()))  # One line.
 
 
-def parse_stages(text: str) -> list[tuple[str, int, int]]:
-  """Parses ``model.stages``: ``'conv:16:2,res:32,tconv'`` -> [(kind, width,
-  stride)]. ``width`` 0 means "same as the input"; stride defaults to 1."""
+@dataclasses.dataclass(frozen=True)
+class StageItem:
+  """One item of ``config.model.stages``.
+
+  ``kind`` is a built-in kind (``STAGE_KINDS``; ``width`` 0 means "same as
+  the input") or a custom stage's ``'package.module:Name'`` with its
+  keyword ``args``.
+  """
+  text: str
+  kind: str
+  width: int = 0
+  stride: int = 1
+  args: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def custom(self) -> bool:
+    return self.kind not in STAGE_KINDS
+
+
+_CUSTOM = re.compile(r'([A-Za-z_][\w.]*):([A-Za-z_]\w*)\s*(?:\((.*)\))?',
+                     re.DOTALL)
+
+
+def _split_items(text: str) -> list[str]:
+  """``text`` split at the commas outside brackets and quotes."""
+  items, depth, quote, start = [], 0, '', 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = '' if ch == quote else quote
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == ',' and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  return [s.strip() for s in items + [text[start:]]]
+
+
+def _literal_kwargs(text: str) -> dict:
+  """``'a=1, b=(2, 3)'`` -> ``{'a': 1, 'b': (2, 3)}``; ValueError otherwise."""
+  try:
+    call = ast.parse(f'f({text})', mode='eval').body
+    if call.args or any(k.arg is None for k in call.keywords):
+      raise ValueError('positional')
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+  except (SyntaxError, ValueError, TypeError) as e:
+    raise ValueError(text) from e
+
+
+def parse_stages(text: str) -> list[StageItem]:
+  """Parses ``config.model.stages``, items separated by commas.
+
+  A built-in item is ``kind[:width[:stride]]`` (``STAGE_KINDS``); a custom
+  stage is ``package.module:Name`` or ``package.module:Name(arg=value, ...)``
+  with Python literals (``build_network`` calls ``Name`` with them).
+
+  Example::
+
+      parse_stages('conv:16:2,experiments.examples.custom_stage:'
+                   'GatedConv(out_features=32)')
+      # [StageItem(kind='conv', width=16, stride=2, ...),
+      #  StageItem(kind='experiments.examples.custom_stage:GatedConv',
+      #            args={'out_features': 32}, ...)]
+  """
   out = []
-  for i, item in enumerate(s.strip() for s in text.split(',')):
+  for i, item in enumerate(_split_items(text)):
+    where = f'item {i} {item!r}'
     parts = item.split(':')
-    kind = parts[0]
-    if kind not in STAGE_KINDS:
+    custom = _CUSTOM.fullmatch(item)
+    if parts[0] in STAGE_KINDS:
+      try:
+        width = int(parts[1]) if len(parts) > 1 else 0
+        stride = int(parts[2]) if len(parts) > 2 else 1
+        if len(parts) > 3 or width < 0 or stride < 1:
+          raise ValueError(item)
+      except ValueError as e:
+        raise ConfigError(
+            'config.model.stages', f'{where}: width and stride are not '
+            'integers' if 'invalid literal' in str(e) else f'{where}: '
+            'expected kind[:width[:stride]]',
+            'kind[:width[:stride]], width >= 0, stride >= 1') from e
+      out.append(StageItem(item, parts[0], width, stride))
+    elif custom and not custom.group(2).isdigit():
+      name = f'{custom.group(1)}:{custom.group(2)}'
+      try:
+        args = _literal_kwargs(custom.group(3) or '')
+      except ValueError as e:
+        raise ConfigError(
+            'config.model.stages', f'{where}: arguments are not name=value '
+            'literals', f'e.g. {name}(out_features=16, stride=2)') from e
+      out.append(StageItem(item, name, args=args))
+    else:
       raise ConfigError(
-          f'config.model.stages item {i} {item!r}: unknown stage kind '
-          f'{kind!r}; use one of {STAGE_KINDS}')
-    try:
-      width = int(parts[1]) if len(parts) > 1 else 0
-      stride = int(parts[2]) if len(parts) > 2 else 1
-    except ValueError as e:
-      raise ConfigError(
-          f'config.model.stages item {i} {item!r}: expected kind:width[:stride]'
-          ' with integers') from e
-    if len(parts) > 3 or width < 0 or stride < 1:
-      raise ConfigError(
-          f'config.model.stages item {i} {item!r}: expected kind:width[:stride]'
-          ' with width >= 0 and stride >= 1')
-    out.append((kind, width, stride))
+          'config.model.stages', f'{where}: unknown stage kind {parts[0]!r}',
+          f'{", ".join(STAGE_KINDS[:-1])} or {STAGE_KINDS[-1]} as '
+          'kind[:width[:stride]], or package.module:Name(arg=value, ...)')
   return out
+
+
+def _is_stage_class(obj) -> bool:
+  return isinstance(obj, type) and issubclass(obj, nnx.Module)
+
+
+def _parameters(fn) -> dict[str, inspect.Parameter]:
+  """``fn``'s parameters; a class's are its ``__init__``'s without ``self``
+  (``inspect.signature`` of an nnx class shows its metaclass' call)."""
+  params = dict(inspect.signature(
+      fn.__init__ if isinstance(fn, type) else fn).parameters)
+  if isinstance(fn, type):
+    params.pop(next(iter(params)))
+  return params
+
+
+def resolve_stage(index: int, item: StageItem):
+  """The class (or function) a custom ``item`` names, its arguments checked.
+
+  Raises:
+    ConfigError: naming ``config.model.stages``, the item and what is wrong:
+      a module that does not import, a missing name, a name that is not an
+      nnx stage (an ``nnx.Module`` subclass or a function returning one),
+      arguments its signature does not take.
+  """
+  def fail(problem, allowed):
+    return ConfigError('config.model.stages',
+                       f'item {index} {item.text!r}: {problem}', allowed)
+
+  module_name, _, name = item.kind.partition(':')
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # pylint: disable=broad-except  (any import error)
+    raise fail(f'cannot import {module_name}: {e}',
+               'an importable package.module:Name') from e
+  if not hasattr(module, name):
+    found = sorted(
+        k for k, v in vars(module).items()
+        if getattr(v, '__module__', None) == module_name and not
+        k.startswith('_') and (_is_stage_class(v) or inspect.isfunction(v)
+                               and 'rngs' in _parameters(v)))
+    raise fail(f'{module_name} has no {name}',
+               f'one of its stages: {", ".join(found) or "none"}')
+  target = getattr(module, name)
+  if not (_is_stage_class(target) or inspect.isfunction(target)):
+    raise fail(f'{name} is not an nnx stage',
+               'an nnx.Module subclass or a function returning one; a '
+               'flax.linen module goes through skipside.adapters.from_linen')
+  params = _parameters(target)
+  filled = {k: None for k in FILLED_ARGS if k in params and k not in item.args}
+  try:
+    inspect.Signature(list(params.values())).bind(**item.args, **filled)
+  except TypeError as e:
+    own = [k for k in params if k not in FILLED_ARGS]
+    raise fail(f'{name}: {e}', f'arguments: {", ".join(own)}; '
+               f'{", ".join(FILLED_ARGS[:-1])} and {FILLED_ARGS[-1]} are '
+               'filled in') from e
+  return target
+
+
+def _stage_of(index: int, item: StageItem, shape: tuple[int, ...], config,
+              rngs: nnx.Rngs) -> nnx.Module:
+  """The stage module of ``item`` on inputs of one frame's ``shape``."""
+  width, out, stride = shape[-1], item.width or shape[-1], item.stride
+  if item.kind == 'mlp':
+    return stages.Mlp(int(np.prod(shape)), [out], rngs=rngs)
+  if item.kind == 'tconv':
+    return stages.TemporalConv(width, rngs=rngs)
+  if item.kind in ('conv', 'convbn'):
+    base = config.model.get('norm_base_size', 8) if item.kind == 'convbn' else 0
+    return stages.Conv(width, out, stride=stride, norm_base_size=base,
+                       rngs=rngs)
+  if item.kind == 'res':
+    return stages.ResidualConv(width, out, stride=stride, rngs=rngs)
+  target = resolve_stage(index, item)
+  params = _parameters(target)
+  filled = {'in_features': width, 'in_shape': shape, 'rngs': rngs}
+  args = {**{k: v for k, v in filled.items() if k in params}, **item.args}
+  try:
+    stage = target(**args)
+  except (TypeError, ValueError) as e:
+    raise ConfigError('config.model.stages',
+                      f'item {index} {item.text!r}: {type(e).__name__}: {e}',
+                      f'arguments {target.__name__} accepts') from e
+  if not isinstance(stage, nnx.Module):
+    raise ConfigError(
+        'config.model.stages', f'item {index} {item.text!r}: '
+        f'{target.__name__} returned a {type(stage).__name__}, not an nnx '
+        'stage', 'an nnx.Module, the stage contract, skipside/stages.py')
+  return stage
 
 
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: int | None = None) -> None:
-  """Fails fast, naming the key, on values the run cannot use."""
-  if config.mode not in engine.MODES:
-    raise ConfigError(f'config.mode={config.mode!r} is unknown; use one of '
-                      f'{engine.MODES}')
-  if config.precision not in PRECISIONS:
-    raise ConfigError(f'config.precision={config.precision!r} is unknown; use '
-                      f'one of {tuple(PRECISIONS)}')
-  kinds = parse_stages(config.model.stages)
-  num = len(kinds)
-  for edge in config.model.skips:
-    if len(edge) != 2 or not all(0 <= int(v) < num for v in edge):
-      raise ConfigError(
-          f'config.model.skips has edge {tuple(edge)} to a missing stage: '
-          f'config.model.stages defines stages 0..{num - 1}')
-  if config.model.head not in ('classifier', 'next_frame'):
-    raise ConfigError(f'config.model.head={config.model.head!r} is unknown; '
-                      "use 'classifier' or 'next_frame'")
-  for key in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
-    if config.train[key] <= 0:
-      raise ConfigError(f'config.train.{key}={config.train[key]} must be > 0')
-  for key in ('num_frames', 'batch_size', 'stride'):
-    if not config.data[key] >= 1:
-      raise ConfigError(f'config.data.{key}={config.data[key]} must be >= 1')
+  """Fails fast, naming the key, on values the run cannot use.
+
+  Raises:
+    ConfigError: ``<key>: <what is wrong> (<what is allowed>)``, e.g.
+      ``config.optimizer.learning_rate: got -1.0 (a number > 0)``.
+  """
+  def one_of(key, what, value, allowed):
+    if value not in allowed:
+      raise ConfigError(f'config.{key}', f'unknown {what} {value!r}',
+                        f'one of {", ".join(map(repr, allowed))}')
+
+  one_of('mode', 'mode', config.mode, engine.MODES)
+  one_of('precision', 'precision', config.precision, tuple(PRECISIONS))
+  items = parse_stages(config.model.stages)
+  for i, item in enumerate(items):
+    if item.custom:
+      resolve_stage(i, item)
+  num = len(items)
+  try:  # The network's own edge checks, before anything is built or written.
+    network._validate_edges(num, config.model.skips)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise ConfigError('config.model.skips', str(e),
+                      f'pairs (src, dst) of stages 0..{num - 1}, '
+                      'src < dst - 1') from e
+  one_of('model.combine', 'rule', config.model.combine, network.COMBINE_RULES)
+  one_of('model.head', 'head', config.model.head, ('classifier', 'next_frame'))
+  for key in ('train.num_steps', 'train.log_every', 'train.eval_every',
+              'train.checkpoint_every', 'data.num_frames', 'data.batch_size',
+              'data.stride'):
+    section, name = key.split('.')
+    if not config[section][name] > 0:
+      raise ConfigError(f'config.{key}', f'got {config[section][name]}',
+                        'an integer > 0')
   depth = num - 1
   if config.mode != 'bp' and config.data.num_frames <= depth and not (
       config.train.stream or (config.get('progressive')
                               and config.progressive.enabled)):
     raise ConfigError(
-        f'config.data.num_frames={config.data.num_frames} gives no loss tick '
-        f'in {config.mode!r}: a fresh clip through {num} stages masks its '
-        f'first {depth} ticks (use more than {depth} frames, or '
-        'config.train.stream=True)')
-  if config.train.on_nonfinite not in ('stop', 'skip'):
-    raise ConfigError(f'config.train.on_nonfinite={config.train.on_nonfinite!r}'
-                      " must be 'stop' or 'skip'")
-  if config.optimizer.name not in optim.NAMES:
-    raise ConfigError(f'config.optimizer.name={config.optimizer.name!r} is '
-                      f'unknown; use one of {optim.NAMES}')
-  if config.optimizer.schedule not in optim.SCHEDULES:
-    raise ConfigError(f'config.optimizer.schedule={config.optimizer.schedule!r}'
-                      f' is unknown; use one of {optim.SCHEDULES}')
+        'config.data.num_frames', f'{config.data.num_frames} frames give no '
+        f'loss tick in {config.mode!r}: a fresh clip through {num} stages '
+        f'masks its first {depth} ticks',
+        f'more than {depth} frames, or config.train.stream=True')
+  one_of('train.on_nonfinite', 'value', config.train.on_nonfinite,
+         ('stop', 'skip'))
+  one_of('optimizer.name', 'optimizer', config.optimizer.name, optim.NAMES)
+  one_of('optimizer.schedule', 'schedule', config.optimizer.schedule,
+         optim.SCHEDULES)
   for key in ('learning_rate', 'weight_decay', 'warmup_steps',
               'warmup_start_lr'):
     if key not in config.optimizer:
       continue
-    if not config.optimizer[key] >= 0 or (key == 'learning_rate'
-                                          and not config.optimizer[key] > 0):
-      raise ConfigError(f'config.optimizer.{key}={config.optimizer[key]} '
-                        f'must be {">" if key == "learning_rate" else ">="} 0')
+    value = config.optimizer[key]
+    if not (value > 0 if key == 'learning_rate' else value >= 0):
+      raise ConfigError(f'config.optimizer.{key}', f'got {value}',
+                        'a number > 0' if key == 'learning_rate'
+                        else 'a number >= 0')
   devices = num_devices or jax.device_count()
   mesh_size = config.mesh.data * config.mesh.stage
   if mesh_size > devices:
     raise ConfigError(
-        f'config.mesh ({config.mesh.data} data x {config.mesh.stage} stage = '
-        f'{mesh_size} devices) is larger than the {devices} devices present')
+        'config.mesh', f'{config.mesh.data} data x {config.mesh.stage} stage '
+        f'= {mesh_size} devices', f'at most the {devices} devices present')
   data = mesh_axes(config)[0]
   if config.data.batch_size % data:
     axis = (f'the data axis config.mesh.data={data}' if data == config.mesh.data
             else f"the {data} devices of this multi-process job (all on "
             "'data' when config.mesh is 1 x 1)")
-    raise ConfigError(
-        f'config.data.batch_size={config.data.batch_size} is not divisible by '
-        f'{axis}')
+    raise ConfigError('config.data.batch_size',
+                      f'{config.data.batch_size} is not divisible by {axis}',
+                      f'a multiple of {data}')
   if mesh_size > 1:
     for error in _mesh_config_errors(config, num, devices):
-      raise ConfigError(error)
+      raise error
   if config.train.flush < 0 or (config.train.flush and (
       config.train.update_every or config.train.stream)):
     raise ConfigError(
-        f'config.train.flush={config.train.flush} must be >= 0, and 0 with '
-        'config.train.update_every or config.train.stream (a flush ends a '
-        'stream)')
+        'config.train.flush', f'got {config.train.flush}',
+        '>= 0, and 0 with config.train.update_every or config.train.stream: '
+        'a flush ends a stream')
   for error in multigrid.config_errors(config):
     raise ConfigError(error)
-  if any(kind == 'convbn' for kind, _, _ in kinds):
+  if config.get('progressive') and config.progressive.enabled:
+    try:  # Here, before the workdir is written (the loop checks it again).
+      progressive.validate_config(config)
+    except ValueError as e:
+      raise _keyed('config.progressive', str(e)) from e
+  if any(item.kind == 'convbn' for item in items):
     for error in _norm_config_errors(config):
-      raise ConfigError(error)
-  if config.train.update_every and config.data.num_frames % \
-      config.train.update_every:
+      raise error
+  every, frames = config.train.update_every, config.data.num_frames
+  if every and frames % every:
     raise ConfigError(
-        f'config.train.update_every={config.train.update_every} must divide '
-        f'config.data.num_frames={config.data.num_frames}')
+        'config.train.update_every',
+        f'{every} does not divide config.data.num_frames={frames}',
+        'a divisor of config.data.num_frames, or 0')
+
+
+def _keyed(section: str, message: str) -> ConfigError:
+  """A ``<name>=<value> ...; use <allowed>`` message of ``section`` (the
+  form ``progressive.Options`` raises) as ``<section>.<name>: ...``.
+
+  Example::
+
+      _keyed('config.progressive', "config.progressive: momentum=2 must be "
+             'in [0, 1]')
+      # config.progressive.momentum: 2 (in [0, 1])
+  """
+  text = message.removeprefix(f'{section}: ')
+  named = re.match(r'(config\.[\w./]+) (.*)$|(\w+)=(.*)$', text)
+  if not named:
+    return ConfigError(section, text)
+  key = named.group(1) or f'{section}.{named.group(3)}'
+  rest = named.group(2) or named.group(4)
+  problem, *allowed = re.split(r';? use |: need | must be ', rest, maxsplit=1)
+  return ConfigError(key, problem, ''.join(allowed))
 
 
 def build_network(config: ml_collections.ConfigDict,
                   frame_shape: tuple[int, ...], num_classes: int,
                   rngs: nnx.Rngs) -> network.Network:
-  """The network described by ``config.model`` for frames of ``frame_shape``."""
+  """The network described by ``config.model`` for frames of ``frame_shape``.
+
+  Each stage is built for the shape its predecessor outputs (inferred as
+  ``network.Network`` infers it): a custom stage's constructor gets
+  ``in_features`` (the input's last axis), ``in_shape`` (one frame's input
+  features) and ``rngs`` where it takes them.
+
+  Raises:
+    ConfigError: naming the key and the stage item that failed.
+  """
   layers, shape = [], tuple(frame_shape)  # Features of one frame, (..., C).
-  for kind, out, stride in parse_stages(config.model.stages):
-    width = shape[-1]
-    out = out or width
-    if kind == 'mlp':
-      layers.append(stages.Mlp(int(np.prod(shape)), [out], rngs=rngs))
-      shape = (out,)
-      continue
-    if kind == 'tconv':
-      layers.append(stages.TemporalConv(width, rngs=rngs))
-      continue
-    if kind in ('conv', 'convbn'):
-      base = config.model.get('norm_base_size', 8) if kind == 'convbn' else 0
-      layers.append(stages.Conv(width, out, stride=stride,
-                                norm_base_size=base, rngs=rngs))
-    else:
-      layers.append(stages.ResidualConv(width, out, stride=stride, rngs=rngs))
-    shape = tuple(-(-d // stride) for d in shape[:-1]) + (out,)
+  for i, item in enumerate(parse_stages(config.model.stages)):
+    layers.append(_stage_of(i, item, shape, config, rngs))
+    try:
+      shape = network._eval_stage(  # pylint: disable=protected-access
+          layers[-1], i, jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+      ).shape[1:]
+    except ValueError as e:
+      raise ConfigError('config.model.stages', f'item {i} {item.text!r}: {e}',
+                        'the stage contract, skipside/stages.py') from e
   width = shape[-1]
   if config.model.head == 'classifier':
     head, loss = stages.ClassifierHead(width, num_classes, rngs=rngs), 'xent'
@@ -186,7 +409,9 @@ def build_network(config: ml_collections.ConfigDict,
     return network.Network(layers, head, frame_shape=frame_shape, skips=skips,
                            combine=config.model.combine, loss=loss, rngs=rngs)
   except ValueError as e:
-    raise ConfigError(f'config.model: {e}') from e
+    raise ConfigError('config.model', str(e),
+                      'stages whose outputs config.model.skips and '
+                      'config.model.combine can join') from e
 
 
 def mesh_axes(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -226,37 +451,44 @@ def parse_groups(value, num_stages: int,
   return placement.validate_groups(groups, num_stages, num_devices)
 
 
-def _mesh_config_errors(config, num_stages: int, devices: int) -> list[str]:
+def _mesh_config_errors(config, num_stages: int,
+                        devices: int) -> list[ConfigError]:
   errors = []
   groups = config.mesh.get('groups')
   if groups:
     try:
       parse_groups(groups, num_stages, config.mesh.stage)
     except ValueError as e:
-      errors.append(f'config.mesh.groups={groups!r}: {e}')
+      errors.append(ConfigError(
+          'config.mesh.groups', f'{groups!r}: {e}',
+          f"runs of consecutive stages 0..{num_stages - 1}, one per device "
+          "on 'stage', e.g. '0-1,2'"))
   size = config.mesh.data * config.mesh.stage
   if jax.process_count() > 1 and size != devices:
-    errors.append(
-        f'config.mesh ({config.mesh.data} x {config.mesh.stage}) must use all '
-        f'{devices} devices of a multi-process job')
+    errors.append(ConfigError(
+        'config.mesh', f'{config.mesh.data} x {config.mesh.stage} leaves '
+        'devices of this multi-process job idle',
+        f'data x stage = all {devices} devices'))
   return errors
 
 
-def _norm_config_errors(config) -> list[str]:
+def _norm_config_errors(config) -> list[ConfigError]:
   """Batch sizes sub-batch norm cannot split into equal groups of
   ``config.model.norm_base_size`` clips (per device and whole batch)."""
   base = config.model.norm_base_size
   batch = config.data.batch_size
   per_device = batch // mesh_axes(config)[0]
   if base < 1:
-    return [f'config.model.norm_base_size={base} must be >= 1']
+    return [ConfigError('config.model.norm_base_size', f'got {base}',
+                        'an integer > 0')]
   errors = []
-  for what, b in (('config.data.batch_size', batch),
-                  ('the batch per device (config.data.batch_size / '
-                   'config.mesh.data)', per_device)):
+  for what, b in (('', batch), ('the batch per device (config.data.batch_size'
+                                ' / config.mesh.data) = ', per_device)):
     if b > base and b % base:
-      errors.append(f'{what} = {b} does not split into sub-batches of '
-                    f'config.model.norm_base_size={base} clips')
+      errors.append(ConfigError(
+          'config.data.batch_size', f'{what}{b} does not split into '
+          f'sub-batches of config.model.norm_base_size={base} clips',
+          f'a multiple of {base}, or at most {base}'))
   return errors
 
 

@@ -817,35 +817,37 @@ def enabled(config) -> bool:
 
 
 def config_errors(config) -> list[str]:
-  """What a multigrid run cannot use, each message naming the key."""
+  """What a multigrid run cannot use, each message in the launchers' form
+  ``<key>: <what is wrong> (<what is allowed>)``."""
   if not enabled(config):
     return []
   errors = []
   if config.optimizer.schedule != 'step':
     errors.append(
-        f"config.optimizer.schedule={config.optimizer.schedule!r}: multigrid "
-        "follows a stepwise LR ('step'; its last boundary starts the "
-        'fine-tuning phase)')
+        f'config.optimizer.schedule: {config.optimizer.schedule!r} with '
+        "multigrid ('step': multigrid follows a stepwise LR, its last "
+        'boundary starts the fine-tuning phase)')
   bounds = list(config.optimizer.step_boundaries)
   if not bounds or any(not 0 < b < 1 for b in bounds) or bounds != sorted(
       bounds):
     errors.append(
-        f'config.optimizer.step_boundaries={tuple(bounds)}: multigrid needs '
-        'at least one increasing fraction in (0, 1)')
+        f'config.optimizer.step_boundaries: {tuple(bounds)} with multigrid '
+        '(at least one increasing fraction in (0, 1))')
   if config.model.head != 'classifier':
-    errors.append(f'config.model.head={config.model.head!r}: multigrid '
-                  "varies the frame size, use 'classifier'")
+    errors.append(f'config.model.head: {config.model.head!r} with multigrid, '
+                  "which varies the frame size ('classifier')")
   if config.train.stream or config.train.update_every:
-    errors.append('config.train.stream / config.train.update_every: a stream '
-                  'cannot carry its buffers across shape changes; turn them '
-                  'off with multigrid')
+    key = 'stream' if config.train.stream else 'update_every'
+    errors.append(f'config.train.{key}: a stream cannot carry its buffers '
+                  'across the shape changes of multigrid (off: False and 0)')
   if config.multigrid.lr_scaling not in ('linear', 'sqrt', 'none'):
-    errors.append(f'config.multigrid.lr_scaling='
-                  f"{config.multigrid.lr_scaling!r}: use 'linear', 'sqrt' or "
-                  "'none'")
+    errors.append(f'config.multigrid.lr_scaling: unknown '
+                  f"{config.multigrid.lr_scaling!r} ('linear', 'sqrt' or "
+                  "'none')")
   start_lr = config.optimizer.get('warmup_start_lr', 0.0)
   if not start_lr >= 0:
-    errors.append(f'config.optimizer.warmup_start_lr={start_lr} must be >= 0')
+    errors.append(f'config.optimizer.warmup_start_lr: got {start_lr} (a '
+                  'number >= 0)')
   errors += _norm_errors(config)
   return errors
 
@@ -861,8 +863,8 @@ def _norm_errors(config) -> list[str]:
   if 'convbn' not in kinds or base < 1 or per_device % base == 0:
     return []
   return [
-      f'config.model.norm_base_size={base} with multigrid: the base batch per '
-      f'device is {per_device} clips (config.data.batch_size={batch} / '
+      f'config.model.norm_base_size: {base} with multigrid, but the base batch '
+      f'per device is {per_device} clips (config.data.batch_size={batch} / '
       f'config.mesh.data={data}), not a multiple of {base}, so some buckets '
       f'would not split into whole groups of {base} clips (those with fewer '
       'per device would take statistics over fewer clips than the others). '

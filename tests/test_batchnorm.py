@@ -203,7 +203,7 @@ def test_config_errors_name_the_batch_that_does_not_split():
   c.model.skips = ()
   c.model.norm_base_size = 8
   c.data.batch_size = 12
-  with pytest.raises(config_lib.ConfigError, match=r'config.data.batch_size = 12 '
+  with pytest.raises(config_lib.ConfigError, match=r'config.data.batch_size: 12 '
                      'does not split into sub-batches of '
                      r'config.model.norm_base_size=8'):
     config_lib.validate_config(c)

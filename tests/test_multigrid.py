@@ -514,7 +514,7 @@ def test_norm_base_larger_than_the_device_batch_is_explained(data_dir):
   c.mesh.data, c.mesh.stage = 8, 1
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate_config(c, num_devices=8)
-  for part in ('config.model.norm_base_size=8', '2 clips', 'config.mesh.data',
+  for part in ('config.model.norm_base_size: 8', '2 clips', 'config.mesh.data',
                'synchronized', 'not supported'):
     assert part in str(e.value)
   c.mesh.data, c.mesh.stage = 2, 1  # 8 clips per device: every bucket splits.
