@@ -1,13 +1,21 @@
 """What a config describes: its validation, the network, the mesh.
 
 Every key is in ``experiments/configs/default.py``. Errors are
-``ConfigError``s whose message names the key (the launcher prints them as
-one line).
+``ConfigError``s, one line each: ``<key>: <what is wrong> (<what is
+allowed>)`` (the launchers print ``config error: `` and that, exit code 2).
+
+``config.model.stages`` lists the stages, bottom to top: built-in kinds
+(``conv:16:2``) and custom stages named by import path with keyword
+arguments, ``package.module:Name(arg=value, ...)`` (``parse_stages``,
+``build_network``). The string is the network's whole description, so the
+``config.json`` of a run rebuilds it (resume, ``launch.eval``).
 
 Example::
 
     from experiments.configs import default
     config = default.get_config('tiny')
+    config.model.stages = ('conv:4:2,experiments.examples.custom_stage:'
+                           'GatedConv(out_features=8, stride=2),res:8')
     config_lib.validate_config(config)
     net = config_lib.build_network(config, (32, 32, 1), 4, nnx.Rngs(0))
 """
