@@ -5,7 +5,11 @@ r"""Trains a skipside network: the absl entry point.
       --workdir=workdir/bp --config.train.num_steps=2000
 
 The config is an ``ml_collections`` file (``get_config(variant)``); any key can
-be overridden with ``--config.<key>=<value>``. A run resumes from its
+be overridden with ``--config.<key>=<value>``; a bad flag, key or value is
+one line on stderr, ``config error: <key>: <what is wrong> (<what is
+allowed>)``, exit code 2, before anything is written (``launch/errors.py``).
+Custom stages go in ``config.model.stages`` as ``package.module:Name(...)``
+(README, "Your stages in a config run"). A run resumes from its
 ``--workdir``. Multi-host: every process runs the same command with
 ``--coordinator_address=host:port --num_processes=N --process_id=i`` (nothing
 on Cloud TPU); see ``launch/distributed.py``. With ``config.mesh.data x

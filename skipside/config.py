@@ -141,19 +141,16 @@ def parse_stages(text: str) -> list[StageItem]:
     parts = item.split(':')
     custom = _CUSTOM.fullmatch(item)
     if parts[0] in STAGE_KINDS:
-      try:
-        width = int(parts[1]) if len(parts) > 1 else 0
-        stride = int(parts[2]) if len(parts) > 2 else 1
-        if len(parts) > 3 or width < 0 or stride < 1:
-          raise ValueError(item)
-      except ValueError as e:
+      numbers = parts[1:]
+      if len(numbers) > 2 or not all(n.isdigit() for n in numbers) or (
+          len(numbers) == 2 and int(numbers[1]) < 1):
         raise ConfigError(
             'config.model.stages', f'{where}: width and stride are not '
-            'integers' if 'invalid literal' in str(e) else f'{where}: '
-            'expected kind[:width[:stride]]',
-            'kind[:width[:stride]], width >= 0, stride >= 1') from e
+            'integers >= 0 and >= 1', 'kind[:width[:stride]], e.g. conv:16:2')
+      # Defaults: width 0 (the input's), stride 1.
+      width, stride = list(map(int, numbers)) + [0, 1][len(numbers):]
       out.append(StageItem(item, parts[0], width, stride))
-    elif custom and not custom.group(2).isdigit():
+    elif custom:
       name = f'{custom.group(1)}:{custom.group(2)}'
       try:
         args = _literal_kwargs(custom.group(3) or '')

@@ -129,8 +129,8 @@ def test_eval_launcher_prints_one_line_naming_the_key(tmp_path):
      " unknown stage kind 'lstm' (conv, convbn, res, tconv or mlp as "
      'kind[:width[:stride]], or package.module:Name(arg=value, ...))'),
     ('model.stages', 'conv:4:x', "config.model.stages: item 0 'conv:4:x': "
-     'width and stride are not integers (kind[:width[:stride]], width >= 0, '
-     'stride >= 1)'),
+     'width and stride are not integers >= 0 and >= 1 (kind[:width[:stride]], '
+     'e.g. conv:16:2)'),
     ('train.update_every', 4, 'config.train.update_every: 4 does not divide '
      'config.data.num_frames=6 (a divisor of config.data.num_frames, or 0)'),
     ('train.on_nonfinite', 'ignore', "config.train.on_nonfinite: unknown "
