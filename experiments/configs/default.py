@@ -29,7 +29,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
 
   # Stages as kind:width[:stride]; kinds: conv, convbn (conv + sub-batch
   # norm), res (residual conv), tconv (causal temporal conv, keeps a cache),
-  # mlp (flattens).
+  # mlp (flattens). Your own: package.module:Name(arg=value, ...), e.g.
+  # experiments.examples.custom_stage:GatedConv(out_features=16, stride=2)
+  # (README, "Your stages in a config run").
   c.model = ml_collections.ConfigDict()
   c.model.stages = 'conv:8:2,conv:16:2,res:16,conv:32:2,res:32'
   # Skip-Sideways edges (src, dst): spans of 3, each carrying features two
