@@ -15,7 +15,13 @@ alignment as ``skipside.engine`` (the oracle), executed as one SPMD program:
   ``lax.ppermute``: one *round* per device offset ``d``, each device sending
   one padded buffer to the device ``d`` above it (activations) or below it
   (Sideways gradient messages, same buffer layout, summed by the receiver);
-- the head and the loss run on the device of the top stage, in the same tick.
+- the head and the loss run on the device of the top stage, in the same tick;
+- only stage 0 reads frames, so no device keeps the whole clip: with ``T``
+  divisible by the 'stage' axis each device holds ``T / S`` consecutive
+  frames (``time_sharded``, ``batch_sharding``; per-frame targets too) and
+  each tick's frame reaches the devices from its holder (one ``psum`` of one
+  frame per tick). A device's share of a clip shrinks with the stage axis,
+  and Sideways' per-device memory grows only by that share with ``T``.
 
 Heterogeneous stages are the normal case. Per device, parameters are raveled
 and padded to one length and stacked as ``[S, P]`` (sharded over ``stage``);
@@ -61,7 +67,8 @@ Example::
 
 Multi-host: every process builds the same global mesh (``make_mesh`` after
 ``jax.distributed.initialize``), loads only ``process_rows(...)`` of the
-batch and turns them into a global array with ``global_batch``.
+batch and turns them into a global array with ``global_batch`` (each device
+receiving only its own rows and frames).
 """
 
 import dataclasses
@@ -190,6 +197,27 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
                   None if costs is None else tuple(costs), pad_value, like)
 
 
+def time_sharded(mesh: Mesh, shape: Sequence[int]) -> bool:
+  """Whether a batch leaf of ``shape`` is split over 'stage' along time.
+
+  A clip ``(B, T, *frame)`` is read only by the device of stage 0, one frame
+  per tick, so no device needs the whole clip: with ``T`` divisible by the
+  'stage' axis each device holds ``T / S`` frames, and the frame of a tick
+  reaches stage 0 from its holder (``_frame_reader``). Leaves of rank < 3
+  (labels) and clips of other lengths stay whole on every stage device.
+  """
+  num_stage = mesh.shape['stage']
+  return (len(shape) >= 3 and num_stage > 1 and shape[1] >= num_stage
+          and shape[1] % num_stage == 0)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """The sharding of a batch leaf: rows over 'data', time over 'stage' where
+  ``time_sharded``."""
+  return NamedSharding(
+      mesh, P('data', 'stage') if time_sharded(mesh, shape) else P('data'))
+
+
 def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
   """The rows of a global batch this process must load (its 'data' shards)."""
   sharding = NamedSharding(mesh, P('data'))
@@ -201,18 +229,26 @@ def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
 
 
 def global_batch(mesh: Mesh, local: PyTree, global_batch_size: int) -> PyTree:
-  """Process-local rows (``process_rows``) -> global arrays sharded on 'data'.
+  """Process-local rows (``process_rows``) -> global arrays.
 
   Each leaf of ``local`` is ``(rows, ...)``; the result is ``(B, ...)`` with
-  ``B = global_batch_size``, sharded over ``data`` and replicated over
-  ``stage``.
+  ``B = global_batch_size``, sharded as ``batch_sharding`` says: rows over
+  ``data``, a clip's frames over ``stage`` (each device receives only its
+  own shard, whichever process holds the other stage devices).
   """
-  sharding = NamedSharding(mesh, P('data'))
+  rows = process_rows(mesh, global_batch_size)
 
   def one(x):
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(
-        sharding, x, (global_batch_size, *x.shape[1:]))
+    shape = (global_batch_size, *x.shape[1:])
+
+    def shard(index):  # Global index -> this process's local rows.
+      r = index[0]
+      start = (r.start or 0) - rows.start
+      stop = (shape[0] if r.stop is None else r.stop) - rows.start
+      return x[(slice(start, stop),) + tuple(index[1:])]
+    return jax.make_array_from_callback(shape, batch_sharding(mesh, shape),
+                                        shard)
   return jax.tree.map(one, local)
 
 
@@ -714,8 +750,30 @@ def _sync_tick(plan: _Plan, branches, pflat, own, st, x, target, w, m, g):
   return own, st, m
 
 
+def _frame_reader(read, sharded: bool):
+  """``(buf, t) -> read(buf, t)``: tick ``t``'s frame of a clip (or of
+  per-frame targets) on every device.
+
+  ``sharded``: each device holds ``C`` consecutive frames (``time_sharded``;
+  ``buf`` is ``(b, C, ...)``); the holder of frame ``t`` gives it and a
+  ``psum`` over 'stage' brings it to all (only one term is non-zero, so the
+  sum is exact): one frame per tick moves instead of every device keeping
+  the whole clip.
+  """
+  if not sharded:
+    return read
+
+  def read_sharded(buf, t):
+    c = buf.shape[1]
+    x = read(buf, t % c)
+    mine = lax.axis_index('stage') == t // c
+    return lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), 'stage')
+  return read_sharded
+
+
 def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
-                 num_frames: int, mask_fill):
+                 num_frames: int, mask_fill, clip_sharded: bool,
+                 targets_sharded: bool):
   """The per-device program of ``length`` ticks (the body of shard_map)."""
   spec, groups = plan.spec, plan.mspec.groups
   sideways = mode == 'sideways'
@@ -740,6 +798,12 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
     branches = [remat(make(plan, g)) if grp else idle
                 for g, grp in enumerate(groups)]
 
+  read_frame = _frame_reader(
+      lambda buf, t: engine.read_frame(buf, t, plan.act_dtype), clip_sharded)
+  read_target = _frame_reader(
+      lambda buf, t: lax.dynamic_index_in_dim(buf, t, 1, keepdims=False),
+      targets_sharded)
+
   def fn(pstack, clip, targets, outs, msgs, states, fifo, start, weights,
          tick0):
     g = lax.axis_index('stage')
@@ -758,9 +822,12 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
     def body(c, i):
       (own, ups, local, got, st, m, gacc), fifo = c
       t = jnp.minimum(start + i, num_frames - 1)
-      x = engine.read_frame(clip, t, plan.act_dtype)
-      target, fifo = engine.tick_target(targets, t, fifo, per_frame,
-                                        tick0 + i)
+      x = read_frame(clip, t)
+      if per_frame:  # This tick's target, read as the frame is.
+        target, fifo = engine.tick_target(read_target(targets, t)[:, None], 0,
+                                          fifo, True, tick0 + i)
+      else:
+        target, fifo = engine.tick_target(targets, t, fifo, False, tick0 + i)
       w = weights[i]
       if mode == 'bp':
         own, st, m = sync_tick(pflat, own, st, x, target, w, m, g)
@@ -789,9 +856,9 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
   return fn
 
 
-def _check_batch(mspec: MeshSpec, clip: jax.Array):
-  if clip.shape[0] % mspec.num_data:
-    raise ValueError(f'batch {clip.shape[0]} does not split over '
+def _check_batch(mspec: MeshSpec, batch_size: int):
+  if batch_size % mspec.num_data:
+    raise ValueError(f'batch {batch_size} does not split over '
                      f"{mspec.num_data} devices on 'data'")
 
 
@@ -819,12 +886,16 @@ def _run_packed(mspec: MeshSpec, pstack: jax.Array, clip, targets,
   if spec.loss != 'mse':
     metric_specs['predictions'] = P('data')
   sharded = P('stage', 'data')
+  clip_spec, targets_spec = (batch_sharding(mspec.mesh, x.shape).spec
+                             for x in (clip, targets))
   fn = jax.shard_map(
       _device_clip(plan, mode=mode, length=length, per_frame=per_frame,
-                   num_frames=num_frames, mask_fill=mask_fill),
+                   num_frames=num_frames, mask_fill=mask_fill,
+                   clip_sharded=clip_spec != P('data'),
+                   targets_sharded=targets_spec != P('data')),
       mesh=mspec.mesh,
-      in_specs=(P('stage'), P('data'), P('data'), sharded, sharded, sharded,
-                P('data'), P(), P(), P()),
+      in_specs=(P('stage'), clip_spec, targets_spec, sharded, sharded,
+                sharded, P('data'), P(), P(), P()),
       out_specs=(P(), metric_specs, sharded, sharded, sharded, P('data'),
                  None if mode != 'sideways' else P('stage')))
   # A zero-size FIFO (no delay) stays outside: XLA:CPU in jax 0.11 crashes
@@ -890,7 +961,7 @@ def _prepare(mspec, params, clip, targets, carry, mode, compute_dtype, *,
   engine.check_inputs(mspec.spec, clip, targets, mode=mode, carry=carry,
                       flush=flush, mask_fill=mask_fill,
                       needs_loss=needs_loss)
-  _check_batch(mspec, clip)
+  _check_batch(mspec, clip.shape[0])
   if carry is None:
     return init_carry(mspec, params, clip, targets, mode, compute_dtype)
   if isinstance(carry, engine.StreamCarry):
@@ -1193,13 +1264,13 @@ class MeshEngine:
 
   def batch_like(self, tree: PyTree, global_size: int) -> PyTree:
     """``ShapeDtypeStruct``s of ``put_batch(x, global_size)``: the global
-    batch, sharded over 'data'."""
-    if global_size % self.mspec.num_data:
-      raise ValueError(f'batch {global_size} does not split over '
-                       f"{self.mspec.num_data} devices on 'data'")
-    sharding = NamedSharding(self.mspec.mesh, P('data'))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        (global_size, *x.shape[1:]), x.dtype, sharding=sharding), tree)
+    batch, sharded as ``batch_sharding`` says."""
+    _check_batch(self.mspec, global_size)
+    def one(x):
+      shape = (global_size, *x.shape[1:])
+      return jax.ShapeDtypeStruct(
+          shape, x.dtype, sharding=batch_sharding(self.mspec.mesh, shape))
+    return jax.tree.map(one, tree)
 
   def init_carry(self, params, clip, targets, mode: str,
                  compute_dtype=jnp.float32) -> MeshCarry:

@@ -136,6 +136,58 @@ def test_stage_gated_fill_matches_single_device(name, shape):
   _check_same(mspec, params, got, want)
 
 
+@pytest.mark.parametrize('mode,name,shape', [
+    ('sideways', 'next_frame', '2x4'),   # Per-frame targets split too.
+    ('pipelined_bp', 'conv_skips', '1x8'),
+    ('bp', 'next_frame', '4x2'),
+    ('sideways', 'conv_temporal_chain', '2x4'),
+])
+def test_clip_split_over_stage_devices_matches_single_device(mode, name,
+                                                             shape):
+  """8-frame clips on 2, 4 or 8 stage devices: each device holds 8/S frames
+  (``mesh.time_sharded``), and the frame of each tick reaches stage 0."""
+  spec, params = NETS[name]
+  mspec = mesh.place(spec, _mesh(shape), pad_value=NAN)
+  clip, targets = _data(spec, frames=8)
+  assert mesh.time_sharded(mspec.mesh, clip.shape)
+  placed = mesh.global_batch(mspec.mesh, (clip, targets), clip.shape[0])
+  num_stage = mspec.num_stage
+  assert placed[0].sharding.shard_shape(clip.shape)[1] == 8 // num_stage
+  got = mesh.loss_and_grads(mspec, params, *placed, mode=mode, flush=1)
+  want = engine.loss_and_grads(spec, params, clip, targets, mode=mode,
+                               flush=1)
+  _check_same(mspec, params, got, want)
+  # uint8 clips are scaled by the holder of each frame, as the engine does.
+  raw = jnp.asarray((np.asarray(clip) > 0) * 255, jnp.uint8)
+  got = mesh.loss_and_grads(mspec, params, raw, targets, mode=mode)
+  want = engine.loss_and_grads(spec, params, raw, targets, mode=mode)
+  _check_same(mspec, params, got, want)
+
+
+def test_clip_memory_per_device_grows_with_its_share_of_frames():
+  """On 1x4, a 4x longer clip adds a quarter of its bytes to each device's
+  arguments (not the whole clip), and Sideways' temporary memory stays."""
+  spec, params = NETS['conv_skips']
+  m = mesh.make_mesh(1, 4, devices=jax.devices()[:4])
+  eng = mesh.MeshEngine(mesh.place(spec, m, params=params))
+  opt = optax.adam(1e-3)
+  pstack = eng.state_like(params)
+  state = eng.state_like(opt.init(params))
+
+  def memory(frames):
+    clip = jax.ShapeDtypeStruct((4, frames, *spec.frame_shape), jnp.float32)
+    batch = eng.batch_like((clip, jax.ShapeDtypeStruct((4,), jnp.int32)), 4)
+    return mesh.train_step_sharded.lower(
+        eng.mspec, opt, pstack, state, *batch,
+        mode='sideways').compile().memory_analysis()
+
+  short, long = memory(16), memory(64)
+  frame_bytes = 4 * np.prod(spec.frame_shape) * 4  # Batch 4, float32.
+  grown = long.argument_size_in_bytes - short.argument_size_in_bytes
+  assert grown == 48 * frame_bytes // 4, (grown, frame_bytes)
+  assert long.temp_size_in_bytes <= short.temp_size_in_bytes + frame_bytes
+
+
 def test_grouping_with_more_stages_than_devices():
   spec, _ = NETS['mlp_chain6']
   mspec = mesh.place(spec, _mesh('2x4'))
