@@ -168,9 +168,14 @@ def test_launch_train_two_processes_match_one(tmp_path, mesh_flags, layout,
   batch that one process reads (each used to read its own shard of the
   dataset and the results differed); or the 'stage' axis spans them
   (1 x 4): both read all rows. Each process prints which rows it reads.
+  Two processes sharing an empty data dir both prepare it (one used to
+  fail renaming its copy).
   """
   data_dir, env = str(tmp_path / 'tfds'), _subprocess_env()
-  # The reference first: it also builds the dataset the two processes read.
+  # The two processes first, on an empty data dir: both build MovingDigits
+  # into it at once (the README's command on a fresh machine).
+  two = str(tmp_path / 'two')
+  logs = _launch_two(two, data_dir, mesh_flags, env)
   one = str(tmp_path / 'one')
   proc = subprocess.run(
       _launch_train(one, data_dir, mesh_flags, '--local_device_count=4'),
@@ -178,14 +183,14 @@ def test_launch_train_two_processes_match_one(tmp_path, mesh_flags, layout,
   assert proc.returncode == 0, proc.stderr[-3000:]
   ref_summary = _summary(proc.stdout)
 
-  two = str(tmp_path / 'two')
   devices, (step, size) = [], rows
-  for pid, log in enumerate(_launch_two(two, data_dir, mesh_flags, env)):
+  for pid, log in enumerate(logs):
     start = pid * step
+    # (Not anchored: C++ log lines and progress bars share the stream.)
     line = re.search(
-        rf'^process {pid} of 2: local devices \[(\d+), (\d+)\] \(cpu\), '
+        rf'process {pid} of 2: local devices \[(\d+), (\d+)\] \(cpu\), '
         rf'mesh {re.escape(layout)}, rows {start}:{start + size} of each '
-        'global batch of 4$', log, re.MULTILINE)
+        r'global batch of 4\b', log)
     assert line, log[-3000:]
     devices += line.groups()
     summary = _summary(log)  # Global metrics: the same in both processes.

@@ -373,7 +373,10 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
     name = config.dataset_config or (
         'long_range' if config.task == 'long_range' else 'default')
     build = moving_digits.build if config.prepare else moving_digits.builder
-    builder = build(name, data_dir=config.data_dir)
+    try:
+      builder = build(name, data_dir=config.data_dir)
+    except FileExistsError:  # Another process sharing data_dir built it first.
+      builder = moving_digits.builder(name, data_dir=config.data_dir)
     if not builder.is_prepared():
       raise FileNotFoundError(
           f'MovingDigits/{name} is not prepared in {builder.data_dir!r}; set '
