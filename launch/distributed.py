@@ -13,7 +13,11 @@ On Cloud TPU no flag is needed: ``jax.distributed.initialize()`` finds the
 other hosts itself. Without flags and off TPU this is a single process and
 nothing is initialized. Then every process builds the same global mesh
 (``global_mesh``) and loads only its rows of each batch
-(``skipside.mesh.process_rows`` / ``global_batch``).
+(``skipside.mesh.process_rows`` / ``global_batch``): ``skipside.data``
+reads those rows of the one global order a single process would read, so
+the job trains as one process with all the devices would, and
+``launch.train`` prints one line per process naming them
+(``skipside.data.describe_process``).
 """
 
 import glob
