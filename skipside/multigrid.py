@@ -665,11 +665,11 @@ class MultigridIterator:
 
   def __init__(self, config, schedule: Schedule, source=None):
     import grain  # pylint: disable=g-import-not-at-top
-    from skipside.data import pipeline  # pylint: disable=g-import-not-at-top
+    from skipside.data import pipeline, sources  # pylint: disable=g-import-not-at-top
     self._pipeline = pipeline
     self.config = config
     self.schedule = schedule
-    self.source = source or pipeline.make_source(config, config.split)
+    self.source = source or sources.make_source(config, config.split)
     self.shard_index, self.shard_count = pipeline._shard(config)  # pylint: disable=protected-access
     for s in schedule.buckets():
       if s.batch % self.shard_count:

@@ -19,6 +19,7 @@ from sklearn import preprocessing
 from skipside import data
 from skipside.data import moving_digits
 from skipside.data import pipeline
+from skipside.data import sources
 from skipside.data import video_folder
 
 
@@ -101,6 +102,34 @@ def test_long_range_label_needs_start_and_end():
   last = np.array([e['last_digit'] for e in examples])
   first = np.array([e['digit'] for e in examples])
   assert np.mean(last[same == 0] == first[same == 0]) == 0
+
+
+@pytest.mark.parametrize('how', ['registered', 'module_path'])
+def test_a_dataset_of_ones_own_needs_no_edit(how):
+  """config.dataset names a registered opener or package.module:function;
+  the pipeline batches its clips like any built-in source's."""
+  path = 'experiments.examples.custom_source:open_source'
+  if how == 'registered':
+    name = 'drifting_squares_for_test'
+    if name not in sources.names():
+      sources.register(name)(sources.opener(path))
+  else:
+    name = path
+  it = data.make_iterator(_config(None, dataset=name, num_frames=8))
+  batch = next(it)
+  assert batch['video'].shape == (8, 8, 32, 32, 1)
+  assert batch['video'].dtype == np.float32 and batch['video'].max() == 1.0
+  assert set(np.unique(batch['label'])) <= {0, 1}
+  assert it.info.num_classes == 2
+
+
+def test_unknown_datasets_are_named():
+  with pytest.raises(ValueError, match=r"unknown dataset 'nope' \(one of "):
+    sources.make_source(_config(None, dataset='nope'), 'train')
+  with pytest.raises(ValueError, match='no_such_module:f.* cannot be imported'):
+    sources.make_source(_config(None, dataset='no_such_module:f'), 'train')
+  with pytest.raises(ValueError, match='already registered'):
+    sources.register('video_folder')(lambda config, split: None)
 
 
 def test_pipeline_shapes_and_dtypes(tfds_dir):

@@ -361,7 +361,7 @@ def test_mesh_engine_runs_every_bucket():
 # Sampling.
 
 def test_sampling_stride_range_and_scale_jitter_follow_the_shape():
-  from skipside.data import pipeline  # pylint: disable=g-import-not-at-top
+  from skipside.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   sched = multigrid.make_schedule(
       num_frames=8, crop_size=32, batch_size=4, num_examples=64,
       lr_steps=(0, 2), max_epoch=4, stride=2, scale_jitter=(32, 40))
@@ -376,9 +376,9 @@ def test_sampling_stride_range_and_scale_jitter_follow_the_shape():
   # Frames hold their own index: the sampled strides cover [2, 8].
   video = np.broadcast_to(np.arange(64, dtype=np.uint8)[:, None, None, None],
                           (64, 40, 48, 1))
-  source = pipeline.Source(data=[{'video': video, 'label': 0}],
-                           read=pipeline.read_array,
-                           label=lambda r: r['label'], num_classes=1)
+  source = sources.Source(data=[{'video': video, 'label': 0}],
+                          read=sources.read_array,
+                          label=lambda r: r['label'], num_classes=1)
   strides = set()
   for seed in range(200):
     e = pipeline.load_clip(source, source.data[0],

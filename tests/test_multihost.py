@@ -23,7 +23,7 @@ from launch import mesh_train
 from skipside import mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, BATCH, FRAMES = 3, 8, 6
+STEPS, BATCH, FRAMES = 3, 8, 8  # 8 frames: split over the stage devices (mesh.time_sharded).
 
 
 def _free_port() -> int:

@@ -29,7 +29,10 @@ Public API (all re-exported here):
 
 Datasets: `moving_digits` (generated locally, no download),
 `video_folder` (PyAV; HMDB51, Kinetics, your own), `ucf101` (TFDS, needs
-TensorFlow). Prepare commands are in each module's docstring.
+TensorFlow). Prepare commands are in each module's docstring. Your own:
+`register_source(name)(opener)` or `config.dataset =
+'package.module:function'`, an opener `(config, split) -> Source`
+(`skipside/data/sources.py`).
 
 Example:
 
@@ -51,8 +54,9 @@ from skipside.data.pipeline import load_clip
 from skipside.data.pipeline import make_dataset
 from skipside.data.pipeline import make_eval_iterator
 from skipside.data.pipeline import make_iterator
-from skipside.data.pipeline import make_source
 from skipside.data.pipeline import next_frame_targets
-from skipside.data.pipeline import Source
 from skipside.data.pipeline import spatial_transform
 from skipside.data.pipeline import split_fragments
+from skipside.data.sources import make_source
+from skipside.data.sources import register as register_source
+from skipside.data.sources import Source

@@ -54,6 +54,8 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from skipside.data import sources
+
 # Unit steps of the directions: 4 (right, left, down, up) or 8 (plus diagonals).
 _DIRECTIONS = np.array(
     [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)],
@@ -258,3 +260,37 @@ def build(config: str | MovingDigitsConfig = 'default',
         download_config=tfds.download.DownloadConfig(
             verify_ssl=False, try_download_gcs=False))
   return b
+
+
+# The label each task trains on.
+TASK_LABELS = {'appearance': 'digit', 'motion': 'direction',
+               'long_range': 'same', 'next_frame': 'digit'}
+
+
+def make_source(config, split: str) -> sources.Source:
+  """The ``sources.Source`` of ``split`` for ``config.data`` (dataset
+  ``moving_digits``): built in ``config.data_dir`` if ``config.prepare``."""
+  if config.task not in TASK_LABELS:
+    raise ValueError(f'Unknown MovingDigits task {config.task!r}; one of '
+                     f'{sorted(TASK_LABELS)}.')
+  name = config.dataset_config or (
+      'long_range' if config.task == 'long_range' else 'default')
+  make = build if config.prepare else builder
+  try:
+    b = make(name, data_dir=config.data_dir)
+  except FileExistsError:  # Another process sharing data_dir built it first.
+    b = builder(name, data_dir=config.data_dir)
+  if not b.is_prepared():
+    raise FileNotFoundError(
+        f'MovingDigits/{name} is not prepared in {b.data_dir!r}; set '
+        'config.prepare=True or build it with moving_digits.build().')
+  features = b.info.features
+  key = TASK_LABELS[config.task]
+  if key not in features:
+    raise ValueError(f'Task {config.task!r} needs a long_range config of '
+                     f'MovingDigits, got {name!r}.')
+  return sources.Source(
+      data=b.as_data_source(split), read=sources.read_array,
+      label=sources.label_of(key), num_classes=features[key].num_classes,
+      frame_shape=tuple(features['video'].shape[1:]),
+      class_names=features[key].names, name=f'moving_digits/{name}')

@@ -59,7 +59,7 @@ import dataclasses
 import functools
 import json
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import flags
 from absl import logging
@@ -68,6 +68,7 @@ import ml_collections
 import numpy as np
 
 from skipside.data import video_folder
+from skipside.data.sources import Source, make_source
 
 Batch = dict[str, np.ndarray]
 SHORT_VIDEO_POLICIES = ('loop', 'pad', 'skip')
@@ -311,100 +312,6 @@ def next_frame_targets(batch: Batch, axis: int = 1) -> Batch:
   out['video'] = np.take(batch['video'], np.arange(t - 1), axis=axis)
   out['target'] = np.take(batch['video'], np.arange(1, t), axis=axis)
   return out
-
-
-# --------------------------------------------------------------------------
-# Sources: random-access records plus a reader that cuts a clip from one.
-
-
-@dataclasses.dataclass
-class Source:
-  """A random-access source of videos and how to read clips from it.
-
-  Attributes:
-    data: grain RandomAccessDataSource (`len`, `[i]`) of records.
-    read: read(record, select) -> uint8 (T, H, W, C) or None, where
-      select(L) gives frame indices or None; raises video_folder.DecodeError
-      on a broken video. May return a `video_folder.Decoded` instead (frames
-      plus what the container stated), which makes truncated files count.
-    label: label(record) -> int.
-    num_classes: number of labels.
-    frame_shape: native (H, W, C) if all videos share it, else None.
-    class_names: label names, if known.
-    name: for messages.
-  """
-  data: Any
-  read: Callable[[Any, Callable[[int], np.ndarray | None]], np.ndarray | None]
-  label: Callable[[Any], int]
-  num_classes: int
-  frame_shape: tuple[int, int, int] | None = None
-  class_names: Sequence[str] | None = None
-  name: str = ''
-
-
-def read_array(record: dict[str, Any], select, key: str = 'video'):
-  """Reader of records that hold the whole video as an array (TFDS)."""
-  video = record[key]
-  indices = select(len(video))
-  return None if indices is None else video[indices]
-
-
-def read_file(record: dict[str, Any], select) -> video_folder.Decoded:
-  """Reader of {'path': ...} records: decodes with PyAV."""
-  return video_folder.decode_video(record['path'], select)
-
-
-def record_label(record: dict[str, Any], key: str) -> int:
-  """Label of a record: `int(record[key])` (bind `key` with partial)."""
-  return int(record[key])
-
-
-_TASK_LABELS = {'appearance': 'digit', 'motion': 'direction',
-                'long_range': 'same', 'next_frame': 'digit'}
-
-
-def make_source(config: ml_collections.ConfigDict, split: str) -> Source:
-  """Opens `split` of `config.dataset`; a bad path fails here, naming it."""
-  if config.dataset == 'moving_digits':
-    from skipside.data import moving_digits  # pylint: disable=g-import-not-at-top
-    if config.task not in _TASK_LABELS:
-      raise ValueError(f'Unknown MovingDigits task {config.task!r}; one of '
-                       f'{sorted(_TASK_LABELS)}.')
-    name = config.dataset_config or (
-        'long_range' if config.task == 'long_range' else 'default')
-    build = moving_digits.build if config.prepare else moving_digits.builder
-    try:
-      builder = build(name, data_dir=config.data_dir)
-    except FileExistsError:  # Another process sharing data_dir built it first.
-      builder = moving_digits.builder(name, data_dir=config.data_dir)
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f'MovingDigits/{name} is not prepared in {builder.data_dir!r}; set '
-          'config.prepare=True or build it with moving_digits.build().')
-    features = builder.info.features
-    key = _TASK_LABELS[config.task]
-    if key not in features:
-      raise ValueError(f'Task {config.task!r} needs a long_range config of '
-                       f'MovingDigits, got {name!r}.')
-    return Source(
-        data=builder.as_data_source(split), read=read_array,
-        label=functools.partial(record_label, key=key),
-        num_classes=features[key].num_classes,
-        frame_shape=tuple(features['video'].shape[1:]),
-        class_names=features[key].names, name=f'moving_digits/{name}')
-  if config.dataset == 'video_folder':
-    if config.data_dir is None:
-      raise ValueError('config.data_dir must name the video folder.')
-    data = video_folder.VideoFolderSource(config.data_dir, split)
-    return Source(data=data, read=read_file,
-                  label=functools.partial(record_label, key='label'),
-                  num_classes=len(data.class_names),
-                  class_names=data.class_names, name=config.data_dir)
-  if config.dataset == 'ucf101':
-    from skipside.data import ucf101  # pylint: disable=g-import-not-at-top
-    return ucf101.make_source(config, split)
-  raise ValueError(f'Unknown dataset {config.dataset!r}; one of '
-                   "'moving_digits', 'video_folder', 'ucf101'.")
 
 
 # --------------------------------------------------------------------------

@@ -29,13 +29,12 @@ Not tested in this repository's CI (no TensorFlow there).
 
 from __future__ import annotations
 
-import functools
 import io
 from typing import Any, Callable
 
 import numpy as np
 
-from skipside.data import video_folder
+from skipside.data import sources, video_folder
 
 _INSTALL = ("UCF101 through TFDS needs TensorFlow: pip install 'skipside[tf]' "
             '(see skipside/data/ucf101.py for the prepare command).')
@@ -52,7 +51,7 @@ def _decode_png(frame: Any) -> np.ndarray:
 
 def read_encoded(record: dict[str, Any],
                  select: Callable[[int], np.ndarray | None]):
-  """Reader for `pipeline.Source`: decodes only the selected frames.
+  """Reader for `sources.Source`: decodes only the selected frames.
 
   Args:
     record: {'video': sequence of PNG bytes (or a uint8 (L, H, W, 3) array),
@@ -78,13 +77,12 @@ def read_encoded(record: dict[str, Any],
 
 
 def make_source(config, split: str):
-  """`pipeline.Source` of a prepared TFDS `ucf101` split (array_record)."""
+  """`sources.Source` of a prepared TFDS `ucf101` split (array_record)."""
   try:
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ImportError(_INSTALL) from e
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from skipside.data import pipeline  # pylint: disable=g-import-not-at-top
 
   name = f"ucf101/{config.dataset_config or 'ucf101_1_256'}"
   builder = tfds.builder(name, data_dir=config.data_dir,
@@ -100,9 +98,8 @@ def make_source(config, split: str):
   except (TypeError, ValueError, NotImplementedError, AttributeError):
     data = builder.as_data_source(split)  # Decodes whole videos.
   features = builder.info.features
-  return pipeline.Source(
-      data=data, read=read_encoded,
-      label=functools.partial(pipeline.record_label, key='label'),
+  return sources.Source(
+      data=data, read=read_encoded, label=sources.label_of('label'),
       num_classes=features['label'].num_classes,
       frame_shape=tuple(features['video'].shape[1:]) if all(
           features['video'].shape[1:]) else None,

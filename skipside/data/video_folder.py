@@ -71,6 +71,8 @@ from typing import Callable, Sequence
 import av
 import numpy as np
 
+from skipside.data import sources
+
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg',
                     '.mpeg', '.ogv')
 
@@ -286,3 +288,20 @@ class VideoFolderSource:
   def __repr__(self) -> str:
     return (f'VideoFolderSource({len(self)} videos, '
             f'{len(self.class_names)} classes)')
+
+
+def read_file(record: dict[str, object], select) -> Decoded:
+  """``Source.read`` of {'path': ...} records: decodes with PyAV."""
+  return decode_video(record['path'], select)
+
+
+def make_source(config, split: str) -> sources.Source:
+  """The ``sources.Source`` of ``split`` of the folder ``config.data_dir``
+  (dataset ``video_folder``)."""
+  if config.data_dir is None:
+    raise ValueError('config.data_dir must name the video folder.')
+  data = VideoFolderSource(config.data_dir, split)
+  return sources.Source(data=data, read=read_file,
+                        label=sources.label_of('label'),
+                        num_classes=len(data.class_names),
+                        class_names=data.class_names, name=config.data_dir)

@@ -1,0 +1,134 @@
+"""Datasets behind one contract: a ``Source`` and a registry of openers.
+
+A source is random-access records plus a reader that cuts a clip from one;
+the pipeline (``skipside.data.pipeline``) samples, decodes, augments and
+batches clips from any source the same way. ``config.data.dataset`` names
+the opener, ``opener(config, split) -> Source``:
+
+- a registered name: ``moving_digits`` (generated locally), ``video_folder``
+  (PyAV), ``ucf101`` (TFDS, needs TensorFlow), or one added with
+  ``register``;
+- or ``package.module:function``, imported when the run starts, so a
+  dataset of your own needs no edit to skipside and is recorded in
+  ``config.json`` (resume and ``launch.eval`` open the same data).
+
+Example::
+
+    from skipside.data import sources
+
+    @sources.register('my_videos')
+    def open_my_videos(config, split):
+      records = [{'video': v, 'label': y} for v, y in load(split)]  # uint8
+      return sources.Source(data=records, read=sources.read_array,
+                            label=sources.label_of('label'), num_classes=5)
+
+    config.data.dataset = 'my_videos'   # or 'my_package.data:open_my_videos'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Source:
+  """A random-access source of videos and how to read clips from it.
+
+  Attributes:
+    data: grain RandomAccessDataSource (`len`, `[i]`) of records.
+    read: read(record, select) -> uint8 (T, H, W, C) or None, where
+      select(L) gives frame indices or None; raises video_folder.DecodeError
+      on a broken video. May return a `video_folder.Decoded` instead (frames
+      plus what the container stated), which makes truncated files count.
+    label: label(record) -> int.
+    num_classes: number of labels.
+    frame_shape: native (H, W, C) if all videos share it, else None.
+    class_names: label names, if known.
+    name: for messages.
+  """
+  data: Any
+  read: Callable[[Any, Callable[[int], np.ndarray | None]], np.ndarray | None]
+  label: Callable[[Any], int]
+  num_classes: int
+  frame_shape: tuple[int, int, int] | None = None
+  class_names: Sequence[str] | None = None
+  name: str = ''
+
+
+def read_array(record: dict[str, Any], select, key: str = 'video'):
+  """Reader of records that hold the whole video as an array (TFDS)."""
+  video = record[key]
+  indices = select(len(video))
+  return None if indices is None else video[indices]
+
+
+def record_label(record: dict[str, Any], key: str) -> int:
+  """Label of a record: `int(record[key])` (bind `key` with partial)."""
+  return int(record[key])
+
+
+def label_of(key: str) -> Callable[[Any], int]:
+  """``Source.label`` for records that hold an int label under ``key``."""
+  return functools.partial(record_label, key=key)
+
+
+# Built-in openers by module path: each lives beside its reader and imports
+# its heavy dependency (TensorFlow, PyAV, the digits) only when it is used.
+_BUILT_IN = {
+    'moving_digits': 'skipside.data.moving_digits:make_source',
+    'video_folder': 'skipside.data.video_folder:make_source',
+    'ucf101': 'skipside.data.ucf101:make_source',
+}
+_REGISTERED: dict[str, Callable[[Any, str], Source]] = {}
+
+
+def register(name: str):
+  """Decorator: ``opener(config, split) -> Source`` as ``config.data.dataset
+  = name``. A name is registered once (a built-in cannot be replaced)."""
+  def add(opener):
+    if name in _BUILT_IN or name in _REGISTERED:
+      raise ValueError(f'dataset {name!r} is already registered')
+    _REGISTERED[name] = opener
+    return opener
+  return add
+
+
+def names() -> list[str]:
+  """Every registered dataset name."""
+  return sorted({*_BUILT_IN, *_REGISTERED})
+
+
+def _import(path: str):
+  """``package.module:function`` -> the function; errors name ``path``."""
+  module, _, attr = path.partition(':')
+  try:
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'config.data.dataset {path!r} cannot be imported: '
+                     f'{e}') from e
+
+
+def opener(name: str) -> Callable[[Any, str], Source]:
+  """The opener ``config.data.dataset = name`` stands for."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name in _BUILT_IN:
+    return _import(_BUILT_IN[name])
+  if ':' in str(name):
+    return _import(name)
+  raise ValueError(f'config.data.dataset: unknown dataset {name!r} (one of '
+                   f"{names()}, or 'package.module:function')")
+
+
+def make_source(config, split: str) -> Source:
+  """Opens ``split`` of ``config.dataset``; a bad path fails here, naming it."""
+  source = opener(config.dataset)(config, split)
+  if not isinstance(source, Source):
+    raise TypeError(f'config.data.dataset {config.dataset!r} returned '
+                    f'{type(source).__name__}, not a sources.Source')
+  return source
