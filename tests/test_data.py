@@ -153,7 +153,7 @@ def test_pipeline_shapes_and_dtypes(tfds_dir):
   assert aug.info.num_classes == 10
 
 
-def test_next_frame_fragments_time_major(tfds_dir):
+def test_next_frame_and_fragments(tfds_dir):
   b = next(data.make_iterator(_config(tfds_dir, task='next_frame',
                                       num_frames=7)))
   assert b['video'].shape == b['target'].shape == (8, 7, 32, 32, 1)
@@ -164,10 +164,6 @@ def test_next_frame_fragments_time_major(tfds_dir):
                                       fragment_overlap=1, num_frames=7)))
   assert b['video'].shape == (8, 3, 3, 32, 32, 1)
   np.testing.assert_array_equal(b['video'][:, 0, -1], b['video'][:, 1, 0])
-  b = next(data.make_iterator(_config(tfds_dir, time_major=True)))
-  assert b['video'].shape == (8, 8, 32, 32, 1)  # (T, B, ...), T == B here.
-  b2 = next(data.make_iterator(_config(tfds_dir)))
-  np.testing.assert_array_equal(b['video'], b2['video'].swapaxes(0, 1))
 
 
 def test_sampling_is_deterministic_given_seed(tfds_dir):

@@ -8,7 +8,7 @@ Public API (all re-exported here):
   make_iterator(config, train=True, source=None) -> DataIterator
       Batches {'video': float32 (B, T, H, W, C) in [0, 1], 'label': int32 (B,),
       'mask': bool (B,)} (+ 'target' for task 'next_frame'; 'video' is
-      (B, F, Tf, H, W, C) with fragments, (T, B, ...) if time_major).
+      (B, F, Tf, H, W, C) with fragments).
       Train: shuffled, repeated, augmented; this process's rows of each
       global batch.
   make_eval_iterator(config, source=None) -> DataIterator

@@ -103,8 +103,6 @@ def get_config() -> ml_collections.ConfigDict:
     fragment_frames, fragment_overlap: if fragment_frames > 0, 'video' becomes
       (B, F, fragment_frames, h, w, C), consecutive fragments sharing
       `fragment_overlap` frames (progressive training).
-    time_major: deliver (T, B, ...) instead of (B, T, ...) (with fragments
-      (F, B, Tf, ...): axis 1 moves to the front).
     batch_size: global batch size; each process reads its rows of each
       global batch, batch_size / shard_count of them.
     shuffle, seed, num_epochs: record shuffling (per epoch), seed of
@@ -135,7 +133,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.std = ml_collections.config_dict.placeholder(float)
   c.fragment_frames = 0
   c.fragment_overlap = 0
-  c.time_major = False
   c.batch_size = 32
   c.shuffle = True
   c.seed = 0
@@ -496,7 +493,7 @@ class _DropBad(grain.IterDataset):
 
 
 def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
-                  fragment_overlap, next_frame, time_major) -> Batch:
+                  fragment_overlap, next_frame) -> Batch:
   """uint8 batch -> float32 model input; counters -> '_stats' scalars."""
   out = {'label': batch['label'].astype(np.int32), 'mask': batch['mask']}
   video = batch['video'].astype(np.float32) * np.float32(1 / 255)
@@ -508,8 +505,6 @@ def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
   for k in ('video', 'target'):
     if k in out and fragment_frames:
       out[k] = split_fragments(out[k], fragment_frames, fragment_overlap)
-    if k in out and time_major:
-      out[k] = np.ascontiguousarray(np.moveaxis(out[k], 1, 0))
   names = lambda key: [n for s in batch[key] for n in _decode_names(s)]
   out['_stats'] = {'failed': names('_failed'), 'truncated': names('_truncated'),
                    'too_short': np.int64(np.sum(batch['_short']))}
@@ -716,7 +711,7 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
       _finish_batch, mean=config.mean, std=config.std,
       fragment_frames=config.fragment_frames,
       fragment_overlap=config.fragment_overlap,
-      next_frame=config.task == 'next_frame', time_major=config.time_major))
+      next_frame=config.task == 'next_frame'))
   if config.num_workers:
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; outside absl.app (notebooks, plain
