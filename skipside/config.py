@@ -401,7 +401,9 @@ def build_network(config: ml_collections.ConfigDict,
                         'the stage contract, skipside/stages.py') from e
   width = shape[-1]
   if config.model.head == 'classifier':
-    head, loss = stages.ClassifierHead(width, num_classes, rngs=rngs), 'xent'
+    head = stages.ClassifierHead(width, num_classes, rngs=rngs)
+    # Multi-hot labels: one sigmoid per class (Charades-style, mAP).
+    loss = 'sigmoid_xent' if config.data.task == 'multi_label' else 'xent'
   else:
     h, w = frame_shape[:2]
     stride = (h // shape[0], w // shape[1]) if len(shape) == 3 else (1, 1)

@@ -132,6 +132,20 @@ def test_unknown_datasets_are_named():
     sources.register('video_folder')(lambda config, split: None)
 
 
+def test_multi_label_task_gives_digit_and_direction_as_multi_hot(tfds_dir):
+  it = data.make_iterator(_config(tfds_dir, task='multi_label'))
+  labels = next(it)['label']
+  assert it.info.num_classes == 14 and labels.shape == (8, 14)
+  assert set(np.unique(labels)) <= {0, 1}
+  np.testing.assert_array_equal(labels[:, :10].sum(1), 1)  # One digit,
+  np.testing.assert_array_equal(labels[:, 10:].sum(1), 1)  # one direction.
+  # The same records, read for the single-label tasks: the same classes.
+  digits = next(data.make_iterator(_config(tfds_dir, task='appearance')))
+  moves = next(data.make_iterator(_config(tfds_dir, task='motion')))
+  np.testing.assert_array_equal(labels[:, :10].argmax(1), digits['label'])
+  np.testing.assert_array_equal(labels[:, 10:].argmax(1), moves['label'])
+
+
 def test_pipeline_shapes_and_dtypes(tfds_dir):
   it = data.make_iterator(_config(tfds_dir))
   b = next(it)

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from experiments.configs import default
-from skipside import checkpoints, evaluation, train
+from skipside import checkpoints, evaluation, network, train
+from skipside import metrics as metrics_lib
 from skipside import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -418,3 +420,28 @@ def test_evaluate_leaves_padded_clips_out_of_the_loss():
   assert got['eval/clips'] == 1
   np.testing.assert_allclose(got['eval/loss'], float(alone.metrics['loss']),
                              rtol=1e-5)
+
+
+def test_mean_average_precision_against_a_hand_count():
+  """Two classes; AP = mean over positives of the precision at their rank."""
+  scores = np.array([[0.9, 0.1], [0.8, 0.7], [0.3, 0.6], [0.1, 0.2]])
+  labels = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
+  # Class 0 ranks 0.9 (pos), 0.8, 0.3 (pos): (1/1 + 2/3) / 2. Class 1: 0.7
+  # (pos) first: 1.
+  want = ((1 + 2 / 3) / 2 + 1) / 2
+  assert metrics_lib.mean_average_precision(scores, labels) == pytest.approx(
+      want)
+
+
+def test_multi_label_task_trains_with_a_sigmoid_loss_and_reports_map(
+    tmp_path, data_dir):
+  """config.data.task='multi_label' (default.py:multi_label) reaches the
+  sigmoid loss and the mAP evaluation."""
+  c = _tiny(data_dir, **{'data.task': 'multi_label'})
+  spec, _ = network.split(config_lib.build_network(c, (32, 32, 1), 14,
+                                                   nnx.Rngs(0)))
+  assert spec.loss == 'sigmoid_xent'
+  metrics = train.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert 0 < metrics['eval/mAP'] <= 1
+  assert 'eval/accuracy' not in metrics
+  assert np.isfinite(metrics['train/loss'])

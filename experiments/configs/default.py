@@ -9,6 +9,7 @@ Variants (``--config=experiments/configs/default.py:<variant>``):
   pipelined_bp  exact gradients through the pipelined graph, same skips.
   appearance    the appearance task (label visible in every frame).
   next_frame    next-frame prediction head (MSE).
+  multi_label   digit and direction as one multi-hot label (sigmoid loss, mAP).
   tiny          a few steps on tiny clips: tests and smoke runs.
 
 Any key can be overridden on the command line, e.g.
@@ -113,6 +114,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   elif variant == 'next_frame':
     c.model.head = 'next_frame'
     c.data.task = 'next_frame'
+  elif variant == 'multi_label':
+    c.data.task = 'multi_label'
   elif variant == 'tiny':
     c.data.dataset_config = 'small'
     c.data.num_frames = 6

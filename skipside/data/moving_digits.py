@@ -262,9 +262,19 @@ def build(config: str | MovingDigitsConfig = 'default',
   return b
 
 
-# The label each task trains on.
+# The label each task trains on ('multi_label': every one of these, as one
+# multi-hot vector over the digits then the directions).
 TASK_LABELS = {'appearance': 'digit', 'motion': 'direction',
-               'long_range': 'same', 'next_frame': 'digit'}
+               'long_range': 'same', 'next_frame': 'digit',
+               'multi_label': ('digit', 'direction')}
+
+
+def _multi_hot(record, keys, offsets, size) -> np.ndarray:
+  """int32 ``(size,)``: a 1 at ``offsets[i] + record[keys[i]]`` for each key."""
+  out = np.zeros(size, np.int32)
+  for key, offset in zip(keys, offsets):
+    out[offset + int(record[key])] = 1
+  return out
 
 
 def make_source(config, split: str) -> sources.Source:
@@ -286,11 +296,20 @@ def make_source(config, split: str) -> sources.Source:
         'config.prepare=True or build it with moving_digits.build().')
   features = b.info.features
   key = TASK_LABELS[config.task]
-  if key not in features:
+  if isinstance(key, tuple):  # Multi-label: multi-hot over every key.
+    sizes = [features[k].num_classes for k in key]
+    offsets = np.cumsum([0] + sizes[:-1]).tolist()
+    label = functools.partial(_multi_hot, keys=key, offsets=offsets,
+                              size=sum(sizes))
+    names = [f'{k}={n}' for k in key for n in features[k].names]
+    num_classes = sum(sizes)
+  elif key not in features:
     raise ValueError(f'Task {config.task!r} needs a long_range config of '
                      f'MovingDigits, got {name!r}.')
+  else:
+    label, names = sources.label_of(key), features[key].names
+    num_classes = features[key].num_classes
   return sources.Source(
-      data=b.as_data_source(split), read=sources.read_array,
-      label=sources.label_of(key), num_classes=features[key].num_classes,
-      frame_shape=tuple(features['video'].shape[1:]),
-      class_names=features[key].names, name=f'moving_digits/{name}')
+      data=b.as_data_source(split), read=sources.read_array, label=label,
+      num_classes=num_classes, frame_shape=tuple(features['video'].shape[1:]),
+      class_names=names, name=f'moving_digits/{name}')
