@@ -651,17 +651,26 @@ def clip_params_for(schedule: Schedule, shape: Shape, base):
 class MultigridIterator:
   """Training batches whose shape follows a ``Schedule``, step by step.
 
-  Records come from this process's shard of the split, shuffled per epoch
-  and repeated (grain's ``MapDataset``); clips are cut with
-  ``data.load_clip`` at the step's ``ClipParams`` (``clip_params_for``), in
-  ``num_threads`` threads, the next batch prepared while the current one
-  trains. Unreadable (or, with ``short_video='skip'``, too short) videos are
-  skipped and counted. The state is a few integers: ``get_state`` /
-  ``set_state`` resume exactly.
+  One global order of records, the same in every process: the split
+  shuffled per epoch and repeated (grain's ``MapDataset``, ``config.seed``).
+  Step ``k`` takes the next ``shape.batch`` positions of it, and process
+  ``i`` of ``n`` reads only its rows of them, positions ``G + i·b .. G +
+  (i+1)·b`` (``b = shape.batch / n``): so ``n`` processes train on exactly
+  the batches one process reads. Clips are cut with ``data.load_clip`` at
+  the step's ``ClipParams`` (``clip_params_for``) with a generator seeded by
+  the global position, in ``num_threads`` threads, the next batch prepared
+  while the current one trains. An unreadable (or, with
+  ``short_video='skip'``, too short) video is counted and replaced by the
+  record one epoch later in the order (position ``p + N``, then ``p + 2N``,
+  ...), which every process would pick alike. The state is a few integers:
+  ``get_state`` / ``set_state`` resume exactly.
 
   Each batch: ``{'video': float32 (b, t, s, s, C), 'label': int32 (b,),
-  'mask': bool (b,)}`` with ``b = shape.batch / shard_count``.
+  'mask': bool (b,)}``.
   """
+
+  # Tries of one row before the run stops: a split this broken is an error.
+  MAX_TRIES = 16
 
   def __init__(self, config, schedule: Schedule, source=None):
     import grain  # pylint: disable=g-import-not-at-top
@@ -675,9 +684,8 @@ class MultigridIterator:
       if s.batch % self.shard_count:
         raise ValueError(f'multigrid batch {s.batch} of shape {s} is not '
                          f'divisible by {self.shard_count} processes')
-    records = grain.MapDataset.source(self.source.data)[
-        self.shard_index::self.shard_count]
-    self._per_shard = len(records)
+    records = grain.MapDataset.source(self.source.data)
+    self._num_records = len(records)
     if config.shuffle:
       records = records.shuffle(seed=config.seed)
     self._records = records.repeat(None)
@@ -697,40 +705,48 @@ class MultigridIterator:
                        (self.source.frame_shape or (3,))[-1]),
         class_names=self.source.class_names, shard_index=self.shard_index,
         shard_count=self.shard_count,
-        steps_per_epoch=self._per_shard // (base.batch // self.shard_count))
+        steps_per_epoch=self._num_records // base.batch)
 
-  def _load(self, position: int, params):
-    rng = np.random.default_rng(
-        (self.config.seed, self.shard_index, position))
-    return self._pipeline.load_clip(self.source, self._records[position],
-                                    rng, params)
+  def _load_row(self, position: int, params):
+    """The clip of global ``position``, or of the first readable record one,
+    two, ... epochs later: ``(element, [elements that failed])``."""
+    bad = []
+    for k in range(self.MAX_TRIES):
+      p = position + k * self._num_records
+      rng = np.random.default_rng((self.config.seed, p))
+      e = self._pipeline.load_clip(self.source, self._records[p], rng, params)
+      if e['_status'] == self._pipeline._OK:  # pylint: disable=protected-access
+        return e, bad
+      bad.append(e)
+    raise RuntimeError(
+        f'{self.source.name}: {self.MAX_TRIES} records in a row at order '
+        f'position {position} (one per epoch) could not be read; see the '
+        'data/failed_videos warnings')
 
   def _make(self, step: int, position: int):
-    """Batch of ``step`` read from ``position``: (batch, position, stats)."""
+    """This process's rows of ``step``'s global batch, which starts at global
+    ``position``: ``(batch, next position, stats)``."""
     shape = self.schedule.shape(step)
     params = clip_params_for(self.schedule, shape, self._base)
     need = shape.batch // self.shard_count
-    clips, labels, failed, truncated, short = [], [], [], [], 0
-    while len(clips) < need:
-      n = need - len(clips)
-      got = self._pool.map(lambda p: self._load(p, params),
-                           range(position, position + n))
-      position += n
-      for e in got:
-        short += e['_short']
-        if e['_status'] == self._pipeline._OK:  # pylint: disable=protected-access
-          clips.append(e['video'])
-          labels.append(e['label'])
-        # Bad files by name: the stats count each file once.
-        failed += self._pipeline._decode_names(e['_failed'])  # pylint: disable=protected-access
-        truncated += self._pipeline._decode_names(e['_truncated'])  # pylint: disable=protected-access
+    first = position + self.shard_index * need
+    rows = list(self._pool.map(lambda p: self._load_row(p, params),
+                               range(first, first + need)))
+    failed, truncated, short = [], [], 0
+    for e in [e for row, bad in rows for e in [row, *bad]]:
+      short += e['_short']
+      # Bad files by name: the stats count each file once.
+      failed += self._pipeline._decode_names(e['_failed'])  # pylint: disable=protected-access
+      truncated += self._pipeline._decode_names(e['_truncated'])  # pylint: disable=protected-access
+    clips = [row['video'] for row, _ in rows]
+    labels = [row['label'] for row, _ in rows]
     video = np.stack(clips).astype(np.float32) * np.float32(1 / 255)
     if self.config.mean is not None:
       video = (video - np.float32(self.config.mean)) / np.float32(
           self.config.std)
     batch = {'video': video, 'label': np.asarray(labels, np.int32),
              'mask': np.ones(need, bool)}
-    return batch, position, (failed, truncated, short)
+    return batch, position + shape.batch, (failed, truncated, short)
 
   def __iter__(self) -> Iterator[dict]:
     return self
@@ -746,7 +762,8 @@ class MultigridIterator:
     return batch
 
   def get_state(self) -> dict:
-    """JSON-able: the next step, records consumed, decode counters."""
+    """JSON-able: the next step, the global order position it starts at,
+    decode counters."""
     return {'multigrid': {'step': self.step, 'position': self.position},
             'stats': dataclasses.asdict(self.stats)}
 

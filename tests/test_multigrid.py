@@ -427,6 +427,49 @@ def test_iterator_follows_the_schedule_and_resumes_exactly(data_dir):
   again.close()
 
 
+def _bad_source(num=40, bad=(3, 17)):
+  """Records whose video shows its own index; records in ``bad`` raise."""
+  from skipside.data import sources, video_folder  # pylint: disable=g-import-not-at-top
+
+  def read(record, select):
+    if record['index'] in bad:
+      raise video_folder.DecodeError('corrupt', f'video{record["index"]}')
+    return sources.read_array(record, select)
+  records = [{'video': np.full((16, 24, 24, 1), i, np.uint8), 'label': i % 3,
+              'index': i} for i in range(num)]
+  return sources.Source(data=records, read=read,
+                        label=sources.label_of('label'), num_classes=3,
+                        frame_shape=(24, 24, 1), name='indexed')
+
+
+def test_processes_read_their_rows_of_one_global_order(data_dir):
+  """Two shards' batches, row blocks stacked, are one process's batches,
+  bad videos (replaced by the record one epoch later) included."""
+  c = _tiny_config(data_dir, 'bp')
+  sched = multigrid.schedule_from_config(c, 40, 24)
+  source = _bad_source()
+
+  def batches(shard_index, shard_count, steps=6):
+    data_config = config_lib.data_config(c)
+    data_config.shard_index, data_config.shard_count = (shard_index,
+                                                        shard_count)
+    it = multigrid.MultigridIterator(data_config, sched, source=source)
+    out = [next(it) for _ in range(steps)]
+    stats = it.stats.metrics()
+    it.close()
+    return out, stats
+
+  whole, stats = batches(0, 1)
+  parts = [batches(i, 2)[0] for i in range(2)]
+  for step, want in enumerate(whole):
+    for key in ('video', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([p[step][key] for p in parts]), want[key])
+  seen = np.concatenate([b['video'][:, 0, 0, 0, 0] for b in whole])
+  assert not {3, 17} & set(np.round(seen * 255).astype(int))
+  assert stats['data/failed_videos'] >= 1  # Some bad record was drawn.
+
+
 def test_a_failed_run_closes_its_loader_threads(tmp_path, data_dir):
   """A run that stops on a non-finite loss (or any error) shuts the
   multigrid loader's thread pools down instead of leaking them."""
