@@ -342,7 +342,7 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ConfigError(error)
   if config.get('progressive') and config.progressive.enabled:
     try:  # Here, before the workdir is written (the loop checks it again).
-      progressive.validate_config(config)
+      progressive.checked_options(config)
     except ValueError as e:
       raise _keyed('config.progressive', str(e)) from e
   if any(item.kind == 'convbn' for item in items):

@@ -749,10 +749,12 @@ def video_predictions(spec, params, video, targets, *, mode: str,
   return getattr(preds, ensemble)
 
 
-def evaluate(spec, params, batches, *, mode: str, options: Options,
-             ensembles=('full', 'mean', 'max', 'last'),
-             compute_dtype=jnp.float32, max_batches: int | None = None,
-             label_key: str = 'label') -> dict:
+def evaluate_fragments(spec, params, batches, *, mode: str,
+                       options: Options,
+                       ensembles=('full', 'mean', 'max', 'last'),
+                       compute_dtype=jnp.float32,
+                       max_batches: int | None = None,
+                       label_key: str = 'label') -> dict:
   """Top-1 accuracy of each ensemble over an iterator of ``xent`` batches.
 
   Returns ``{'eval/accuracy_<ensemble>': float, 'eval/clips': n}``; padded
@@ -790,7 +792,7 @@ def evaluate(spec, params, batches, *, mode: str, options: Options,
 
 # -- Training-loop integration (skipside.train). ------------------------------
 
-def validate_config(config) -> Options:
+def checked_options(config) -> Options:
   """``Options`` from ``config.progressive``; errors name the key."""
   c = config.progressive
   try:
@@ -828,7 +830,7 @@ def make_train_step(spec, optimizer, config, *, compute_dtype,
   (each video is a fresh stream). Shape-generic: one compile per video shape
   (multigrid buckets: one per bucket).
   """
-  opts = validate_config(config)
+  opts = checked_options(config)
   mode = config.mode
 
   # The loop owns its state: params and optimizer state are donated.

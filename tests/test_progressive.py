@@ -339,8 +339,9 @@ def test_evaluate_ensembles(monkeypatch):
   real = progressive.predict
   monkeypatch.setattr(progressive, 'predict',
                       lambda *a, **k: passes.append(1) or real(*a, **k))
-  got = progressive.evaluate(SPEC, PARAMS, batches, mode='bp', options=opts,
-                             ensembles=('full', 'mean', 'max', 'last'))
+  got = progressive.evaluate_fragments(
+      SPEC, PARAMS, batches, mode='bp', options=opts,
+      ensembles=('full', 'mean', 'max', 'last'))
   monkeypatch.undo()
   assert len(passes) == 2
   assert got['eval/clips'] == 2

@@ -20,7 +20,7 @@ Variants (``--config=experiments/configs/pgt.py:<variant>``):
 Evaluation in the training loop is one full pass over each eval clip: the
 whole 128-frame video for PGT, a centred 16-frame clip for ``clip`` (the
 benchmark evaluates both on whole videos, with every protocol);
-``progressive.evaluate`` adds the fragment ensembles (mean, max, last).
+``progressive.evaluate_fragments`` adds the fragment ensembles (mean, max, last).
 """
 
 import ml_collections
