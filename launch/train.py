@@ -17,8 +17,11 @@ config.mesh.stage`` > 1 the run trains on the depth-parallel mesh engine.
 
 Plan a TPU pod job without a TPU (needs the ``tpu`` extra: libtpu): compile
 every program of the run for a topology and print per-chip memory and FLOPs
-(``skipside/tpu_plan.py``); exits non-zero naming the shape that would not
-fit in a chip's HBM::
+(``skipside/tpu_plan.py``) and the predicted step time and clips/s; exits
+non-zero with one line per shape that would not fit in a chip's HBM
+(``--plan_json=PATH``: the same as JSON, ``fits`` and per shape
+``is_oom``). Needs shapes, not data: a video-folder config plans without
+its dataset (``tpu_plan.data_shapes``)::
 
   python -m launch.train --config=experiments/configs/default.py \
       --config.mesh.stage=8 --compile_only --topology=v5e:16x16
@@ -58,6 +61,10 @@ _NUM_SLICES = flags.DEFINE_integer(
 _HBM_GIB = flags.DEFINE_float(
     'hbm_gib', None, 'HBM per chip for the --compile_only check (default: '
     'the chip\'s, skipside.tpu_plan.CHIPS).')
+_PLAN_JSON = flags.DEFINE_string(
+    'plan_json', None, 'With --compile_only: also write the plan as JSON '
+    '(per program and shape: per-chip bytes, is_oom, predicted step time and '
+    'clips/s; "fits" for the whole run) to this path.')
 _RESTART = flags.DEFINE_bool(
     'restart', False, 'If --workdir holds a run of another config, move it '
     'aside (to <workdir>/replaced-<time>/) and train from scratch there; '
@@ -101,9 +108,15 @@ def compile_only(config) -> None:
                             num_slices=_NUM_SLICES.value, check=False,
                             log=lambda s: print(s, flush=True))
     print(tpu_plan.table(reports, chip), flush=True)
+    if _PLAN_JSON.value:
+      with open(_PLAN_JSON.value, 'w') as f:
+        json.dump(tpu_plan.plan_json(reports, chip, topology=_TOPOLOGY.value,
+                                     num_slices=_NUM_SLICES.value), f,
+                  indent=1)
     tpu_plan.check_memory(reports, chip)
-  except tpu_plan.MemoryExceededError as e:
-    sys.exit(f'does not fit: {e}')
+  except tpu_plan.MemoryExceededError as e:  # One line per shape, exit 1.
+    sys.exit('\n'.join(f'does not fit: {line}'
+                       for line in str(e).splitlines()))
   except (ValueError, config_lib.ConfigError) as e:
     errors.exit_with(str(e))
 

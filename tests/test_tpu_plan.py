@@ -7,6 +7,7 @@ a matmul, loop-carried buffers, and the mesh engine's Sideways step on a 4x4
 """
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -127,9 +128,11 @@ def test_sideways_step_memory_within_hand_computed_bounds(reports):
   step = reports['sideways', FRAMES][0]
   assert step.name == 'train' and step.shape == clip.shape
 
-  # Arguments: params and optimizer state in full, the batch's shard.
+  # Arguments: params and optimizer state in full, the batch's shard: its
+  # rows and, T dividing by the 4 stage devices, T/4 of the frames
+  # (mesh.time_sharded).
   p_low, p_high = _bounds((state.params, state.opt_state))
-  b_low, b_high = _bounds((clip, labels), rows)
+  b_low, b_high = _bounds((clip[:, :FRAMES // 4], labels), rows)
   assert p_low + b_low <= step.args <= p_high + b_high
 
   # Results: new params and optimizer state, the carry, metrics, logits.
@@ -157,6 +160,95 @@ def test_sideways_step_memory_within_hand_computed_bounds(reports):
   assert step.flops > 0 and step.compile_s > 0
 
 
+def test_clip_memory_per_chip_grows_by_its_share_of_frames(reports):
+  """On every stage device (> 0 included) Sideways' scratch does not grow
+  with T, and its arguments grow by its share of the clip: T/S frames of
+  its rows (4x the frames here: 24 more, 6 per chip), nothing else."""
+  short, long = reports['sideways', FRAMES][0], reports[
+      'sideways', 4 * FRAMES][0]
+  assert long.temp <= short.temp
+  rows, share = BATCH // 4, 3 * FRAMES // 4
+  low, high = _bounds(np.zeros((rows, share, SIDE, SIDE, 1), np.float32))
+  assert low <= long.args - short.args <= high
+  assert long.out == short.out
+
+
+def test_step_model_flops_match_a_hand_count(devices):
+  """The model's FLOPs per step of the Sideways train step on a 2x2 mesh of
+  an MLP net: per tick, the busiest device's stages each cost a forward
+  and two backward products (input and weight gradients), 3 x 2*b*in*out,
+  and its head the same; times the ticks (T). Nothing else multiplies."""
+  b, t, side, classes, width = 4, 8, 8, 4, 128
+  c = default.get_config('tiny')
+  c.mode, c.mesh.stage, c.data.batch_size = 'sideways', 2, 2 * b
+  c.model.stages = ','.join([f'mlp:{width}'] * 4)
+  c.model.skips = ()
+  info = types.SimpleNamespace(element_shape=(t, side, side, 1),
+                               num_classes=classes, batch_size=2 * b)
+  step, = tpu_plan.plan(c, 'v5e:2x2', devices=devices[:4], info=info,
+                        check=False, only=('train',))
+  dense = lambda i, o: 2 * b * i * o
+  # Flops-balanced groups: stages 0-1 on device 0, 2-3 and the head on 1;
+  # device 0's input gradient of stage 0 is dropped (2 products there).
+  dev0 = 2 * dense(side * side, width) + 3 * dense(width, width)
+  dev1 = 3 * (2 * dense(width, width) + dense(width, classes))
+  assert step.cost.ticks == t
+  assert step.cost.flops == t * max(dev0, dev1)
+  assert step.cost.step_s > 0 and step.clips_per_s > 0
+
+
+def test_step_model_counts_loop_trips_and_real_conv_taps():
+  """On this host's backend: a convolution in a scan of 5 counts 5 times,
+  and SAME padding's missing taps do not count (XLA's own cost analysis
+  counts the loop body once)."""
+  cpu = jax.devices('cpu')[0]
+
+  def fn(x, k):
+    def body(h, _):
+      y = lax.conv_general_dilated(h, k, (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jnp.tanh(y), None
+    return lax.scan(body, x, None, length=5)[0].sum()
+
+  x = jax.ShapeDtypeStruct((8, 16, 16, 4), jnp.float32,
+                           sharding=jax.sharding.SingleDeviceSharding(cpu))
+  k = jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32,
+                           sharding=jax.sharding.SingleDeviceSharding(cpu))
+  cost = tpu_plan.step_cost(_compiled(fn, x, k).as_text(), 1e12, 1e11, 1e10)
+  taps = (16 * 3 - 2) ** 2  # Per image: 16 outputs x 3 taps less 2 edges.
+  assert cost.ticks == 5
+  assert cost.flops == 5 * 2 * 8 * taps * 4 * 4
+
+
+def test_xla_refusal_is_one_verdict_line(devices):
+  """A program XLA itself refuses (RESOURCE_EXHAUSTED at compile) is a
+  report with its error, one verdict line naming it, is_oom in the JSON."""
+  m = mesh.make_mesh(2, 2, devices=devices[:4])
+  x = jax.ShapeDtypeStruct((1024,), jnp.float32,
+                           sharding=NamedSharding(m, P()))
+  big = lambda x: jnp.sin(jnp.broadcast_to(x, (5 * 2 ** 20, 1024)))  # 20 GiB.
+  chip = tpu_plan.chip_of(TOPOLOGY)
+  r = tpu_plan.report('big', (1024,), lambda: jax.jit(big).lower(x), chip)
+  assert 'RESOURCE_EXHAUSTED' in r.error
+  with pytest.raises(tpu_plan.MemoryExceededError) as e:
+    tpu_plan.check_memory([r], chip)
+  assert str(e.value).startswith('big (1024,): XLA refused it on v5e')
+  assert '\n' not in str(e.value)
+  table = tpu_plan.plan_json([r], chip)
+  assert not table['fits'] and table['programs'][0]['is_oom']
+
+
+def test_data_shapes_need_no_dataset(tmp_path):
+  """A video-folder config plans from its own keys: no data dir needed
+  (before, the planner opened the folder and failed)."""
+  from experiments.configs import hmdb51
+  c = hmdb51.get_config('cpu_skip_sideways')
+  c.data.data_dir = str(tmp_path / 'missing')
+  info, schedule = tpu_plan.data_shapes(c)
+  assert info.element_shape == (8, 64, 64, 3) and info.num_classes == 51
+  assert schedule is None and not os.path.exists(c.data.data_dir)
+
+
 def test_over_memory_error_names_the_shape(reports):
   got = reports['sideways', FRAMES]
   chip = tpu_plan.chip_of(TOPOLOGY)
@@ -180,27 +272,44 @@ def test_mesh_shape_errors_name_the_fix():
 
 
 def test_launcher_compile_only_prints_the_table(tmp_path):
+  """A Kinetics-style video-folder config with no dataset on disk plans:
+  the table with the prediction, one 'does not fit' line per shape, exit 1,
+  and the JSON verdict."""
+  plan = tmp_path / 'plan.json'
   cmd = [sys.executable, '-m', 'launch.train',
-         '--config=experiments/configs/default.py:tiny',
-         f'--config.data.data_dir={tmp_path / "tfds"}',
+         '--config=experiments/configs/hmdb51.py:cpu_skip_sideways',
+         f'--config.data.data_dir={tmp_path / "no_such_dir"}',
+         '--config.data.crop_size=32',
+         '--config.data.batch_size=4',
          '--config.mesh.stage=2', '--compile_only', '--topology=v5e:2x2',
-         '--hbm_gib=0.001']  # 1 MiB per chip: too small for the train step.
+         f'--plan_json={plan}',
+         '--hbm_gib=0.001']  # 1 MiB per chip: too small for either program.
   # As the README writes it: no JAX_PLATFORMS, so libtpu is what jax tries
   # first, and the planner must have quieted it before anything starts it.
   env = dict(os.environ, XLA_FLAGS='')
   env.pop('JAX_PLATFORMS', None)
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
-  assert proc.returncode != 0, proc.stdout[-3000:]
+  assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   header = next(l for l in lines if l.startswith('program'))
   assert all(k in header for k in ('args', 'out', 'temp', 'peak HBM',
-                                   'FLOPs/chip', 'compile s'))
+                                   'FLOPs/chip', 'compile s', 'tick ms',
+                                   'step s', 'clips/s'))
   rows = [l.split()[0] for l in lines[lines.index(header) + 2:]
           if l and not l.startswith('(')]
   assert rows == ['train', 'eval']
-  assert 'does not fit' in proc.stderr and 'train (4, 6, 32, 32, 1)' in \
-      proc.stderr
+  verdict = [l for l in proc.stderr.splitlines() if l.startswith(
+      'does not fit: ')]
+  assert [l.split()[3:8] for l in verdict] == [
+      ['train', '(4,', '8,', '32,', '32,'], ['eval', '(4,', '8,', '32,',
+                                             '32,']], proc.stderr[-3000:]
+  got = json.load(open(plan))
+  assert not got['fits'] and got['topology'] == 'v5e:2x2'
+  assert [(r['program'], r['is_oom']) for r in got['programs']] == [
+      ('train', True), ('eval', True)]
+  assert all(r['clips_per_s'] > 0 and r['peak'] > 2 ** 20
+             for r in got['programs'])
   for noise in ('TPU_WORKER_HOSTNAMES', 'Failed to find host bounds',
                 'unexpected worker hostname'):  # libtpu kept quiet.
     assert noise not in proc.stderr, proc.stderr[-3000:]
