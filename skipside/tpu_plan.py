@@ -244,6 +244,9 @@ class ShapeReport:
   compile_s: float
   cost: 'StepCost | None' = None
   error: str | None = None  # XLA refused to compile it (e.g. out of HBM).
+  # The executable itself (``plan(keep_compiled=True)``): to run it where
+  # the devices are real, e.g. to check the model on this host.
+  compiled: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def peak(self) -> int:
@@ -264,7 +267,8 @@ def _flops(compiled) -> float:
 
 
 def report(name: str, shape: Sequence[int], lower,
-           chip: Chip | None = None) -> ShapeReport:
+           chip: Chip | None = None, keep_compiled: bool = False
+           ) -> ShapeReport:
   """Compiles ``lower()`` (-> ``jax.stages.Lowered``) and reads its figures;
   with ``chip``, also the step-time model's (``step_cost``). A program XLA
   refuses for lack of memory (``RESOURCE_EXHAUSTED``) is reported with its
@@ -291,7 +295,8 @@ def report(name: str, shape: Sequence[int], lower,
       name=name, shape=tuple(shape), args=m.argument_size_in_bytes,
       out=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
       temp=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes,
-      flops=_flops(compiled), compile_s=seconds, cost=cost)
+      flops=_flops(compiled), compile_s=seconds, cost=cost,
+      compiled=compiled if keep_compiled else None)
 
 
 def over_memory(reports: Sequence[ShapeReport], chip: Chip,
@@ -877,7 +882,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
          num_slices: int = 1, headroom: float = 0.0, check: bool = True,
          hbm_bytes: int | None = None,
          devices: Sequence | None = None, info=None, schedule=None,
-         only: Sequence[str] | None = None, log=None) -> list[ShapeReport]:
+         only: Sequence[str] | None = None, keep_compiled: bool = False,
+         log=None) -> list[ShapeReport]:
   """Compiles every program of the run for ``topology``; per-chip figures.
 
   Args:
@@ -894,6 +900,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
       the shapes).
     only: compile only these programs (``programs`` names, e.g.
       ``('train',)``); default all.
+    keep_compiled: keep each executable in its report (``compiled``).
     log: ``print``-like callable for progress (one line per shape).
 
   Returns:
@@ -940,7 +947,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
     if only is not None and name not in only:
       continue
     reports.append(report(name, shape,
-                          lambda n=name, s=shape: lowerers[n](run, s), chip))
+                          lambda n=name, s=shape: lowerers[n](run, s), chip,
+                          keep_compiled))
     if log:
       r = reports[-1]
       log(f'compiled {name} {shape}: ' + (

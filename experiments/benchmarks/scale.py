@@ -1,0 +1,294 @@
+r"""A pod job on paper: per-chip memory, compile time, longest clip, clips/s.
+
+  python -m experiments.benchmarks.scale            # the full plan (hours)
+  python -m experiments.benchmarks.scale --quick    # a few shapes (minutes)
+  python -m experiments.benchmarks.scale --config=experiments/configs/my.py
+
+Compiles the training step of a config (default: the Kinetics-600-shaped
+Skip-Sideways net of ``experiments/configs/kinetics_plan.py``: 224x224x3
+frames, 16 residual conv stages to 7x7x512, ~25 M params, bf16, global
+batch 16) for ``--topology`` (default ``v5e:16x16`` as a 16 x 16 ('data',
+'stage') mesh) with ``skipside.tpu_plan`` -- the training loop's own step
+function, XLA's TPU compiler, no TPU -- in every mode for each clip length
+T, and reads per chip: argument, temporary and peak HBM, compile time, and
+the step-time model's prediction (``tpu_plan.step_cost``). Then:
+
+- the longest clip that fits a chip's HBM per mode, by bisection on
+  compiled programs (T a multiple of the stage axis, so the clip is
+  time-sharded; ``--quick`` skips it);
+- data-parallel backprop on the same chips with the same global batch
+  (``dp_bp``: mesh ``min(batch, chips) x 1``; the rest of the chips idle,
+  a batch of 16 cannot spread further) and the predicted ratio of Sideways'
+  clips/s to it;
+- the model's compute term checked on this host: the same config shrunk to
+  CPU size, compiled for the CPU, predicted compute time (FLOPs over a peak
+  measured here with a matmul) over a measured step.
+
+Writes ``experiments/results/scale.json`` (DESIGN.md §8: config, device,
+rows, headline): ``max_frames_sideways_v5e``, ``max_frames_bp_v5e``,
+``max_compile_s``, ``predicted_sideways_over_dp_bp_clips_per_s``,
+``sideways_peak_T16384_over_T512``; a figure that was not measured is null.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import common
+from skipside import tpu_plan
+
+GiB = 2 ** 30
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs',
+                              'kinetics_plan.py')
+MODES = ('sideways', 'pipelined_bp', 'bp')
+LENGTHS = (32, 128, 512, 2048, 16384)
+QUICK_LENGTHS = {'sideways': (32, 512), 'pipelined_bp': (32,), 'bp': (32,)}
+
+
+def load_config(path: str):
+  """``get_config()`` of a config file, e.g. ``path/to/file.py[:variant]``."""
+  path, _, variant = path.partition(':')
+  spec = importlib.util.spec_from_file_location('plan_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def with_shape(config, mode: str, frames: int, data=None, stage=None):
+  c = config.copy_and_resolve_references()
+  c.mode, c.data.num_frames = mode, frames
+  if data is not None:
+    c.mesh.data, c.mesh.stage = data, stage
+  return c
+
+
+def compile_row(config, topology, devices, mode, frames, *, label=None,
+                data=None, stage=None, log=print) -> dict:
+  """One compiled training step: its per-chip figures and prediction."""
+  c = with_shape(config, mode, frames, data, stage)
+  r, = tpu_plan.plan(c, topology, devices=devices, check=False,
+                     only=('train',))
+  chip = tpu_plan.chip_of(topology)
+  row = dict(mode=label or mode, T=frames, mesh=[c.mesh.data, c.mesh.stage],
+             args=r.args, temp=r.temp, peak=r.peak, compile_s=r.compile_s,
+             fits=not tpu_plan.over_memory([r], chip), error=r.error)
+  if r.cost:
+    row.update(flops=r.cost.flops, ticks=r.cost.ticks, tick_s=r.cost.tick_s,
+               step_s=r.cost.step_s, clips_per_s=r.clips_per_s,
+               compute_s=r.cost.compute_s, memory_s=r.cost.memory_s,
+               collective_s=r.cost.collective_s,
+               wire_bytes=r.cost.wire_bytes)
+  log(f'  {row["mode"]:13s} T={frames:6d}: ' + (
+      f'XLA refused ({r.error[:60]})' if r.error else
+      f'peak {r.peak / GiB:.2f} GiB, args {r.args / GiB:.2f}, temp '
+      f'{r.temp / GiB:.2f}, compile {r.compile_s:.0f} s, '
+      f'{row.get("clips_per_s", 0):.3g} clips/s predicted'))
+  return row
+
+
+def longest_clip(probe, fits_at: int, fails_at: int | None, step: int,
+                 limit: int = 1 << 17) -> tuple[int, list]:
+  """The largest multiple of ``step`` for which ``probe(T)`` (-> bool)
+  holds, by doubling from ``fits_at`` to a failure, then bisection."""
+  tried = []
+  hi = fails_at
+  lo = fits_at
+  while hi is None:
+    t = lo * 2
+    if t > limit:
+      return lo, tried
+    ok = probe(t)
+    tried.append((t, ok))
+    lo, hi = (t, None) if ok else (lo, t)
+  while hi - lo > step:
+    mid = (lo + hi) // 2 // step * step
+    ok = probe(mid)
+    tried.append((mid, ok))
+    lo, hi = (mid, hi) if ok else (lo, mid)
+  return lo, tried
+
+
+# -- The model's compute term on this host. ----------------------------------
+
+def host_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of an f32 ``n x n`` matmul on this host (median of repeats)."""
+  f = jax.jit(lambda a, b: a @ b)
+  a = jnp.ones((n, n), jnp.float32)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def host_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+  """Bytes/s of an elementwise pass over ``mib`` MiB (read + write)."""
+  f = jax.jit(lambda x: x * 2.0)
+  x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * x.nbytes / float(np.median(times))
+
+
+def validate_on_host(config, repeats: int = 5) -> dict:
+  """Predicted over measured step time of the config shrunk to CPU size
+  (112x112 crops, 8 frames, batch 2, f32, one device), compiled by the
+  planner for this host's CPU and run on zeros."""
+  c = config.copy_and_resolve_references()
+  c.data.crop_size, c.data.num_frames, c.data.batch_size = 112, 8, 2
+  c.precision = 'float32'  # CPU matmuls in f32 (the measured peak's dtype).
+  c.mesh.data = c.mesh.stage = 1
+  cpu = jax.devices('cpu')[:1]
+  r, = tpu_plan.plan(c, 'v5e:1x1', devices=cpu, check=False,
+                     only=('train',), keep_compiled=True)
+  peak, bandwidth = host_peak_flops(), host_bandwidth()
+  cost = tpu_plan.step_cost(r.compiled.as_text(), peak, bandwidth, 1e30)
+  args_info = r.compiled.args_info[0]
+
+  def zeros():
+    return jax.tree.map(
+        lambda a: None if a is None else jax.device_put(
+            jnp.zeros(a.shape, a.dtype), cpu[0]), args_info,
+        is_leaf=lambda a: a is None)
+
+  times = []
+  for i in range(repeats + 1):
+    args = zeros()  # Donated by each call.
+    t = time.perf_counter()
+    jax.block_until_ready(r.compiled(*args))
+    if i:  # The first call warms up.
+      times.append(time.perf_counter() - t)
+  measured = float(np.median(times))
+  return dict(
+      shape=list(r.shape), host_peak_flops=peak, host_bytes_per_s=bandwidth,
+      flops=cost.flops, hbm_bytes=cost.hbm_bytes, ticks=cost.ticks,
+      measured_step_s=measured, predicted_compute_s=cost.compute_s,
+      predicted_roofline_s=cost.roofline_s,
+      compute_over_measured=cost.compute_s / measured,
+      roofline_over_measured=cost.roofline_s / measured)
+
+
+def _fmt_table(rows) -> str:
+  head = ('mode', 'mesh', 'T', 'args GiB', 'temp GiB', 'peak GiB', 'fits',
+          'compile s', 'tick ms', 'clips/s')
+  out = [head]
+  for r in rows:
+    out.append((r['mode'], 'x'.join(map(str, r['mesh'])), str(r['T']),
+                f'{r["args"] / GiB:.2f}', f'{r["temp"] / GiB:.2f}',
+                f'{r["peak"] / GiB:.2f}' if not r['error'] else 'XLA OOM',
+                'yes' if r['fits'] else 'no', f'{r["compile_s"]:.0f}',
+                f'{r["tick_s"] * 1e3:.3g}' if 'tick_s' in r else '-',
+                f'{r["clips_per_s"]:.3g}' if 'clips_per_s' in r else '-'))
+  widths = [max(len(x[i]) for x in out) for i in range(len(head))]
+  lines = ['  '.join(v.ljust(w) for v, w in zip(x, widths)) for x in out]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default=DEFAULT_CONFIG)
+  parser.add_argument('--topology', default='v5e:16x16')
+  parser.add_argument('--quick', action='store_true',
+                      help='sideways at T=32 and 512, the others at 32, no '
+                      'bisection')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(__file__), '..', 'results', 'scale.json'))
+  args = parser.parse_args()
+
+  config = load_config(args.config)
+  chip = tpu_plan.chip_of(args.topology)
+  tpu_plan.silence_libtpu(chip)
+  devices = tpu_plan.topology_devices(args.topology)
+  stage = config.mesh.stage
+  data = len(devices) // stage
+  batch = config.data.batch_size
+  print(f'{args.config} on {args.topology}: {data} x {stage} mesh, global '
+        f'batch {batch}, {chip.name} HBM {chip.hbm_bytes / GiB:.0f} GiB'
+        f'{" (quick)" if args.quick else ""}', flush=True)
+  t0 = time.perf_counter()
+  rows = []
+
+  def run(mode, frames, on=devices, **kw):
+    rows.append(compile_row(config, args.topology, on, mode, frames, **kw))
+    return rows[-1]
+
+  for mode in MODES:
+    for frames in (QUICK_LENGTHS[mode] if args.quick else LENGTHS):
+      run(mode, frames, data=data, stage=stage)
+  # Data-parallel backprop on the same chips and global batch.
+  dp = min(batch, len(devices))
+  run('bp', QUICK_LENGTHS['bp'][0], on=devices[:dp], label='dp_bp', data=dp,
+      stage=1)
+
+  longest = {}
+  if not args.quick:
+    for mode in MODES:
+      mine = [r for r in rows if r['mode'] == mode]
+      fit = max((r['T'] for r in mine if r['fits']), default=None)
+      fail = min((r['T'] for r in mine if not r['fits'] and fit and
+                  r['T'] > fit), default=None)
+      if fit is None:
+        continue
+      longest[mode], tried = longest_clip(
+          lambda t, m=mode: run(m, t, data=data, stage=stage)['fits'],
+          fit, fail, step=stage)
+      print(f'longest {mode} clip on {chip.name}: {longest[mode]} frames '
+            f'({len(tried)} probes)', flush=True)
+
+  host = validate_on_host(config)
+  print(f'model vs this host ({host["shape"]}, f32, CPU peak '
+        f'{host["host_peak_flops"]:.3g} FLOP/s by matmul, '
+        f'{host["host_bytes_per_s"]:.3g} B/s): predicted compute / measured '
+        f'= {host["compute_over_measured"]:.2f}, roofline / measured = '
+        f'{host["roofline_over_measured"]:.2f} (step '
+        f'{host["measured_step_s"]:.3f} s)', flush=True)
+
+  def row(mode, frames):
+    return next((r for r in rows if r['mode'] == mode and r['T'] == frames),
+                None)
+
+  side, dpbp = row('sideways', 32), row('dp_bp', QUICK_LENGTHS['bp'][0])
+  long, short = row('sideways', 16384), row('sideways', 512)
+  headline = dict(
+      max_frames_sideways_v5e=longest.get('sideways'),
+      max_frames_bp_v5e=longest.get('bp'),
+      max_frames_pipelined_bp_v5e=longest.get('pipelined_bp'),
+      max_compile_s=max(r['compile_s'] for r in rows),
+      predicted_sideways_over_dp_bp_clips_per_s=(
+          side['clips_per_s'] / dpbp['clips_per_s']
+          if side and dpbp and dpbp.get('clips_per_s') else None),
+      predicted_sideways_over_pipelined_bp_clips_per_s=(
+          side['clips_per_s'] / row('pipelined_bp', 32)['clips_per_s']
+          if side and row('pipelined_bp', 32) else None),
+      sideways_peak_T16384_over_T512=(
+          long['peak'] / short['peak'] if long and short and not long['error']
+          else None),
+      host_compute_predicted_over_measured=host['compute_over_measured'])
+  print(_fmt_table(rows))
+  print('headline:', headline)
+  print(f'total {time.perf_counter() - t0:.0f} s')
+  common.write_result(args.out, dict(
+      config=dict(config=os.path.relpath(args.config), topology=args.topology,
+                  mesh=[data, stage], global_batch=batch, quick=args.quick,
+                  chip=dataclasses.asdict(chip), modes=MODES,
+                  lengths=QUICK_LENGTHS if args.quick else LENGTHS),
+      device=common.device_info(
+          compiled_for=args.topology, load_average=os.getloadavg()),
+      rows=rows, host_check=host, headline=headline))
+
+
+if __name__ == '__main__':
+  main()
