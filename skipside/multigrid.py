@@ -658,8 +658,12 @@ class MultigridIterator:
   (i+1)·b`` (``b = shape.batch / n``): so ``n`` processes train on exactly
   the batches one process reads. Clips are cut with ``data.load_clip`` at
   the step's ``ClipParams`` (``clip_params_for``) with a generator seeded by
-  the global position, in ``num_threads`` threads, the next batch prepared
-  while the current one trains. An unreadable (or, with
+  the global position, the next batch prepared while the current one
+  trains. A split that fits in memory (``data.pipeline.in_memory``:
+  MovingDigits, array_record sets of decoded frames) is read once, and each
+  batch is gathered, cropped, flipped and resized at once (numpy, the same
+  draws: the same batches); otherwise clips are read one by one in
+  ``num_threads`` threads. An unreadable (or, with
   ``short_video='skip'``, too short) video is counted and replaced by the
   record one epoch later in the order (position ``p + N``, then ``p + 2N``,
   ...), which every process would pick alike. The state is a few integers:
@@ -690,6 +694,18 @@ class MultigridIterator:
       records = records.shuffle(seed=config.seed)
     self._records = records.repeat(None)
     self._base = pipeline.clip_params(config, train=True)
+    # The split in memory if every bucket's clips can be cut from it; the
+    # order then holds record numbers (the same permutation).
+    self._store = pipeline.in_memory(self.source,
+                                     pipeline.in_memory_gb(config))
+    if not all(pipeline.fits_in_memory(
+        self._store, clip_params_for(schedule, s, self._base))
+               for s in schedule.buckets()):
+      self._store = None
+    order = grain.MapDataset.range(self._num_records)
+    if config.shuffle:
+      order = order.shuffle(seed=config.seed)
+    self._order = order.repeat(None)
     self.stats = pipeline.DecodeStats()
     self.step, self.position = 0, 0
     self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -723,6 +739,35 @@ class MultigridIterator:
         f'position {position} (one per epoch) could not be read; see the '
         'data/failed_videos warnings')
 
+  def _from_memory(self, positions: range, params):
+    """Clips of global ``positions`` gathered from the split in memory:
+    ``(uint8 (b, t, s, s, C), labels, too-short count)``."""
+    pipeline, store = self._pipeline, self._store
+    _, length, h, w, _ = store.videos.shape
+    records = np.array([self._order[p] for p in positions])
+    plans = [pipeline.plan_clip(length, (h, w), np.random.default_rng(
+        (self.config.seed, p)), params) for p in positions]
+    frames, spatial, short = zip(*plans)
+    spatial = pipeline.Spatial(*(np.array(v) for v in zip(*spatial)))
+    video = pipeline.gather_clips(store, records, np.stack(frames), spatial,
+                                  params.crop_size)
+    return video, store.labels[records], sum(short)
+
+  def _from_files(self, positions: range, params):
+    """Clips of global ``positions`` read one by one in threads: ``(uint8
+    (b, t, s, s, C), labels, too-short count, failed, truncated)``."""
+    rows = list(self._pool.map(lambda p: self._load_row(p, params),
+                               positions))
+    failed, truncated, short = [], [], 0
+    for e in [e for row, bad in rows for e in [row, *bad]]:
+      short += e['_short']
+      # Bad files by name: the stats count each file once.
+      failed += self._pipeline._decode_names(e['_failed'])  # pylint: disable=protected-access
+      truncated += self._pipeline._decode_names(e['_truncated'])  # pylint: disable=protected-access
+    video = np.stack([row['video'] for row, _ in rows])
+    labels = np.stack([row['label'] for row, _ in rows])
+    return video, labels, short, failed, truncated
+
   def _make(self, step: int, position: int):
     """This process's rows of ``step``'s global batch, which starts at global
     ``position``: ``(batch, next position, stats)``."""
@@ -730,17 +775,14 @@ class MultigridIterator:
     params = clip_params_for(self.schedule, shape, self._base)
     need = shape.batch // self.shard_count
     first = position + self.shard_index * need
-    rows = list(self._pool.map(lambda p: self._load_row(p, params),
-                               range(first, first + need)))
-    failed, truncated, short = [], [], 0
-    for e in [e for row, bad in rows for e in [row, *bad]]:
-      short += e['_short']
-      # Bad files by name: the stats count each file once.
-      failed += self._pipeline._decode_names(e['_failed'])  # pylint: disable=protected-access
-      truncated += self._pipeline._decode_names(e['_truncated'])  # pylint: disable=protected-access
-    clips = [row['video'] for row, _ in rows]
-    labels = [row['label'] for row, _ in rows]
-    video = np.stack(clips).astype(np.float32) * np.float32(1 / 255)
+    positions = range(first, first + need)
+    failed, truncated = [], []
+    if self._store is not None:
+      video, labels, short = self._from_memory(positions, params)
+    else:
+      video, labels, short, failed, truncated = self._from_files(
+          positions, params)
+    video = video.astype(np.float32) * np.float32(1 / 255)
     if self.config.mean is not None:
       video = (video - np.float32(self.config.mean)) / np.float32(
           self.config.std)

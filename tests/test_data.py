@@ -597,3 +597,127 @@ def test_decoder_tells_truncated_files(tmp_path, ext):
     # partial last frame without an error.
     assert np.abs(d.frames[-1].astype(int)
                   - whole.frames[d.decoded - 1]).mean() > 10
+
+
+# ------------------------------------------------------------ split in memory
+
+# Jittered scale (down and up), random crop, flip, random stride.
+_AUGMENTED = dict(scale_jitter=(24, 40), crop_size=28, flip=True, num_frames=4,
+                  max_stride=2)
+
+
+@pytest.mark.parametrize('kw', [
+    {}, _AUGMENTED,
+    dict(task='next_frame', num_frames=5, resize=36, crop_size=30, mean=0.5,
+         std=0.25, fragment_frames=3, fragment_overlap=1),
+    dict(num_frames=6, stride=2, short_video='loop', flip=True),  # 8 frames.
+])
+def test_split_in_memory_gives_the_per_clip_batches(tfds_dir, kw):
+  """MovingDigits decoded once, batches cut at once: the batches, decode
+  counts and iterator states of clips read one by one, across epochs."""
+  files = data.make_iterator(_config(tfds_dir, in_memory_gb=0, **kw))
+  memory = data.make_iterator(_config(tfds_dir, **kw))
+  assert isinstance(memory._it, pipeline._ElementStateIterator)  # pylint: disable=protected-access
+  _assert_batches_equal(_take(memory, 34), _take(files, 34))  # 32 an epoch.
+  assert memory.get_state() == files.get_state()
+  assert memory.stats.too_short == files.stats.too_short
+
+
+def test_eval_and_shards_in_memory_give_the_per_clip_batches(tfds_dir):
+  kw = dict(batch_size=48, resize=36, crop_size=28)
+  _assert_batches_equal(
+      list(data.make_eval_iterator(_config(tfds_dir, **kw))),
+      list(data.make_eval_iterator(_config(tfds_dir, in_memory_gb=0, **kw))))
+  kw = dict(batch_size=24, shard_index=1, shard_count=3, **_AUGMENTED)
+  _assert_batches_equal(
+      _take(data.make_iterator(_config(tfds_dir, **kw)), 12),
+      _take(data.make_iterator(_config(tfds_dir, in_memory_gb=0, **kw)), 12))
+
+
+def test_a_state_resumes_on_either_path(tfds_dir):
+  """A checkpoint of the per-clip pipeline resumes in memory and back."""
+  for first, then in ((0, 4.0), (4.0, 0)):
+    it = data.make_iterator(_config(tfds_dir, in_memory_gb=first,
+                                    **_AUGMENTED))
+    _take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))
+    other = data.make_iterator(_config(tfds_dir, in_memory_gb=then,
+                                       **_AUGMENTED))
+    other.set_state(state)
+    _assert_batches_equal(_take(other, 3), _take(it, 3))
+
+
+def _with(config, **kw):
+  c = config.copy_and_resolve_references()
+  c.update(kw)
+  return c
+
+
+class _CountingRecords:
+  """Records that count their reads."""
+
+  def __init__(self, records):
+    self.records, self.reads = records, 0
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.records[i]
+
+
+def test_a_split_in_memory_is_read_once_per_process(monkeypatch):
+  monkeypatch.setattr(pipeline, '_decoded', {})
+  rng = np.random.default_rng(0)
+  records = _CountingRecords([
+      {'video': rng.integers(0, 256, (6, 20, 24, 3), np.uint8), 'label': i % 2}
+      for i in range(12)])
+  source = sources.Source(data=records, read=sources.read_array,
+                          label=sources.label_of('label'), num_classes=2,
+                          frame_shape=(20, 24, 3), key='counting:train')
+  c = data.get_config()
+  c.update(batch_size=4, num_frames=4, crop_size=16, flip=True,
+           shard_index=0, shard_count=1)
+  for _ in range(2):  # Two pipelines, two epochs each.
+    it = data.make_iterator(c, source=source)
+    b = _take(it, 6)[-1]
+    assert b['video'].shape == (4, 4, 16, 16, 3)
+  assert records.reads == 12  # Every record once; clips read none.
+  # Too big for the budget: read clip by clip, the same batches.
+  monkeypatch.setattr(pipeline, '_decoded', {})
+  small = data.make_iterator(_with(c, in_memory_gb=1e-6), source=source)
+  _assert_batches_equal(_take(small, 6), _take(data.make_iterator(
+      c, source=source), 6))
+  assert records.reads > 24 + 12
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_batched_resize_is_pils_frame_by_frame(channels):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  frames = np.random.default_rng(0).integers(0, 256, (5, 30, 44, channels),
+                                             np.uint8)
+  for size in (12, 30, 41, 96):
+    got = pipeline.resize_short_side(frames, size)
+    h, w = pipeline.resized_hw(30, 44, size)
+    want = [np.asarray(Image.fromarray(f[..., 0] if channels == 1 else f)
+                       .resize((w, h), Image.BILINEAR)) for f in frames]
+    np.testing.assert_array_equal(got, np.reshape(want, got.shape))
+
+
+def test_multigrid_loader_in_memory_gives_the_per_clip_batches(tfds_dir):
+  from skipside import multigrid  # pylint: disable=g-import-not-at-top
+  sched = multigrid.make_schedule(
+      num_frames=8, crop_size=28, batch_size=8, num_examples=256,
+      lr_steps=(0, 2), max_epoch=4, scale_jitter=(28, 36))
+  c = _config(tfds_dir, crop_size=28, scale_jitter=(28, 36), flip=True)
+  memory = multigrid.MultigridIterator(c, sched)
+  files = multigrid.MultigridIterator(_with(c, in_memory_gb=0), sched)
+  try:
+    assert memory._store is not None and files._store is None  # pylint: disable=protected-access
+    got, want = _take(memory, 10), _take(files, 10)
+    assert len({b['video'].shape for b in got}) > 2  # Several shapes.
+    _assert_batches_equal(got, want)
+  finally:
+    memory.close()
+    files.close()

@@ -312,4 +312,5 @@ def make_source(config, split: str) -> sources.Source:
   return sources.Source(
       data=b.as_data_source(split), read=sources.read_array, label=label,
       num_classes=num_classes, frame_shape=tuple(features['video'].shape[1:]),
-      class_names=names, name=f'moving_digits/{name}')
+      class_names=names, name=f'moving_digits/{name}',
+      key=f'{b.data_path}:{split}')

@@ -1,6 +1,9 @@
 """Input pipeline: grain over TFDS array_record sources or video folders.
 
-One element's path, top to bottom (train):
+Two paths, the same batches (the same draws, one transform):
+
+Clip by clip (`_file_batches`; video folders, and any split too big for
+`config.in_memory_gb`), one element's path, top to bottom (train):
 
     record (source[i], shuffled, repeated: one global order)
       -> this process's rows of each global batch     `global_index`
@@ -11,7 +14,15 @@ One element's path, top to bottom (train):
          logged once per file                           `DecodeStats`
       -> batch                  uint8 (B, T, h, w, C)
       -> float32 in [0, 1] (optionally (x - mean) / std), optional fragments
-         (B, F, Tf, h, w, C), next-frame targets, time-major (T, B, ...).
+         (B, F, Tf, h, w, C), next-frame targets.
+
+In memory (`_memory_batches`; MovingDigits and any split of decoded frames
+of one shape, `in_memory`): the split is decoded once per process into one
+uint8 array (N, L, H, W, C); grain draws each element's frames, scale, crop
+and flip (`plan_clip`, the same rng as above), and each batch is gathered
+and transformed at once (`gather_clips`: fancy indexing, resizes grouped by
+size), in grain's read threads. Iterator states count elements on both
+paths, so a checkpoint of one resumes on the other.
 
 Per-element randomness comes from grain's `random_map`, seeded by
 (config.seed, global index), so a pipeline is deterministic given its seed,
@@ -59,7 +70,7 @@ import dataclasses
 import functools
 import json
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from absl import flags
 from absl import logging
@@ -67,6 +78,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from skipside.data import sources
 from skipside.data import video_folder
 from skipside.data.sources import Source, make_source
 
@@ -114,6 +126,13 @@ def get_config() -> ml_collections.ConfigDict:
       jax.process_count(); processes that share rows share an index).
     num_threads, prefetch: grain read threads and elements read ahead.
     num_workers: grain worker processes (0: read in this process).
+    in_memory_gb: a split whose records hold decoded frames of one shape
+      (MovingDigits, any array_record set of decoded frames) and that takes
+      at most this many GiB is decoded once per process into one uint8
+      array; clips are then gathered, cropped, flipped and resized a batch
+      at a time (numpy) instead of read one by one: the same batches, many
+      times faster. 0: always read clip by clip (video folders always are:
+      decoding bounds them; use num_workers).
   """
   c = ml_collections.ConfigDict()
   c.dataset = 'moving_digits'
@@ -144,11 +163,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_threads = 2
   c.prefetch = 64
   c.num_workers = 0
+  c.in_memory_gb = 4.0
   return c
 
 
 # --------------------------------------------------------------------------
-# Clip sampling and spatial transforms: pure functions of (input, rng, params).
+# Clip sampling and spatial transforms: what is drawn (pure functions of the
+# video's size, an rng and the params) apart from how it is applied (batched
+# numpy), so that clips read one by one from files and clips gathered from a
+# split held in memory share one sampling law and one transform.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +200,13 @@ class ClipParams:
   crop_size: int | None = None
   random_crop: bool = True
   flip: bool = False
+
+
+def clip_stride(rng: np.random.Generator | None, params: ClipParams) -> int:
+  """The clip's stride: drawn in [stride, max_stride] if set (needs rng)."""
+  if params.max_stride and rng is not None:
+    return int(rng.integers(params.stride, params.max_stride + 1))
+  return params.stride
 
 
 def frame_indices(length: int, rng: np.random.Generator | None, *,
@@ -213,32 +243,152 @@ def frame_indices(length: int, rng: np.random.Generator | None, *,
   return (start + offsets) % length
 
 
-def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of uint8 (T, H, W, C) so that min(H, W) == size."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  h, w = frames.shape[1:3]
+def resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
+  """(H, W) after `resize_short_side(., size)`: min == size, aspect kept."""
   if min(h, w) == size:
-    return frames
+    return h, w
   scale = size / min(h, w)
-  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-  channels = frames.shape[-1]
-  out = [np.asarray(Image.fromarray(f[..., 0] if channels == 1 else f)
-                    .resize((new_w, new_h), Image.BILINEAR)) for f in frames]
-  return np.stack(out).reshape(len(frames), new_h, new_w, channels)
+  return max(size, round(h * scale)), max(size, round(w * scale))
 
 
-def crop(frames: np.ndarray, size: int,
-         rng: np.random.Generator | None = None) -> np.ndarray:
-  """Square crop of (T, H, W, C): random position if rng is given, else centre."""
-  h, w = frames.shape[1:3]
-  if min(h, w) < size:  # Upscale rather than fail on a small video.
-    frames = resize_short_side(frames, size)
-    h, w = frames.shape[1:3]
-  if rng is None:
-    y, x = (h - size) // 2, (w - size) // 2
-  else:
-    y, x = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-  return frames[:, y:y + size, x:x + size]
+def _pil_resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """PIL bilinear resize of one uint8 (H, W, C) image, C in (1, 3)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  gray = image.shape[-1] == 1
+  out = Image.fromarray(image[..., 0] if gray else image).resize(
+      (hw[1], hw[0]), Image.BILINEAR)
+  return np.asarray(out).reshape(*hw, image.shape[-1])
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize of uint8 (..., H, W, C) so that min(H, W) == size.
+
+  PIL's bilinear filter, frame by frame in effect, done in two calls for all
+  frames: PIL resamples rows then columns, each row (column) on its own, so
+  the rows of every frame stacked as one tall image, then the columns of
+  every frame side by side as one wide image, give exactly the per-frame
+  result. Channels other than 1 and 3 are resized one by one.
+  """
+  *lead, h, w, c = frames.shape
+  new_h, new_w = resized_hw(h, w, size)
+  if (new_h, new_w) == (h, w):
+    return frames
+  if c not in (1, 3):
+    return np.concatenate([resize_short_side(frames[..., i:i + 1], size)
+                           for i in range(c)], axis=-1)
+  x = frames.reshape(-1, h, w, c)
+  n = len(x)
+  if new_w != w:  # Rows: (n * h, w) -> (n * h, new_w).
+    x = _pil_resize(x.reshape(n * h, w, c), (n * h, new_w))
+    x = x.reshape(n, h, new_w, c)
+  if new_h != h:  # Columns: (h, n * new_w) -> (new_h, n * new_w).
+    x = x.transpose(1, 0, 2, 3).reshape(h, n * new_w, c)
+    x = _pil_resize(x, (new_h, n * new_w))
+    x = x.reshape(new_h, n, new_w, c).transpose(1, 0, 2, 3)
+  return np.ascontiguousarray(x).reshape(*lead, new_h, new_w, c)
+
+
+class Spatial(NamedTuple):
+  """Drawn spatial augmentation of a clip (scalars) or of a batch ((B,)).
+
+  Attributes:
+    short: shorter side to resize to first (0: keep the size).
+    y, x: top-left corner of the crop (0 without a crop).
+    flip: flip left-right.
+  """
+  short: Any
+  y: Any
+  x: Any
+  flip: Any
+
+
+def spatial_plan(frame_hw: Sequence[int], rng: np.random.Generator | None, *,
+                 resize: int | None = None,
+                 scale_jitter: tuple[int, int] | None = None,
+                 crop_size: int | None = None, random_crop: bool = True,
+                 flip: bool = False) -> Spatial:
+  """Draws a clip's resize, crop position and flip (`apply_spatial` does them).
+
+  Args:
+    frame_hw: (H, W) of the video's frames.
+    rng: randomness for jitter, crop position and flip (None: deterministic).
+    resize: shorter side (None: keep).
+    scale_jitter: (lo, hi): shorter side uniform in [lo, hi]; needs rng.
+    crop_size: square crop side (None: none); a smaller frame is upscaled.
+    random_crop: random position (needs rng) rather than centre.
+    flip: flip left-right with probability 1/2 (needs rng).
+  """
+  short = (int(rng.integers(scale_jitter[0], scale_jitter[1] + 1))
+           if scale_jitter and rng is not None else resize) or 0
+  h, w = resized_hw(*frame_hw, short) if short else tuple(frame_hw)
+  y = x = 0
+  if crop_size:
+    if min(h, w) < crop_size:  # Upscale rather than fail on a small video.
+      h, w = resized_hw(h, w, crop_size)
+    if random_crop and rng is not None:
+      y, x = int(rng.integers(h - crop_size + 1)), int(
+          rng.integers(w - crop_size + 1))
+    else:
+      y, x = (h - crop_size) // 2, (w - crop_size) // 2
+  do_flip = bool(flip and rng is not None and rng.random() < 0.5)
+  return Spatial(np.int32(short), np.int32(y), np.int32(x), np.bool_(do_flip))
+
+
+def _crop_flip(clips: np.ndarray, y, x, flip, size: int | None) -> np.ndarray:
+  """(n, T, H, W, C) -> (n, T, s, s, C): clip i cropped at (y[i], x[i]) and
+  flipped where flip[i].
+
+  A loop of slice copies: each copies at memory speed, where one fancy-index
+  gather over (clip, frame, row, column) measured ~10x slower.
+  """
+  n, t, h, w, c = clips.shape
+  sh, sw = (size, size) if size else (h, w)
+  if (sh, sw) == (h, w) and not np.any(flip):
+    return clips
+  out = np.empty((n, t, sh, sw, c), clips.dtype)
+  for i, (yi, xi, fi) in enumerate(zip(np.asarray(y).tolist(),
+                                        np.asarray(x).tolist(),
+                                        np.asarray(flip).tolist())):
+    window = clips[i, :, yi:yi + sh, xi:xi + sw]
+    out[i] = window[:, :, ::-1] if fi else window
+  return out
+
+
+def apply_spatial(clips: np.ndarray, plan: Spatial,
+                  crop_size: int | None = None) -> np.ndarray:
+  """Resizes, crops and flips a batch of clips as `plan` says.
+
+  Args:
+    clips: uint8 (B, T, H, W, C).
+    plan: `Spatial` of (B,) arrays (from `spatial_plan`, stacked).
+    crop_size: square crop side (None: none).
+
+  Returns:
+    uint8 (B, T, h, w, C); (B, T, crop_size, crop_size, C) when cropping.
+    Clips are resized in groups of equal shorter side (PIL, two calls a
+    group), then cropped and flipped in one gather.
+  """
+  short = np.asarray(plan.short)
+  sizes = np.unique(short)
+  out = None
+  for s in sizes:
+    rows = np.flatnonzero(short == s)
+    x = clips if len(sizes) == 1 else clips[rows]
+    if s:
+      x = resize_short_side(x, int(s))
+    if crop_size and min(x.shape[2:4]) < crop_size:
+      x = resize_short_side(x, crop_size)
+    x = _crop_flip(x, np.asarray(plan.y)[rows], np.asarray(plan.x)[rows],
+                   np.asarray(plan.flip)[rows], crop_size)
+    if len(sizes) == 1:
+      return np.ascontiguousarray(x)
+    if out is None:
+      if not crop_size:
+        raise ValueError('Clips resized to different sizes do not batch: '
+                         'set crop_size with scale_jitter.')
+      out = np.empty((len(clips), *x.shape[1:]), x.dtype)
+    out[rows] = x
+  return out
 
 
 def spatial_transform(frames: np.ndarray, rng: np.random.Generator | None, *,
@@ -250,25 +400,23 @@ def spatial_transform(frames: np.ndarray, rng: np.random.Generator | None, *,
 
   Args:
     frames: uint8 (T, H, W, C).
-    rng: randomness for jitter, crop position and flip (None: deterministic).
-    resize: shorter side (None: keep).
-    scale_jitter: (lo, hi): shorter side uniform in [lo, hi]; needs rng.
-    crop_size: square crop side (None: none).
-    random_crop: random position (needs rng) rather than centre.
-    flip: flip left-right with probability 1/2 (needs rng).
+    rng, resize, scale_jitter, crop_size, random_crop, flip: `spatial_plan`.
 
   Returns:
     uint8 (T, h, w, C); (T, crop_size, crop_size, C) when cropping.
   """
-  short = (int(rng.integers(scale_jitter[0], scale_jitter[1] + 1))
-           if scale_jitter and rng is not None else resize)
-  if short:
-    frames = resize_short_side(frames, short)
-  if crop_size:
-    frames = crop(frames, crop_size, rng if random_crop else None)
-  if flip and rng is not None and rng.random() < 0.5:
-    frames = frames[:, :, ::-1]
-  return np.ascontiguousarray(frames)
+  plan = spatial_plan(frames.shape[1:3], rng, resize=resize,
+                      scale_jitter=scale_jitter, crop_size=crop_size,
+                      random_crop=random_crop, flip=flip)
+  one = Spatial(*(np.asarray(v)[None] for v in plan))
+  return apply_spatial(frames[None], one, crop_size)[0]
+
+
+def _spatial_plan_of(frame_hw, rng, params: ClipParams) -> Spatial:
+  return spatial_plan(frame_hw, rng, resize=params.resize,
+                      scale_jitter=params.scale_jitter,
+                      crop_size=params.crop_size,
+                      random_crop=params.random_crop, flip=params.flip)
 
 
 def split_fragments(video: np.ndarray, fragment_frames: int, overlap: int = 0,
@@ -381,9 +529,7 @@ def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
      was shorter than the clip span, '_failed' / '_truncated': the bad file's
      name (encoded, see `_encode_names`) or ''}.
   """
-  stride = params.stride
-  if params.max_stride and rng is not None:
-    stride = int(rng.integers(params.stride, params.max_stride + 1))
+  stride = clip_stride(rng, params)
   span = (params.num_frames - 1) * stride + 1
   lengths = []
 
@@ -492,6 +638,193 @@ class _DropBad(grain.IterDataset):
 
   def __iter__(self):
     return _DropBadIterator(self._parent.__iter__())
+
+
+# --------------------------------------------------------------------------
+# Splits held in memory: decoded once per process, clips gathered batched.
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemory:
+  """A split decoded in host memory.
+
+  Attributes:
+    videos: uint8 (N, L, H, W, C), every video of the split.
+    labels: int32 (N,) (or (N, K) multi-hot), the source's labels.
+  """
+  videos: np.ndarray
+  labels: np.ndarray
+
+
+# Decoded splits of this process by `Source.key`, oldest first: their
+# videos and their records without them (labels depend on the task).
+_decoded: dict[str, tuple[np.ndarray, list[dict[str, Any]]]] = {}
+_decoded_lock = threading.Lock()  # Pipelines may be made from threads.
+
+
+def _read_records(data, start: int, stop: int) -> list:
+  if hasattr(data, '__getitems__'):  # array_record reads a range at once.
+    return list(data.__getitems__(list(range(start, stop))))
+  return [data[i] for i in range(start, stop)]
+
+
+def _decode_all(source: Source, key: str, max_bytes: float):
+  """(videos, records without them), or None if the videos differ in shape,
+  are not uint8 (L, H, W, C) or take more than `max_bytes`."""
+  data, n = source.data, len(source.data)
+  videos, rest = None, []
+  for start in range(0, n, 256):
+    for record in _read_records(data, start, min(n, start + 256)):
+      video = record[key]
+      if videos is None:
+        if (not isinstance(video, np.ndarray) or video.dtype != np.uint8 or
+            video.ndim != 4 or video.nbytes * n > max_bytes):
+          return None
+        videos = np.empty((n, *video.shape), np.uint8)
+      if video.shape != videos.shape[1:]:
+        return None
+      videos[len(rest)] = video
+      rest.append({k: v for k, v in record.items() if k != key})
+  return videos, rest
+
+
+def in_memory_gb(config) -> float:
+  """`config.in_memory_gb`; configs saved before it existed: the default."""
+  return config.get('in_memory_gb', get_config().in_memory_gb)
+
+
+def in_memory(source: Source, max_gb: float) -> InMemory | None:
+  """`source`'s split decoded in memory, or None where it cannot be.
+
+  Sources whose records hold whole decoded videos (`sources.array_key`:
+  MovingDigits, any array_record set of decoded frames) of one shape, taking
+  at most `max_gb` GiB, are read once per process (shared by `Source.key`;
+  older splits are dropped to keep the total under `max_gb`). Video folders
+  (decoded per read) are not.
+  """
+  key = sources.array_key(source)
+  if not max_gb or key is None or not len(source.data):
+    return None
+  max_bytes = max_gb * 2**30
+  with _decoded_lock:
+    got = _decoded.get(source.key) if source.key else None
+    if got is None:
+      got = _decode_all(source, key, max_bytes)
+      if got is None:
+        return None
+      if source.key:
+        _decoded[source.key] = got
+        while sum(v.nbytes for v, _ in _decoded.values()) > max_bytes:
+          del _decoded[next(iter(_decoded))]
+  videos, records = got
+  labels = np.stack([np.asarray(source.label(r), np.int32) for r in records])
+  return InMemory(videos, labels)
+
+
+def fits_in_memory(store: InMemory | None, params: ClipParams) -> bool:
+  """Every clip can be cut from `store` (no video skipped as too short:
+  batches then never shift, and are gathered as a whole)."""
+  if store is None:
+    return False
+  longest = (params.num_frames - 1) * max(params.stride,
+                                          params.max_stride or 0) + 1
+  return params.short_video != 'skip' or store.videos.shape[1] >= longest
+
+
+def plan_clip(length: int, frame_hw: Sequence[int],
+              rng: np.random.Generator | None, params: ClipParams,
+              ) -> tuple[np.ndarray | None, Spatial, int]:
+  """What `load_clip` draws for a video of `length` frames of `frame_hw`,
+  in its order, without the video: (frame indices (T,) or None to skip,
+  `Spatial`, 1 if the video is shorter than the clip span else 0)."""
+  stride = clip_stride(rng, params)
+  frames = frame_indices(length, rng, num_frames=params.num_frames,
+                         stride=stride, random_start=params.random_start,
+                         short_video=params.short_video)
+  short = int(length < (params.num_frames - 1) * stride + 1)
+  return frames, _spatial_plan_of(frame_hw, rng, params), short
+
+
+def gather_clips(store: InMemory, records: np.ndarray, frames: np.ndarray,
+                 spatial: Spatial, crop_size: int | None) -> np.ndarray:
+  """Clips from memory: uint8 (B, T, h, w, C) of records (B,), frame
+  indices (B, T) and `Spatial` of (B,) arrays (one gather, then
+  `apply_spatial`)."""
+  clips = store.videos[np.asarray(records)[:, None], frames]
+  return apply_spatial(clips, spatial, crop_size)
+
+
+def _planned_element(record, rng, *, length, frame_hw, params):
+  """In-memory train element: `load_clip`'s draws for `record`, no pixels."""
+  frames, spatial, short = plan_clip(length, frame_hw, rng, params)
+  return {'_record': np.int64(record), '_frames': frames,
+          '_spatial': spatial, '_short': np.int32(short),
+          'mask': np.bool_(True)}
+
+
+def _planned_eval_element(index, *, length, frame_hw, params, num_records,
+                          rows, shard_index, shard_count):
+  """In-memory eval element `index` of this process's rows; padding past
+  the end (mask False, zero video)."""
+  i = global_index(index, rows=rows, shard_index=shard_index,
+                   shard_count=shard_count)
+  e = _planned_element(min(i, num_records - 1), None, length=length,
+                       frame_hw=frame_hw, params=params)
+  e['mask'] = np.bool_(i < num_records)
+  return e
+
+
+def _gather_batch(batch: Batch, *, store: InMemory,
+                  crop_size: int | None) -> Batch:
+  """A batch of planned elements -> uint8 clips and labels from memory, in
+  the layout `_finish_batch` takes (no bad files in memory)."""
+  records, mask = batch['_record'], batch['mask']
+  video = gather_clips(store, records, batch['_frames'], batch['_spatial'],
+                       crop_size)
+  labels = store.labels[records]
+  if not mask.all():  # Eval padding: zeros, as the file path pads.
+    video[~mask] = 0
+    labels[~mask] = 0
+  none = np.full(len(records), '')
+  return {'video': video, 'label': labels, 'mask': mask, '_short':
+          batch['_short'], '_failed': none, '_truncated': none}
+
+
+class _ElementStateIterator(grain.DatasetIterator):
+  """Iterator state counted in elements, as the per-clip pipeline counts
+  it, over a dataset of whole batches of `rows`: a checkpoint restores on
+  either path."""
+
+  def __init__(self, parent: grain.DatasetIterator, rows: int):
+    super().__init__(parent)
+    self._rows = rows
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    state = dict(self._parent.get_state())
+    state['next_index'] *= self._rows
+    return state
+
+  def set_state(self, state):
+    state = dict(state)
+    state['next_index'], rest = divmod(state['next_index'], self._rows)
+    if rest:
+      raise ValueError(f'Iterator state at element {state["next_index"]} is '
+                       f'not at a batch of {self._rows} (a pipeline that '
+                       'dropped bad videos); it does not resume from memory.')
+    self._parent.set_state(state)
+
+
+class _ElementState(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, rows: int):
+    super().__init__(parent)
+    self._rows = rows
+
+  def __iter__(self):
+    return _ElementStateIterator(self._parent.__iter__(), self._rows)
 
 
 def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
@@ -649,6 +982,76 @@ def _element_shape(source: Source, params: ClipParams):
   return None
 
 
+def _finish_fn(config):
+  return functools.partial(
+      _finish_batch, mean=config.mean, std=config.std,
+      fragment_frames=config.fragment_frames,
+      fragment_overlap=config.fragment_overlap,
+      next_frame=config.task == 'next_frame')
+
+
+def _file_batches(config, source: Source, params: ClipParams, train: bool,
+                  steps: int, shape, own: dict) -> grain.IterDataset:
+  """Batches of clips read one by one (`load_clip`) in grain's threads (or
+  worker processes): for decode-bound video files."""
+  if train:
+    # The global order and augmentation in every process, then its rows
+    # (lazy: only those are read).
+    ds = grain.MapDataset.source(source.data)
+    if config.shuffle:
+      ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    ds = ds.random_map(
+        functools.partial(_train_element, source=source, params=params),
+        seed=config.seed)
+    ds = _Rows(ds, **own)
+  else:
+    ds = grain.MapDataset.range(steps * own['rows']).map(functools.partial(
+        _eval_element, source=source, params=params, out_shape=shape,
+        **own))
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
+  if train:
+    ds = _DropBad(ds)
+    ds = ds.batch(own['rows'], drop_remainder=True)
+  else:
+    ds = ds.batch(own['rows'], batch_fn=functools.partial(
+        grain.experimental.batch_and_pad, batch_size=own['rows']))
+  return ds.map(_finish_fn(config))
+
+
+def _memory_batches(config, store: InMemory, params: ClipParams, train: bool,
+                    steps: int, own: dict) -> grain.IterDataset:
+  """Batches cut from a split held in memory: grain draws each element's
+  clip with the per-clip path's rng (same global order, same seed per
+  global index: the same batches), numpy gathers and transforms a whole
+  batch at once, in grain's read threads, a batch per read."""
+  n, length, h, w, _ = store.videos.shape
+  plan = dict(length=length, frame_hw=(h, w), params=params)
+  if train:
+    ds = grain.MapDataset.range(n)
+    if config.shuffle:
+      ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
+    ds = ds.random_map(functools.partial(_planned_element, **plan),
+                       seed=config.seed)
+    ds = _Rows(ds, **own)
+  else:
+    ds = grain.MapDataset.range(steps * own['rows']).map(functools.partial(
+        _planned_eval_element, num_records=n, **plan, **own))
+  ds = ds.batch(own['rows'], drop_remainder=True)
+  ds = ds.map(functools.partial(_gather_batch, store=store,
+                                crop_size=params.crop_size))
+  ds = ds.map(_finish_fn(config))
+  # config.prefetch counts clips; here a read is a batch (each thread at
+  # least one ahead).
+  ahead = -(-config.prefetch // own['rows'])
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=config.num_threads,
+      prefetch_buffer_size=max(ahead, config.num_threads) if ahead else 0))
+  return _ElementState(ds, own['rows'])
+
+
 def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
                  source: Source | None = None,
                  ) -> tuple[grain.IterDataset, DataInfo]:
@@ -682,38 +1085,15 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
     raise ValueError(f'Split {split!r} of {source.name} is empty.')
   own = dict(rows=batch_size, shard_index=shard_index,
              shard_count=shard_count)
-  if train:
-    # The global order and augmentation in every process, then its rows
-    # (lazy: only those are read).
-    ds = grain.MapDataset.source(source.data)
-    if config.shuffle:
-      ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs)
-    ds = ds.random_map(
-        functools.partial(_train_element, source=source, params=params),
-        seed=config.seed)
-    ds = _Rows(ds, **own)
-    steps = n // config.batch_size
+  if not train and shape is None:
+    raise ValueError('Eval needs a fixed clip shape: set config.crop_size.')
+  # Train: full global batches; eval: the last global batch padded.
+  steps = n // config.batch_size if train else -(-n // config.batch_size)
+  store = in_memory(source, in_memory_gb(config))
+  if fits_in_memory(store, params):
+    ds = _memory_batches(config, store, params, train, steps, own)
   else:
-    if shape is None:
-      raise ValueError('Eval needs a fixed clip shape: set config.crop_size.')
-    steps = -(-n // config.batch_size)  # The last global batch padded.
-    ds = grain.MapDataset.range(steps * batch_size).map(functools.partial(
-        _eval_element, source=source, params=params, out_shape=shape,
-        **own))
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
-  if train:
-    ds = _DropBad(ds)
-    ds = ds.batch(batch_size, drop_remainder=True)
-  else:
-    ds = ds.batch(batch_size, batch_fn=functools.partial(
-        grain.experimental.batch_and_pad, batch_size=batch_size))
-  ds = ds.map(functools.partial(
-      _finish_batch, mean=config.mean, std=config.std,
-      fragment_frames=config.fragment_frames,
-      fragment_overlap=config.fragment_overlap,
-      next_frame=config.task == 'next_frame'))
+    ds = _file_batches(config, source, params, train, steps, shape, own)
   if config.num_workers:
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; outside absl.app (notebooks, plain

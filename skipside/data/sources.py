@@ -50,6 +50,9 @@ class Source:
     frame_shape: native (H, W, C) if all videos share it, else None.
     class_names: label names, if known.
     name: for messages.
+    key: identity of the records (e.g. their files and split), so that a
+      process keeps one decoded copy of them in memory however many
+      pipelines read them (`pipeline.in_memory`); None: not shared.
   """
   data: Any
   read: Callable[[Any, Callable[[int], np.ndarray | None]], np.ndarray | None]
@@ -58,6 +61,7 @@ class Source:
   frame_shape: tuple[int, int, int] | None = None
   class_names: Sequence[str] | None = None
   name: str = ''
+  key: str | None = None
 
 
 def read_array(record: dict[str, Any], select, key: str = 'video'):
@@ -65,6 +69,19 @@ def read_array(record: dict[str, Any], select, key: str = 'video'):
   video = record[key]
   indices = select(len(video))
   return None if indices is None else video[indices]
+
+
+def array_key(source: Source) -> str | None:
+  """The record key of whole decoded videos if ``source.read`` is
+  ``read_array`` (or a partial of it naming ``key``), else None: records the
+  pipeline may decode once and keep in memory."""
+  read = source.read
+  if read is read_array:
+    return 'video'
+  if isinstance(read, functools.partial) and read.func is read_array and (
+      not read.args):
+    return read.keywords.get('key', 'video')
+  return None
 
 
 def record_label(record: dict[str, Any], key: str) -> int:
