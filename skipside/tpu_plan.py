@@ -405,7 +405,8 @@ def table(reports: Sequence[ShapeReport], chip: Chip | None = None) -> str:
 #   dots' and convolutions' inside it (``2 * out * contraction``, a
 #   convolution counting only taps that land on real input, as XLA's own
 #   cost analysis does; elementwise work is left to the bytes term), its
-#   bytes its operands and results (an upper bound: buffers that XLA keeps
+#   bytes its operands and results (slices of a buffer read or updated in
+#   place count as slices; an upper bound otherwise: buffers that XLA keeps
 #   in on-chip memory count as HBM traffic);
 # - a collective takes its bytes on the wire over one ICI link
 #   (``ici_bytes_per_s``, one direction): a ``collective-permute`` its
@@ -581,6 +582,41 @@ def _wire_bytes(opcode: str, operand_bytes: float, n: int) -> float:
   return operand_bytes  # collective-permute, broadcast: one buffer out.
 
 
+def _op_bytes(op: _Op, comps: dict, shapes: dict) -> float:
+  """HBM bytes an op reads and writes. Slices of a loop's buffers count as
+  slices: an operand read only through ``dynamic-slice`` counts the slices
+  read, the buffer a ``dynamic-update-slice`` writes in place counts its
+  update (read and written), not the whole buffer -- else a scan over T
+  ticks that stores one tick per step would count T^2 traffic."""
+  if op.opcode in ('dynamic-slice', 'dynamic-update-slice'):
+    body, root, params = [op], op, {n: n for n in op.operands}
+    # Unfused: the op's own operands play the fused parameters' part.
+  else:
+    called = re.findall(r'calls=%([^\s,}]+)', op.attrs)
+    if op.opcode != 'fusion' or not called:
+      return sum(_nbytes(shapes.get(n, '')) for n in op.operands) + _nbytes(
+          op.type)
+    body = comps.get(called[0], [])
+    root = body[-1] if body else None
+    by_index = {int(o.raw): o.name for o in body if o.opcode == 'parameter'
+                and o.raw.isdigit()}
+    params = {n: by_index.get(i) for i, n in enumerate(op.operands)}
+  total = 0.0
+  for outer, inner in params.items():
+    users = [o for o in body if inner in o.operands]
+    if users and all(u.opcode == 'dynamic-slice' and u.operands[0] == inner
+                     for u in users):
+      total += sum(_nbytes(u.type) for u in users)
+    elif users and all(u.opcode == 'dynamic-update-slice' and
+                       u.operands[0] == inner for u in users):
+      total += sum(_nbytes(shapes.get(u.operands[1], '')) for u in users)
+    else:
+      total += _nbytes(shapes.get(outer, ''))
+  if root is not None and root.opcode == 'dynamic-update-slice':
+    return total + _nbytes(shapes.get(root.operands[1], ''))
+  return total + _nbytes(op.type)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepCost:
   """The model's per-chip figures of one compiled program (one step).
@@ -718,7 +754,7 @@ def step_cost(hlo_text: str, peak_flops: float, hbm_bytes_per_s: float,
         flops = _conv_flops(o, shapes)
       else:
         flops = 0.0
-      nbytes = operand_bytes + _nbytes(o.type)
+      nbytes = _op_bytes(o, comps, shapes)
       compute, memory = flops / peak_flops, nbytes / hbm_bytes_per_s
       total = add(total, dict(zero, flops=flops, bytes=nbytes,
                               compute=compute, memory=memory,

@@ -220,6 +220,22 @@ def test_step_model_counts_loop_trips_and_real_conv_taps():
   assert cost.flops == 5 * 2 * 8 * taps * 4 * 4
 
 
+def test_step_model_counts_scan_outputs_as_slices():
+  """A scan that stores one tick per step into a T-long buffer moves one
+  tick's bytes per step (in place), not the buffer: HBM bytes per tick do
+  not grow with T (they grew 4x with 4x T before)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+
+  def per_tick(t):
+    def fn(x):
+      return lax.scan(lambda h, _: (jnp.sin(h), h * 2), x, None, length=t)
+    x = jax.ShapeDtypeStruct((256, 1024), jnp.float32, sharding=cpu)
+    cost = tpu_plan.step_cost(_compiled(fn, x).as_text(), 1e12, 1e11, 1e10)
+    assert cost.ticks == t
+    return cost.hbm_bytes / t
+  assert per_tick(64) < 1.1 * per_tick(16)
+
+
 def test_xla_refusal_is_one_verdict_line(devices):
   """A program XLA itself refuses (RESOURCE_EXHAUSTED at compile) is a
   report with its error, one verdict line naming it, is_oom in the JSON."""

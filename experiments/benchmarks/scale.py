@@ -93,7 +93,7 @@ def compile_row(config, topology, devices, mode, frames, *, label=None,
 
 
 def longest_clip(probe, fits_at: int, fails_at: int | None, step: int,
-                 limit: int = 1 << 17) -> tuple[int, list]:
+                 limit: int = 1 << 21) -> tuple[int, list]:
   """The largest multiple of ``step`` for which ``probe(T)`` (-> bool)
   holds, by doubling from ``fits_at`` to a failure, then bisection."""
   tried = []
@@ -204,6 +204,20 @@ def main():
   parser.add_argument('--quick', action='store_true',
                       help='sideways at T=32 and 512, the others at 32, no '
                       'bisection')
+  parser.add_argument('--lengths', default=None,
+                      help='T values: "32,512" for every mode, or per mode '
+                      '"sideways=32,512;bp=32" (default: '
+                      f'{",".join(map(str, LENGTHS))})')
+  parser.add_argument('--modes', default=','.join(MODES))
+  parser.add_argument('--bisect', default=None,
+                      help='modes to bisect (default: every mode; none with '
+                      '--quick)')
+  parser.add_argument('--bisect_step', type=int, default=None,
+                      help='bisect to this many frames (default: the stage '
+                      'axis: the finest time-sharded step)')
+  parser.add_argument('--max_probes', type=int, default=64,
+                      help='compiles per bisected mode; fewer leave a '
+                      'bracket (reported)')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(__file__), '..', 'results', 'scale.json'))
   args = parser.parse_args()
@@ -225,28 +239,53 @@ def main():
     rows.append(compile_row(config, args.topology, on, mode, frames, **kw))
     return rows[-1]
 
-  for mode in MODES:
-    for frames in (QUICK_LENGTHS[mode] if args.quick else LENGTHS):
+  modes = args.modes.split(',')
+  lengths = {m: QUICK_LENGTHS[m] if args.quick else LENGTHS for m in modes}
+  for part in (args.lengths or '').split(';'):  # [mode=]T,T,...
+    if part:
+      mode, _, ts = part.rpartition('=')
+      for m in ([mode] if mode else modes):
+        lengths[m] = tuple(int(t) for t in ts.split(','))
+  for mode in modes:
+    for frames in lengths[mode]:
       run(mode, frames, data=data, stage=stage)
   # Data-parallel backprop on the same chips and global batch.
   dp = min(batch, len(devices))
   run('bp', QUICK_LENGTHS['bp'][0], on=devices[:dp], label='dp_bp', data=dp,
       stage=1)
 
-  longest = {}
-  if not args.quick:
-    for mode in MODES:
-      mine = [r for r in rows if r['mode'] == mode]
-      fit = max((r['T'] for r in mine if r['fits']), default=None)
-      fail = min((r['T'] for r in mine if not r['fits'] and fit and
-                  r['T'] > fit), default=None)
-      if fit is None:
-        continue
-      longest[mode], tried = longest_clip(
-          lambda t, m=mode: run(m, t, data=data, stage=stage)['fits'],
-          fit, fail, step=stage)
-      print(f'longest {mode} clip on {chip.name}: {longest[mode]} frames '
-            f'({len(tried)} probes)', flush=True)
+  longest, brackets = {}, {}
+  bisect = ([] if args.quick and args.bisect is None else
+            (args.bisect or args.modes).split(','))
+  for mode in (m for m in bisect if m):
+    mine = [r for r in rows if r['mode'] == mode]
+    fit = max((r['T'] for r in mine if r['fits']), default=None)
+    fail = min((r['T'] for r in mine if not r['fits'] and fit and
+                r['T'] > fit), default=None)
+    if fit is None:
+      continue
+    probes = []
+
+    def probe(t, m=mode, probes=probes):
+      if len(probes) >= args.max_probes:
+        raise StopIteration
+      probes.append(t)
+      return run(m, t, data=data, stage=stage)['fits']
+
+    try:
+      longest[mode], tried = longest_clip(probe, fit, fail,
+                                          step=args.bisect_step or stage)
+    except StopIteration:  # Out of probes: the bracket so far.
+      pass
+    mine = [r for r in rows if r['mode'] == mode]
+    lo = max((r['T'] for r in mine if r['fits']), default=None)
+    hi = min((r['T'] for r in mine if not r['fits'] and r['T'] > lo),
+             default=None)
+    longest[mode] = lo
+    brackets[mode] = dict(fits=lo, fails=hi, probes=len(probes),
+                          step=args.bisect_step or stage)
+    print(f'longest {mode} clip on {chip.name}: {lo} frames fit, '
+          f'{hi} do not ({len(probes)} probes)', flush=True)
 
   host = validate_on_host(config)
   print(f'model vs this host ({host["shape"]}, f32, CPU peak '
@@ -276,15 +315,18 @@ def main():
       sideways_peak_T16384_over_T512=(
           long['peak'] / short['peak'] if long and short and not long['error']
           else None),
-      host_compute_predicted_over_measured=host['compute_over_measured'])
+      host_compute_predicted_over_measured=host['compute_over_measured'],
+      longest_clip_brackets=brackets)
   print(_fmt_table(rows))
   print('headline:', headline)
   print(f'total {time.perf_counter() - t0:.0f} s')
   common.write_result(args.out, dict(
       config=dict(config=os.path.relpath(args.config), topology=args.topology,
                   mesh=[data, stage], global_batch=batch, quick=args.quick,
-                  chip=dataclasses.asdict(chip), modes=MODES,
-                  lengths=QUICK_LENGTHS if args.quick else LENGTHS),
+                  chip=dataclasses.asdict(chip), modes=modes,
+                  lengths=lengths, bisect=bisect,
+                  bisect_step=args.bisect_step or stage,
+                  max_probes=args.max_probes),
       device=common.device_info(
           compiled_for=args.topology, load_average=os.getloadavg()),
       rows=rows, host_check=host, headline=headline))
