@@ -81,6 +81,7 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Iterator, NamedTuple, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -665,9 +666,11 @@ class MultigridIterator:
   draws: the same batches); otherwise clips are read one by one in
   ``num_threads`` threads. An unreadable (or, with
   ``short_video='skip'``, too short) video is counted and replaced by the
-  record one epoch later in the order (position ``p + N``, then ``p + 2N``,
-  ...), which every process would pick alike. The state is a few integers:
-  ``get_state`` / ``set_state`` resume exactly.
+  record at order position ``p + k·(N+1)`` (``k = 1, 2, ...``: the next
+  epoch's next record, another record whether or not the order is
+  shuffled), cut with its own generator, which every process would pick
+  alike. The state is a few integers: ``get_state`` / ``set_state`` resume
+  exactly.
 
   Each batch: ``{'video': float32 (b, t, s, s, C), 'label': int32 (b,),
   'mask': bool (b,)}``.
@@ -724,19 +727,20 @@ class MultigridIterator:
         steps_per_epoch=self._num_records // base.batch)
 
   def _load_row(self, position: int, params):
-    """The clip of global ``position``, or of the first readable record one,
-    two, ... epochs later: ``(element, [elements that failed])``."""
+    """The clip of global ``position``, or of the first readable
+    replacement (class docstring): ``(element, [elements that failed])``."""
     bad = []
     for k in range(self.MAX_TRIES):
-      p = position + k * self._num_records
-      rng = np.random.default_rng((self.config.seed, p))
+      p = position + k * (self._num_records + 1)
+      rng = np.random.default_rng(
+          (self.config.seed, position) + ((k,) if k else ()))
       e = self._pipeline.load_clip(self.source, self._records[p], rng, params)
       if e['_status'] == self._pipeline._OK:  # pylint: disable=protected-access
         return e, bad
       bad.append(e)
     raise RuntimeError(
-        f'{self.source.name}: {self.MAX_TRIES} records in a row at order '
-        f'position {position} (one per epoch) could not be read; see the '
+        f'{self.source.name}: {self.MAX_TRIES} records for order position '
+        f'{position} (it and its replacements) could not be read; see the '
         'data/failed_videos warnings')
 
   def _from_memory(self, positions: range, params):
@@ -806,7 +810,8 @@ class MultigridIterator:
   def get_state(self) -> dict:
     """JSON-able: the next step, the global order position it starts at,
     decode counters."""
-    return {'multigrid': {'step': self.step, 'position': self.position},
+    return {'multigrid': {'step': self.step,
+                          'global_position': self.position},
             'stats': dataclasses.asdict(self.stats)}
 
   def set_state(self, state: dict) -> None:
@@ -814,7 +819,15 @@ class MultigridIterator:
       self._pending.result()  # Let a prefetch in flight finish, then drop it.
       self._pending = None
     self.step = int(state['multigrid']['step'])
-    self.position = int(state['multigrid']['position'])
+    if 'global_position' in state['multigrid']:
+      self.position = int(state['multigrid']['global_position'])
+    else:  # Saved before the loaders shared one order: records per process.
+      self.position = int(state['multigrid']['position']) * self.shard_count
+      logging.warning(
+          'Multigrid data state from an older skipside (records read by '
+          'this process): resuming at order position %d; the data order '
+          'after the resume differs from an uninterrupted run.',
+          self.position)
     self.stats = self._pipeline.DecodeStats(**state['stats'])
 
   def close(self) -> None:

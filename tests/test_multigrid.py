@@ -442,10 +442,12 @@ def _bad_source(num=40, bad=(3, 17)):
                         frame_shape=(24, 24, 1), name='indexed')
 
 
-def test_processes_read_their_rows_of_one_global_order(data_dir):
+@pytest.mark.parametrize('shuffle', [True, False])
+def test_processes_read_their_rows_of_one_global_order(data_dir, shuffle):
   """Two shards' batches, row blocks stacked, are one process's batches,
-  bad videos (replaced by the record one epoch later) included."""
+  bad videos (replaced by another record, shuffled or not) included."""
   c = _tiny_config(data_dir, 'bp')
+  c.data.shuffle = shuffle
   sched = multigrid.schedule_from_config(c, 40, 24)
   source = _bad_source()
 
@@ -468,6 +470,25 @@ def test_processes_read_their_rows_of_one_global_order(data_dir):
   seen = np.concatenate([b['video'][:, 0, 0, 0, 0] for b in whole])
   assert not {3, 17} & set(np.round(seen * 255).astype(int))
   assert stats['data/failed_videos'] >= 1  # Some bad record was drawn.
+
+
+def test_loader_state_of_an_older_skipside_resumes_with_a_warning(
+    data_dir, caplog):
+  """A state saved when each process counted its own records ('position')
+  resumes at that many records per process of the one order."""
+  c = _tiny_config(data_dir, 'bp')
+  data_config = config_lib.data_config(c)
+  data_config.shard_index, data_config.shard_count = 1, 2
+  it = multigrid.MultigridIterator(
+      data_config, multigrid.schedule_from_config(c, 256, 32))
+  state = it.get_state()
+  assert state['multigrid'] == {'step': 0, 'global_position': 0}
+  state['multigrid'] = {'step': 3, 'position': 20}
+  with caplog.at_level('WARNING'):
+    it.set_state(state)
+  assert (it.step, it.position) == (3, 40)
+  assert 'older skipside' in caplog.text
+  it.close()
 
 
 def test_a_failed_run_closes_its_loader_threads(tmp_path, data_dir):
