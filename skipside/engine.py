@@ -244,8 +244,10 @@ def check_inputs(spec: NetworkSpec, clip, targets, *, mode: str, carry,
       and clip.shape[1] <= delay(spec, mode)):
     raise ValueError(
         f'a clip of {clip.shape[1]} frames has no loss tick in {mode!r}: a '
-        f'fresh stream through {spec.num_stages} stages masks its first '
-        f'{delay(spec, mode)} ticks (the pipeline fill, '
+        f'fresh stream through {spec.num_stages} stages '
+        + ('masks its first' if masks_loss(mask_fill) else
+           'keeps every stage\'s gradient gate shut for its first')
+        + f' {delay(spec, mode)} ticks (the pipeline fill, '
         f'mask_fill={mask_fill!r}). Use clips of more than '
         f'{delay(spec, mode)} frames, continue a stream (carry=...; '
         'engine.init_carry starts one), or mask_fill=False')
@@ -605,14 +607,17 @@ def forward(spec: NetworkSpec, params: PyTree, clip: jax.Array,
 def apply_gradients(optimizer, params, opt_state, grads, valid_ticks=None):
   """One optax update: ``(params, opt_state)``.
 
-  A window with ``valid_ticks == 0`` (all fill) has no loss: its update is
-  skipped, so neither Adam's moments nor weight decay see it.
+  A window with ``valid_ticks == 0`` (all fill) has no loss, and one whose
+  gradient is exactly zero (``mask_fill='stages'`` before the top stage's
+  gate opens) nothing to learn: its update is skipped, so neither Adam's
+  moments nor weight decay see it.
   """
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new = optax.apply_updates(params, updates), new_opt_state
   if valid_ticks is None:
     return new
-  return jax.tree.map(lambda n, o: jnp.where(valid_ticks > 0, n, o), new,
+  learns = (valid_ticks > 0) & (optax.tree.norm(grads) > 0)
+  return jax.tree.map(lambda n, o: jnp.where(learns, n, o), new,
                       (params, opt_state))
 
 

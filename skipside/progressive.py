@@ -699,6 +699,8 @@ def predict(spec, params: PyTree, video: jax.Array, targets: jax.Array, *,
   only feed the loss metric. ``sideways`` runs the pipelined forward.
   """
   fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  if options.mask_fill == 'stages':  # A gradient rule: its loss scores all.
+    options = dataclasses.replace(options, mask_fill=False)
   b, v, carry, caches = _setup(spec, params, video, targets, options, carry,
                                fwd_mode, compute_dtype)
   if b.spec.loss == 'mse':
@@ -797,6 +799,7 @@ def checked_options(config) -> Options:
   c = config.progressive
   try:
     opts = Options.from_config(c)
+    engine.check_fill(opts.mask_fill, config.mode)
   except ValueError as e:
     raise ValueError(f'config.progressive: {e}') from e
   if config.train.update_every or config.train.stream or config.train.flush:

@@ -421,6 +421,31 @@ def test_online_mode_steps_every_k_ticks():
                       mode='sideways', update_every=3)
 
 
+def test_windows_whose_gates_are_all_shut_make_no_update():
+  """mask_fill='stages' in online mode: the first window (ticks 0-1 of a
+  depth-3 net) carries loss but no gradient; Adam's moments and weight
+  decay must not see it (as a fill window under mask_fill=True)."""
+  spec, params = NETS['mlp_skips_sum']
+  clip, targets = _data(spec, frames=4)
+  opt = optax.adamw(0.1, weight_decay=0.1)
+  state = opt.init(params)
+  got, _, _ = engine.train_step(spec, opt, params, state, clip, targets,
+                                mode='sideways', mask_fill='stages',
+                                update_every=2)
+  _, g1, o1 = engine.loss_and_grads(spec, params, clip[:, :2], targets,
+                                    mode='sideways', mask_fill=False)
+  assert all(not np.any(x) for x in jax.tree.leaves(
+      engine.loss_and_grads(spec, params, clip[:, :2], targets,
+                            mode='sideways', mask_fill='stages',
+                            carry=engine.init_carry(spec, params, clip,
+                                                    targets, 'sideways'))[1]))
+  _, g2, _ = engine.loss_and_grads(spec, params, clip[:, 2:], targets,
+                                   mode='sideways', mask_fill='stages',
+                                   carry=o1.carry)
+  updates, _ = opt.update(g2, state, params)  # One update: window 2's.
+  _close(got, optax.apply_updates(params, updates), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize('mode', engine.MODES)
 def test_train_step_learns_appearance(mode):
   """A few steps on a fixed batch reduce the loss in every mode."""

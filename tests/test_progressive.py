@@ -110,7 +110,7 @@ def test_untruncated_grads_equal_whole_video(mode, overlap):
 
 
 @pytest.mark.parametrize('overlap', [0, 2])
-@pytest.mark.parametrize('mask_fill', [True, False])
+@pytest.mark.parametrize('mask_fill', [True, False, 'stages'])
 def test_sideways_mean_grads_equal_whole_stream(mask_fill, overlap):
   """'mean' gives every tick its weight in the whole video (1 / valid ticks
   of the video), messages in flight across a boundary included: the default
@@ -124,6 +124,11 @@ def test_sideways_mean_grads_equal_whole_stream(mask_fill, overlap):
   _close(out.metrics['loss'], want.metrics['loss'])
   _close(grads, want_grads, rtol=1e-4, atol=1e-6)
   _close(out.carry, want.carry)  # In-flight messages too.
+  # Progressive evaluation takes the same options (the stage gates are a
+  # gradient rule: its forward scores every tick).
+  pred = progressive.predict(SPEC, PARAMS, VIDEO, LABELS, mode='sideways',
+                             options=opts)
+  assert np.isfinite(np.asarray(pred.ticks)).all()
 
 
 @pytest.mark.parametrize('mode', engine.MODES)
