@@ -38,6 +38,7 @@ from flax import nnx  # noqa: E402
 
 from skipside import checkpoints, data, engine, evaluation, network  # noqa: E402,E501
 from skipside import config as config_lib  # noqa: E402
+from skipside import fidelity as fidelity_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAIN = ()
@@ -199,17 +200,9 @@ def fidelity(args, log) -> list[dict]:
     net = config_lib.build_network(c, tuple(clip.shape[2:]), 4,
                                    nnx.Rngs(0))
     spec, params = network.split(net)
-    flush = spec.depth  # Let every in-flight message land.
-    _, g_sw, _ = engine.loss_and_grads(spec, params, clip, labels,
-                                       mode='sideways', flush=flush)
-    _, g_ex, _ = engine.loss_and_grads(spec, params, clip, labels,
-                                       mode='pipelined_bp', flush=flush)
-    cos = []
-    for l in range(spec.num_stages):
-      a = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g_sw['blocks'][l])])
-      b = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g_ex['blocks'][l])])
-      cos.append(float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b) +
-                                1e-30)))
+    # A flush of L-1 ticks (the default) lets every in-flight message land.
+    cos = [float(v) for v in fidelity_lib.stage_cosines(
+        engine.LocalEngine(spec), params, clip, labels)]
     rows.append({'speed': speed, 'cosine_per_stage': cos})
     log(f'  speed {speed}: ' + ' '.join(f'{v:.3f}' for v in cos))
   return rows

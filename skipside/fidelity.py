@@ -7,9 +7,10 @@ gradient is ``2·d_l`` ticks stale (``2(L-1-l)`` on a chain). On a constant
 video the staleness costs nothing (DESIGN.md §1, oracle 2); on moving video
 it bends the gradient. ``stage_cosines`` measures it on one clip: per stage,
 the cosine between the Sideways gradient and the exact gradient of the same
-pipelined loss (``pipelined_bp``), both of a fresh stream. The training loop
-logs it every ``train.fidelity_every`` steps on a fixed probe batch
-(``fidelity/cosine_stage_<l>``) when that is set.
+pipelined loss (``pipelined_bp``), both of a fresh stream, with a flush of
+``L-1`` ticks (loss masked) by default so that every message lands: the
+cosine then shows the staleness alone, not the truncation of the last
+``d_l`` ticks' messages at the end of the clip.
 
 Example::
 
@@ -43,8 +44,9 @@ def _cosine(a: PyTree, b: PyTree) -> jax.Array:
   return jnp.where(norms > 0, dot / jnp.maximum(norms, 1e-30), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=('eng', 'compute_dtype'))
+@functools.partial(jax.jit, static_argnames=('eng', 'flush', 'compute_dtype'))
 def stage_cosines(eng, params, clip: jax.Array, targets: jax.Array, *,
+                  flush: int | None = None,
                   compute_dtype=jnp.float32) -> jax.Array:
   """``(L,)``: per stage, cos(Sideways gradient, exact gradient) of a clip.
 
@@ -53,16 +55,18 @@ def stage_cosines(eng, params, clip: jax.Array, targets: jax.Array, *,
       ``params`` in its state layout.
     clip, targets: a batch as the engine takes it; the stream is fresh and
       the fill masked (``mask_fill=True``), as in training.
+    flush: ticks repeating the last frame, loss masked (``None``: ``L-1``,
+      every message lands; the exact gradient does not change with it).
 
-  A stage with no gradient in the clip (its messages land after the clip)
-  gets 0.
+  A stage with no gradient (its messages land after the flush) gets 0.
   """
+  flush = eng.spec.depth if flush is None else flush
   grads = {}
   for mode in ('sideways', 'pipelined_bp'):
     carry = eng.init_carry(params, clip, targets, mode, compute_dtype)
     _, g, _ = eng.window_grads(params, clip, targets, carry, mode=mode,
-                               start=0, length=clip.shape[1], mask_fill=True,
-                               compute_dtype=compute_dtype)
+                               start=0, length=clip.shape[1] + flush,
+                               mask_fill=True, compute_dtype=compute_dtype)
     grads[mode] = eng.to_tree(g)['blocks']
   return jnp.stack([_cosine(s, e) for s, e in zip(grads['sideways'],
                                                   grads['pipelined_bp'])])
