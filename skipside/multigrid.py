@@ -38,7 +38,7 @@ Pieces: ``make_schedule`` / ``schedule_from_config`` (steps, shapes, LR),
 stride in ``[stride, stride·T/t]``, the scale-jitter floor shrunk with the
 crop), ``compile_buckets`` + ``CompileCounter``. Sub-batch BN, which keeps batch
 statistics over a fixed base size whatever the bucket's batch, is the stage
-``stages.SubBatchNorm`` (``skipside/batchnorm.py``). It normalizes within a
+``stages.SubBatchNorm`` (``skipside/sub_batch.py``). It normalizes within a
 device, so a device's base batch must be a multiple of the base size (every
 bucket then splits into whole groups of it). The reference also handles fewer
 clips per device than the base (Charades/SSv2: 2 clips per GPU, base 8) by
@@ -672,8 +672,8 @@ class MultigridIterator:
   alike. The state is a few integers: ``get_state`` / ``set_state`` resume
   exactly.
 
-  Each batch: ``{'video': float32 (b, t, s, s, C), 'label': int32 (b,),
-  'mask': bool (b,)}``.
+  Each batch: ``{'video': float32 (b, t, s, s, C), 'label': int32 (b,) (or
+  (b, K) multi-hot), 'mask': bool (b,)}``.
   """
 
   # Tries of one row before the run stops: a split this broken is an error.

@@ -6,8 +6,8 @@ Public API (all re-exported here):
       Data config with defaults (MovingDigits, task 'motion', 16 frames,
       batch 32); fields documented in `pipeline.get_config`.
   make_iterator(config, train=True, source=None) -> DataIterator
-      Batches {'video': float32 (B, T, H, W, C) in [0, 1], 'label': int32 (B,),
-      'mask': bool (B,)} (+ 'target' for task 'next_frame'; 'video' is
+      Batches {'video': float32 (B, T, H, W, C) in [0, 1], 'label': int32 (B,)
+      (or (B, K) multi-hot), 'mask': bool (B,)} (+ 'target' for task 'next_frame'; 'video' is
       (B, F, Tf, H, W, C) with fragments).
       Train: shuffled, repeated, augmented; this process's rows of each
       global batch.

@@ -45,7 +45,7 @@ class Source:
       select(L) gives frame indices or None; raises video_folder.DecodeError
       on a broken video. May return a `video_folder.Decoded` instead (frames
       plus what the container stated), which makes truncated files count.
-    label: label(record) -> int.
+    label: label(record) -> int, or an int array (K,) of multi-hot labels.
     num_classes: number of labels.
     frame_shape: native (H, W, C) if all videos share it, else None.
     class_names: label names, if known.
@@ -95,7 +95,7 @@ def label_of(key: str) -> Callable[[Any], int]:
 
 
 # Built-in openers by module path: each lives beside its reader and imports
-# its heavy dependency (TensorFlow, PyAV, the digits) only when it is used.
+# its heavy dependency (TensorFlow for UCF101) only when it is used.
 _BUILT_IN = {
     'moving_digits': 'skipside.data.moving_digits:make_source',
     'video_folder': 'skipside.data.video_folder:make_source',
