@@ -17,7 +17,12 @@ Example::
 import dataclasses
 import functools
 import json
+import logging as py_logging
 import os
+import re
+import shutil
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -169,27 +174,117 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *,
           f'{", ".join("config." + k for k in harmless)}{note}', flush=True)
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (one line: its path and the cause);
+  the checkpoints before it are intact and nothing of it is left."""
+
+
+def _one_line(e: BaseException) -> str:
+  """The cause of a failed save, short: tensorstore's errors (a paragraph
+  with pages of JSON) as the OS error they end in."""
+  code = re.search(r"\[os_error_code='(\d+)'\]", str(e))
+  if code:
+    n = int(code.group(1))
+    return f'OSError: [Errno {n}] {os.strerror(n)} (in tensorstore)'
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def _join_orbax_threads(timeout: float) -> None:
+  """Waits for orbax's background writers: a failed save leaves its other
+  writes running (they would write on after its partial files are
+  removed)."""
+  deadline = time.time() + timeout
+  for t in threading.enumerate():
+    if (t is not threading.current_thread()
+        and type(t).__module__.startswith('orbax.')):
+      try:
+        t.join(max(0.0, deadline - time.time()))
+      except Exception:  # pylint: disable=broad-except
+        pass  # orbax's threads re-raise their write's error: reported.
+
+
 class Checkpointer:
   """orbax CheckpointManager over ``workdir/checkpoints``, keep-last-N.
 
   A checkpoint holds the train state (StandardSave) and two JSON items: the
   data iterator's state and ``meta`` (step, schedule position, mode).
+
+  Saves write in the background; a failed one raises
+  ``CheckpointSaveError`` at the first ``check`` (cheap: call it every
+  step), ``save``, ``wait`` or ``close`` after it failed, and its partial
+  files are removed. With ``cleanup`` (the training run, which alone
+  writes here) the partial saves of a killed run are removed at start.
   """
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, *, cleanup: bool = False):
     self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
     self.manager = ocp.CheckpointManager(
-        os.path.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup))
+    self._pending = None  # The step being written in the background.
 
   def save(self, state: TrainState, data_state: dict, meta: dict,
            wait: bool = False) -> None:
-    self.manager.save(state.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state.tree()),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)))
+    self.wait()  # The previous save's failure is reported as its own.
+    self._pending = state.step
+
+    def start():
+      # orbax creates the step's directory in the background, and its
+      # writers then wait minutes for it: an unwritable or full directory
+      # is told here, at once.
+      os.rmdir(tempfile.mkdtemp(prefix='.write-check-', dir=self.directory))
+      return self.manager.save(state.step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state.tree()),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)))
+    if not self._guard(start):  # orbax saves no step older than its latest.
+      self._pending = None
     if wait:
-      self.manager.wait_until_finished()
+      self.wait()
+
+  def check(self) -> None:
+    """Raises ``CheckpointSaveError`` if the save in the background failed;
+    returns at once while it is still writing."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in the background; raises ``CheckpointSaveError``
+    if it failed."""
+    if self._pending is None:
+      return
+    self._guard(lambda: (self.manager.wait_until_finished(),
+                         self.manager.check_for_errors()))
+    if not os.path.isdir(os.path.join(self.directory, str(self._pending))):
+      self._failed('orbax did not finalize it (see its log above)')
+    self._pending = None
+
+  def _guard(self, fn):
+    """``fn()``; its exception fails the pending save."""
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      cause = _one_line(e)  # orbax logs its own traceback.
+    self._failed(cause)
+
+  def _failed(self, cause: str):
+    """Removes the partial files of the pending step and raises."""
+    step, self._pending = self._pending, None
+    partial = f'{step}.orbax-checkpoint-tmp'
+    # Its other writes fail too, and asyncio logs those whenever collected
+    # (at exit, after the error): reported here already.
+    py_logging.getLogger('asyncio').addFilter(
+        lambda record: partial not in record.getMessage())
+    _join_orbax_threads(timeout=60)
+    if jax.process_index() == 0:
+      for name in os.listdir(self.directory):
+        if name.startswith(partial):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    raise CheckpointSaveError(f'checkpoint save failed: '
+                              f'{os.path.join(self.directory, str(step))}: '
+                              f'{cause}')
 
   def restore(self, like: TrainState | None = None, *, repair: bool = False):
     """Latest readable checkpoint as ``(state, data_state, meta)`` or ``None``.
@@ -248,5 +343,6 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in the background (raising if it failed)."""
+    self.wait()
     self.manager.close()

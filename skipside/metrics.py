@@ -7,19 +7,21 @@ import numpy as np
 
 
 class MetricWriter:
-  """Writes scalars to ``metrics.jsonl`` and TensorBoard event files."""
+  """Writes scalars to ``metrics.jsonl`` and TensorBoard event files, both
+  opened at the first write (a run that writes nothing adds no file)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
     self.enabled = enabled
-    if not enabled:
-      return
-    from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
-    self._tb = SummaryWriter(workdir, flush_secs=10)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._tb = self._jsonl = None
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
+      self._tb = SummaryWriter(self.workdir, flush_secs=10)
+      self._jsonl = open(os.path.join(self.workdir, 'metrics.jsonl'), 'a')
     clean = {k: float(v) for k, v in scalars.items()}
     for k, v in clean.items():
       self._tb.add_scalar(k, v, step)
@@ -27,9 +29,25 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self._tb is not None:
       self._tb.close()
       self._jsonl.close()
+      self._tb = self._jsonl = None
+
+
+def last_metrics(workdir: str) -> dict:
+  """The latest value of every metric in ``workdir/metrics.jsonl`` (a
+  finished run's final train and eval metrics); ``{}`` without the file."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  latest = {}
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      record.pop('step', None)
+      latest.update(record)
+  return latest
 
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:

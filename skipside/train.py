@@ -18,7 +18,9 @@ launcher then exits with ``PREEMPTED_EXIT_CODE``; a second Ctrl-C aborts at
 once); a non-finite loss stops with ``NonFiniteLossError``
 (the last good checkpoint stays) or, with ``train.on_nonfinite='skip'``,
 drops that step's update; a corrupt latest checkpoint is skipped with a
-warning in favour of the one before it.
+warning in favour of the one before it; a checkpoint that fails to save
+(written in the background) stops the run at the next step boundary with
+``checkpoints.CheckpointSaveError`` (its path and the cause).
 
 The loop's parts live apart: ``config`` (validation, the network, the
 mesh), ``checkpoints`` (train state, workdir, orbax), ``evaluation``,
@@ -36,6 +38,7 @@ import dataclasses
 import functools
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -134,6 +137,75 @@ class _Preemption:
     finally:
       for s, p in zip(signals, previous):
         signal.signal(s, p)
+
+
+# JAX's monitoring events of a compilation: tracing, lowering, XLA.
+LOWERING_EVENT = '/jax/core/compile/jaxpr_to_mlir_module_duration'
+COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration', LOWERING_EVENT,
+                  multigrid.BACKEND_COMPILE_EVENT)
+
+
+class CompileClock:
+  """Compilation while active, from JAX's monitoring events: ``seconds``,
+  the wall time spent tracing, lowering and compiling (compilations that
+  overlap, in threads or nested, count once); ``recompilations``, how often
+  a function compiled before while active was compiled again (another
+  shape, dtype or static argument; counted at lowering, so a persistent
+  compilation cache hides none).
+
+  Example::
+
+    with train.CompileClock() as clock:
+      step(...)
+    print(clock.seconds, clock.recompilations)
+  """
+
+  def __init__(self):
+    self.recompilations = 0
+    self._spans = []  # (start, end) of every compile event.
+    self._compiled = set()  # Names of the functions lowered so far.
+    self._paused = False
+    self._lock = threading.Lock()
+
+  @property
+  def seconds(self) -> float:
+    total, reached = 0.0, float('-inf')
+    with self._lock:
+      spans = sorted(self._spans)
+    for start, end in spans:  # The union of the spans.
+      total += max(0.0, end - max(start, reached))
+      reached = max(reached, end)
+    return total
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Compilations inside count as no recompilation (e.g. orbax's one-time
+    host-transfer slices at a mesh run's first checkpoint: one per
+    parameter shape, not the loop's)."""
+    self._paused = True
+    try:
+      yield
+    finally:
+      self._paused = False
+
+  def _listener(self, event: str, start: float, end: float,
+                fun_name: str = '', **kwargs) -> None:
+    del kwargs
+    if event not in COMPILE_EVENTS:
+      return
+    with self._lock:
+      self._spans.append((start, end))
+      if event == LOWERING_EVENT:
+        if fun_name in self._compiled and not self._paused:
+          self.recompilations += 1
+        self._compiled.add(fun_name)
+
+  def __enter__(self) -> 'CompileClock':
+    jax.monitoring.register_event_time_span_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_time_span_listener(self._listener)
 
 
 def _progress(total: int, initial: int):
@@ -276,10 +348,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns a summary: final step, last train and eval metrics, wall time,
   ``'preempted': True`` if a SIGTERM or Ctrl-C ended the run early,
-  ``compile_s``
-  (multigrid: every shape compiled before the loop) and
-  ``compilations_in_loop`` (XLA compilations of steps and evaluations after
-  the loop started, checkpoint writes aside; 0 with multigrid).
+  ``compile_s`` (wall seconds spent tracing, lowering and compiling:
+  multigrid's shapes ahead of the loop, otherwise mostly the train step and
+  evaluation at their first use) and
+  ``compilations_in_loop`` (recompilations in the loop, checkpoint writes
+  aside: 0 in a healthy run). A rerun of a finished run trains nothing and
+  reports the metrics its ``metrics.jsonl`` holds.
+
+  A checkpoint that fails to save stops the run at the next step boundary
+  (``checkpoints.CheckpointSaveError``: its path and the cause).
 
   Whatever ends it (a return, a config error, a non-finite loss, any
   exception) closes the data iterators' threads, waits for pending
@@ -292,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_and_evaluate(config, workdir, restart, resources) -> dict:
   """``train_and_evaluate``; everything opened is closed by ``resources``
   (an ``ExitStack``)."""
+  clock = resources.enter_context(CompileClock())
   config_lib.validate_config(config)
   is_main = jax.process_index() == 0
   # Before anything is written: config.json describes the checkpoints.
@@ -363,7 +441,8 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
         rng=jax.random.wrap_key_data(
             _replicated(mesh, jax.random.key_data(state.rng))))
 
-  ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints)
+  ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
+                                 cleanup=True)
   resources.callback(ckpt.close)  # Waits for pending writes.
   restored = ckpt.restore(state, repair=True)
   if restored is not None:
@@ -395,16 +474,14 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
       update_every=config.train.update_every or None,
       flush=config.train.flush,
       skip_nonfinite=config.train.on_nonfinite == 'skip')
-  eval_forward, norm_moments, compile_s = None, None, 0.0
+  eval_forward, norm_moments = None, None
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
         config, eng, optimizer, state, schedule, train_iter.info,
         compute_dtype, tree_params)
-    compile_s = step_fn.wall_seconds + eval_forward.wall_seconds
     if batchnorm.has_norms(spec, tree_params):  # Its statistics pass too.
       norm_moments = _compile_norm_moments(spec, tree_params,
                                            train_iter.info)
-      compile_s += norm_moments.wall_seconds
   elif pgt:
     from skipside import progressive  # PGT: videos as serial fragments.
     step_fn = progressive.make_train_step(
@@ -462,9 +539,10 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
   clips, t0, t_log = 0, time.time(), time.time()
   bar = _progress(total, state.step)
   resources.callback(bar.close)
-  with _Preemption().installed() as preemption, \
-      multigrid.CompileCounter() as compiles:
+  recompilations = clock.recompilations  # Those in the loop count.
+  with _Preemption().installed() as preemption:
     while state.step < total:
+      ckpt.check()  # A save that failed in the background stops the run.
       batch = next(train_iter)
       clip, targets = batch['video'], evaluation.targets_of(batch, spec)
       try:  # Labels out of range give a NaN or a plausible loss, silently.
@@ -511,7 +589,7 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
                         clips_s=f'{train_metrics["train/clips_per_s"]:.1f}')
         writer.write(state.step, train_metrics)
       if state.step % config.train.checkpoint_every == 0 or state.step == total:
-        with compiles.paused():
+        with clock.paused():
           ckpt.save(as_tree(state), train_iter.get_state(), meta())
       if state.step % config.train.eval_every == 0 or state.step == total:
         eval_metrics = run_eval()
@@ -520,7 +598,7 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
           bar.write(f'step {state.step}: ' + ', '.join(
               f'{k}={v:.4f}' for k, v in eval_metrics.items()))
       if stopping:  # The flag as read above: its loss was read then.
-        with compiles.paused():
+        with clock.paused():
           ckpt.save(as_tree(state), train_iter.get_state(), meta(),
                     wait=True)
         summary['preempted'] = True
@@ -529,7 +607,14 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
                     f'{state.step}; exiting. Run again with the same '
                     '--workdir to resume.')
         break
+  ckpt.wait()  # The last save is on disk before the run reports success.
+  if summary['start_step'] >= total and is_main:  # A finished run, again.
+    train_metrics = metrics_lib.last_metrics(workdir)
+    print(f'Nothing to train: {workdir} is at step {state.step} of {total}; '
+          'its final metrics, read back from its metrics.jsonl: ' + (', '.join(
+              f'{k}={v:.4f}' for k, v in train_metrics.items()) or 'none'),
+          flush=True)
   summary.update(step=state.step, wall_s=time.time() - t0, **train_metrics,
-                 **eval_metrics, compile_s=compile_s,
-                 compilations_in_loop=compiles.count)
+                 **eval_metrics, compile_s=clock.seconds,
+                 compilations_in_loop=clock.recompilations - recompilations)
   return summary
