@@ -284,6 +284,16 @@ def validate_config(config: ml_collections.ConfigDict,
                       f'pairs (src, dst) of stages 0..{num - 1}, '
                       'src < dst - 1') from e
   one_of('model.combine', 'rule', config.model.combine, network.COMBINE_RULES)
+  one_of('train.fill', 'fill rule', config.train.get('fill', 'mask_loss'),
+         tuple(engine.FILL_NAMES))
+  if config.train.get('fill') == 'gate_stages' and config.mode != 'sideways':
+    raise ConfigError('config.train.fill',
+                      f"'gate_stages' with mode {config.mode!r}",
+                      "config.mode='sideways': it gates Sideways gradients")
+  if not config.train.get('fidelity_every', 0) >= 0:
+    raise ConfigError('config.train.fidelity_every',
+                      f'got {config.train.fidelity_every}',
+                      'steps between fidelity probes, 0 = never')
   one_of('model.head', 'head', config.model.head, ('classifier', 'next_frame'))
   for key in ('train.num_steps', 'train.log_every', 'train.eval_every',
               'train.checkpoint_every', 'data.num_frames', 'data.batch_size',
@@ -497,6 +507,11 @@ def _norm_config_errors(config) -> list[ConfigError]:
           f'sub-batches of config.model.norm_base_size={base} clips',
           f'a multiple of {base}, or at most {base}'))
   return errors
+
+
+def mask_fill(config: ml_collections.ConfigDict):
+  """The engines' ``mask_fill`` for ``config.train.fill``."""
+  return engine.FILL_NAMES[config.train.get('fill', 'mask_loss')]
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

@@ -179,6 +179,8 @@ def is_per_frame(spec: NetworkSpec, clip: jax.Array, targets: jax.Array) -> bool
 
 
 FILL_RULES = (True, False, 'stages')
+# ``config.train.fill`` names them: DESIGN.md's two conventions and no mask.
+FILL_NAMES = {'mask_loss': True, 'gate_stages': 'stages', 'none': False}
 
 
 def masks_loss(mask_fill) -> bool:

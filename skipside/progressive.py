@@ -798,7 +798,9 @@ def checked_options(config) -> Options:
   """``Options`` from ``config.progressive``; errors name the key."""
   c = config.progressive
   try:
-    opts = Options.from_config(c)
+    opts = dataclasses.replace(
+        Options.from_config(c),
+        mask_fill=engine.FILL_NAMES[config.train.get('fill', 'mask_loss')])
     engine.check_fill(opts.mask_fill, config.mode)
   except ValueError as e:
     raise ValueError(f'config.progressive: {e}') from e

@@ -54,6 +54,7 @@ from skipside import batchnorm, engine, multigrid, network, optim
 from skipside import checkpoints
 from skipside import config as config_lib
 from skipside import evaluation
+from skipside import fidelity
 from skipside import metrics as metrics_lib
 from skipside import mesh as mesh_lib
 
@@ -86,17 +87,20 @@ def _data_shard(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnames=('eng', 'optimizer', 'mode',
                                              'compute_dtype', 'update_every',
-                                             'flush', 'skip_nonfinite'),
+                                             'flush', 'skip_nonfinite',
+                                             'mask_fill'),
                    donate_argnames=('params', 'opt_state'))
 def _train_step(eng, optimizer, params, opt_state, clip, targets, carry, *,
-                mode, compute_dtype, update_every, flush, skip_nonfinite):
+                mode, compute_dtype, update_every, flush, skip_nonfinite,
+                mask_fill=True):
   """The loop's step on any engine (``engine.LocalEngine``,
   ``mesh.MeshEngine``): ``params`` and ``opt_state`` in its state layout,
   donated; the carry in and out as an ``engine.StreamCarry`` (checkpoints
   fit every engine)."""
   new = eng.train_step(optimizer, params, opt_state, clip, targets,
                        mode=mode, carry=carry, compute_dtype=compute_dtype,
-                       update_every=update_every, flush=flush)
+                       update_every=update_every, flush=flush,
+                       mask_fill=mask_fill)
   out = new[2]
   out = out._replace(carry=eng.to_stream_carry(out.carry))
   params, opt_state = optim.finish_step(
@@ -260,7 +264,8 @@ def _compile_multigrid(config, eng, optimizer, state, schedule, info,
   """
   static = dict(mode=config.mode, compute_dtype=compute_dtype,
                 update_every=None, flush=config.train.flush,
-                skip_nonfinite=config.train.on_nonfinite == 'skip')
+                skip_nonfinite=config.train.on_nonfinite == 'skip',
+                mask_fill=config_lib.mask_fill(config))
   pgt = config.get('progressive') and config.progressive.enabled
   if pgt:
     from skipside import progressive  # pylint: disable=g-import-not-at-top
@@ -473,7 +478,8 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
       compute_dtype=compute_dtype,
       update_every=config.train.update_every or None,
       flush=config.train.flush,
-      skip_nonfinite=config.train.on_nonfinite == 'skip')
+      skip_nonfinite=config.train.on_nonfinite == 'skip',
+      mask_fill=config_lib.mask_fill(config))
   eval_forward, norm_moments = None, None
   if schedule is not None:  # Every shape compiled before the first step.
     step_fn, eval_forward = _compile_multigrid(
@@ -514,9 +520,28 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
     finally:
       it.close()
 
+  probe = None  # Gradient fidelity's fixed batch: the first eval batch.
+  if config.train.get('fidelity_every', 0):
+    with contextlib.closing(data_lib.make_eval_iterator(data_config)) as it:
+      batch = next(it)
+    probe = eng.put_batch(
+        (batch['video'], evaluation.targets_of(batch, spec)),
+        len(batch['video']) * train_iter.info.shard_count)
+
+  def log_fidelity():
+    cosines = fidelity.stage_cosines(eng, state.params, *probe,
+                                     compute_dtype=compute_dtype)
+    writer.write(state.step, {f'fidelity/cosine_stage_{l}': float(c)
+                              for l, c in enumerate(cosines)})
+
   as_tree(state)  # Compile the pytree conversions before the loop counts.
   total = schedule.num_steps if schedule else config.train.num_steps
   summary = {'preempted': False, 'start_step': state.step}
+  if config.mode == 'sideways':  # How old each stage's gradient is.
+    summary.update({f'fidelity/staleness_ticks_stage_{l}': t for l, t in
+                    enumerate(fidelity.staleness_ticks(spec))})
+  if probe is not None and state.step < total:
+    log_fidelity()  # At the start (compiled before the loop counts).
 
   def check_loss(step: int, loss: jax.Array) -> float:
     """``loss`` of training step ``step`` on the host; a non-finite one
@@ -597,6 +622,8 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
         if is_main:
           bar.write(f'step {state.step}: ' + ', '.join(
               f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+      if probe is not None and state.step % config.train.fidelity_every == 0:
+        log_fidelity()
       if stopping:  # The flag as read above: its loss was read then.
         with clock.paused():
           ckpt.save(as_tree(state), train_iter.get_state(), meta(),

@@ -445,3 +445,27 @@ def test_multi_label_task_trains_with_a_sigmoid_loss_and_reports_map(
   assert 0 < metrics['eval/mAP'] <= 1
   assert 'eval/accuracy' not in metrics
   assert np.isfinite(metrics['train/loss'])
+
+
+def test_fill_rule_and_gradient_fidelity_from_the_config(tmp_path, data_dir):
+  """train.fill='gate_stages' trains (DESIGN.md's second fill convention)
+  and train.fidelity_every logs each stage's cosine of the Sideways and the
+  exact gradient of the probe batch at the start and every N steps."""
+  c = _tiny(data_dir, **{'train.fill': 'gate_stages',
+                         'train.fidelity_every': 3})
+  summary = train.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert np.isfinite(summary['train/loss'])
+  # The tiny net's 3 stages on a chain with a skip (0, 2): d = (1, 1, 0).
+  assert [summary[f'fidelity/staleness_ticks_stage_{l}'] for l in range(3)
+          ] == [2, 2, 0]
+  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f if 'fidelity/' in line]
+  assert [r['step'] for r in rows] == [0, 3, 6]
+  for r in rows:
+    cosines = [r[f'fidelity/cosine_stage_{l}'] for l in range(3)]
+    assert all(-1 <= v <= 1 + 1e-6 for v in cosines)
+    assert abs(cosines[-1] - 1) < 1e-4  # The top stage's gradient is exact.
+  assert summary['compilations_in_loop'] == 0
+  c = _tiny(data_dir, **{'train.fill': 'gate_stages', 'mode': 'bp'})
+  with pytest.raises(config_lib.ConfigError, match='config.train.fill'):
+    config_lib.validate_config(c)

@@ -75,6 +75,15 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.train.stream = False  # Carry the pipeline across batches (a stream).
   c.train.flush = 0  # Ticks repeating the last frame so messages land.
   c.train.on_nonfinite = 'stop'  # 'stop' | 'skip' the update.
+  # The pipeline fill of a fresh stream (DESIGN.md's conventions): 'mask_loss'
+  # masks its ticks out of the loss; 'gate_stages' (sideways) scores them but
+  # counts stage l's gradient only once its messages carry a real frame's
+  # loss; 'none' scores and counts every tick. Evaluation masks it always.
+  c.train.fill = 'mask_loss'
+  # Every N steps (0: never), log fidelity/cosine_stage_<l>: the cosine of
+  # the Sideways and the exact gradient of a fixed probe batch (the first
+  # eval batch), per stage (skipside/fidelity.py).
+  c.train.fidelity_every = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.max_batches = 0  # 0: the whole eval split.
