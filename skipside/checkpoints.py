@@ -21,6 +21,7 @@ import logging as py_logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -99,7 +100,8 @@ def init_state(config: ml_collections.ConfigDict, info,
 # checkpoints are plain pytrees that restore on any mesh).
 HARMLESS_KEYS = ('train.num_steps', 'train.log_every', 'train.eval_every',
                  'train.checkpoint_every', 'train.keep_checkpoints',
-                 'train.on_nonfinite', 'eval.', 'mesh.', 'data.data_dir',
+                 'train.on_nonfinite', 'train.fidelity_every', 'eval.',
+                 'mesh.', 'data.data_dir', 'data.in_memory_gb',
                  'data.prepare', 'data.num_threads', 'data.prefetch',
                  'data.num_workers', 'data.shard_index', 'data.shard_count',
                  'multigrid.compile_cache_dir', 'multigrid.compile_threads')
@@ -204,6 +206,22 @@ def _join_orbax_threads(timeout: float) -> None:
         pass  # orbax's threads re-raise their write's error: reported.
 
 
+def _quiet_abandoned_writes() -> None:
+  """After a failed save: the writes orbax abandoned (asyncio futures never
+  read, coroutines never finished) would report again when collected, at
+  exit, after the one line that names the failure."""
+  py_logging.getLogger('asyncio').addFilter(
+      lambda record: 'exception was never retrieved' not in record.msg)
+  orbax_dir = os.path.dirname(os.path.dirname(ocp.__file__))
+  hook = sys.unraisablehook
+
+  def unraisable(u):
+    code = getattr(u.object, 'cr_code', None)  # A coroutine's.
+    if code is None or not code.co_filename.startswith(orbax_dir):
+      hook(u)
+  sys.unraisablehook = unraisable
+
+
 class Checkpointer:
   """orbax CheckpointManager over ``workdir/checkpoints``, keep-last-N.
 
@@ -272,15 +290,11 @@ class Checkpointer:
   def _failed(self, cause: str):
     """Removes the partial files of the pending step and raises."""
     step, self._pending = self._pending, None
-    partial = f'{step}.orbax-checkpoint-tmp'
-    # Its other writes fail too, and asyncio logs those whenever collected
-    # (at exit, after the error): reported here already.
-    py_logging.getLogger('asyncio').addFilter(
-        lambda record: partial not in record.getMessage())
+    _quiet_abandoned_writes()
     _join_orbax_threads(timeout=60)
     if jax.process_index() == 0:
       for name in os.listdir(self.directory):
-        if name.startswith(partial):
+        if name.startswith(f'{step}.orbax-checkpoint-tmp'):
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     raise CheckpointSaveError(f'checkpoint save failed: '
                               f'{os.path.join(self.directory, str(step))}: '
