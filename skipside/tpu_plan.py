@@ -22,8 +22,26 @@ video -- and the evaluation forward. The mesh is ``('data', 'stage')`` with
 ``config.mesh.stage`` devices on 'stage' and the rest on 'data' (or
 ``config.mesh.data`` if it fits); several slices put 'data' across slices
 (DCN) and keep each stage pipeline inside a slice (ICI). A shape whose
-per-chip footprint exceeds the chip's HBM raises ``MemoryExceededError``
-naming the shape.
+per-chip footprint exceeds the chip's HBM -- by the sum below, or because
+XLA itself refuses it (``RESOURCE_EXHAUSTED`` at compile, reported as the
+shape's ``error``) -- raises ``MemoryExceededError`` with one line per
+shape (``verdict_line``); ``plan_json`` is the same verdict for scripts
+(``fits``, per shape ``is_oom``). Planning needs shapes, not data
+(``data_shapes``).
+
+Each compiled program also gets a predicted step time (``step_cost``: a
+roofline per kernel plus collectives, read from the compiled HLO; the
+section "The step-time model" below says what it assumes) and so clips per
+second for the whole job. Checked here: FLOPs equal a hand count for an
+MLP net on v5e:2x2 (tests/test_tpu_plan.py); the compute term against a
+measured CPU step in experiments/benchmarks/scale.py.
+
+Per-chip memory and clip length: a chip holds its group's packed params and
+optimizer state, Sideways' O(stages) per-tick buffers, and -- when T
+divides by the stage axis S (``mesh.time_sharded``) -- T/S frames of its
+'data' rows (else the whole clip). Sideways' scratch is flat in T, so the
+longest clip per chip is bounded by its share of the input:
+``(HBM - the rest) / (rows * frame bytes / S)``.
 
 What each number is (``jax.stages.Compiled.memory_analysis()`` of the
 SPMD-partitioned program, i.e. per chip; checked in tests/test_tpu_plan.py
@@ -309,14 +327,14 @@ def over_memory(reports: Sequence[ShapeReport], chip: Chip,
 
 def verdict_line(r: ShapeReport, chip: Chip, headroom: float = 0.0) -> str:
   """One line naming the program, its global shape and the numbers."""
-  where = (f'{chip.name} ({_size(chip.hbm_bytes)}'
-           f'{f", {headroom:.0%} headroom" if headroom else ""})')
+  limit = _size(chip.hbm_bytes * (1 - headroom)) + (
+      f' ({_size(chip.hbm_bytes)} less {headroom:.0%} headroom)'
+      if headroom else '')
   if r.error:
-    return (f'{r.name} {r.shape}: XLA refused it on {where}: {r.error}')
-  return (f'{r.name} {r.shape}: {_size(r.peak)} per chip > '
-          f'{_size(chip.hbm_bytes * (1 - headroom))} on {where} (args '
-          f'{_size(r.args)}, out {_size(r.out)}, temp {_size(r.temp)}, code '
-          f'{_size(r.code)})')
+    return f'{r.name} {r.shape}: XLA refused it on {chip.name}: {r.error}'
+  return (f'{r.name} {r.shape}: {_size(r.peak)} per chip > {limit} HBM on '
+          f'{chip.name} (args {_size(r.args)}, out {_size(r.out)}, temp '
+          f'{_size(r.temp)}, code {_size(r.code)})')
 
 
 def check_memory(reports: Sequence[ShapeReport], chip: Chip,

@@ -33,6 +33,8 @@ rows, headline): ``max_frames_sideways_v5e``, ``max_frames_bp_v5e``,
 import argparse
 import dataclasses
 import importlib.util
+import json
+import math
 import os
 import time
 
@@ -92,6 +94,18 @@ def compile_row(config, topology, devices, mode, frames, *, label=None,
   return row
 
 
+def sub_topology(topology: str, chips: int) -> str:
+  """A slice of ``chips`` chips (a power of two) of ``topology``'s
+  generation and rank, e.g. ``('v5e:16x16', 16) -> 'v5e:4x4'``."""
+  name, _, dims = topology.partition(':')
+  rank = len(dims.split('x'))
+  k = int(math.log2(chips))
+  if 2 ** k != chips:
+    raise ValueError(f'{chips} chips: not a power of two')
+  sides = [2 ** (k // rank + (i < k % rank)) for i in range(rank)]
+  return f'{name}:{"x".join(map(str, sides))}'
+
+
 def longest_clip(probe, fits_at: int, fails_at: int | None, step: int,
                  limit: int = 1 << 21) -> tuple[int, list]:
   """The largest multiple of ``step`` for which ``probe(T)`` (-> bool)
@@ -144,10 +158,10 @@ def host_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 
 def validate_on_host(config, repeats: int = 5) -> dict:
   """Predicted over measured step time of the config shrunk to CPU size
-  (112x112 crops, 8 frames, batch 2, f32, one device), compiled by the
+  (64x64 crops, 24 frames, batch 2, f32, one device), compiled by the
   planner for this host's CPU and run on zeros."""
   c = config.copy_and_resolve_references()
-  c.data.crop_size, c.data.num_frames, c.data.batch_size = 112, 8, 2
+  c.data.crop_size, c.data.num_frames, c.data.batch_size = 64, 24, 2
   c.precision = 'float32'  # CPU matmuls in f32 (the measured peak's dtype).
   c.mesh.data = c.mesh.stage = 1
   cpu = jax.devices('cpu')[:1]
@@ -216,8 +230,10 @@ def main():
                       help='bisect to this many frames (default: the stage '
                       'axis: the finest time-sharded step)')
   parser.add_argument('--max_probes', type=int, default=64,
-                      help='compiles per bisected mode; fewer leave a '
+                      help='new compiles per bisected mode; fewer leave a '
                       'bracket (reported)')
+  parser.add_argument('--resume', action='store_true',
+                      help='reuse the rows of an interrupted run (OUT.partial)')
   parser.add_argument('--out', default=os.path.join(
       os.path.dirname(__file__), '..', 'results', 'scale.json'))
   args = parser.parse_args()
@@ -235,8 +251,19 @@ def main():
   t0 = time.perf_counter()
   rows = []
 
-  def run(mode, frames, on=devices, **kw):
-    rows.append(compile_row(config, args.topology, on, mode, frames, **kw))
+  done = []
+  if args.resume and os.path.exists(args.out + '.partial'):
+    with open(args.out + '.partial') as f:
+      done = json.load(f)
+
+  def run(mode, frames, on=devices, topology=args.topology, **kw):
+    label = kw.get('label') or mode
+    mesh = [kw.get('data'), kw.get('stage')]
+    old = next((r for r in done if r['mode'] == label and r['T'] == frames
+                and r['mesh'] == mesh), None)
+    rows.append(old or compile_row(config, topology, on, mode, frames, **kw))
+    with open(args.out + '.partial', 'w') as f:  # Hours of compiles: keep.
+      json.dump(rows, f, indent=1)
     return rows[-1]
 
   modes = args.modes.split(',')
@@ -251,8 +278,12 @@ def main():
       run(mode, frames, data=data, stage=stage)
   # Data-parallel backprop on the same chips and global batch.
   dp = min(batch, len(devices))
-  run('bp', QUICK_LENGTHS['bp'][0], on=devices[:dp], label='dp_bp', data=dp,
-      stage=1)
+  # On a slice of its own size: XLA's TPU compiler wants every device of a
+  # slice in the device assignment (a v5e:16x16 program cannot use 16).
+  dp_topology = sub_topology(args.topology, dp)
+  run('bp', QUICK_LENGTHS['bp'][0], on=tpu_plan.topology_devices(dp_topology),
+      topology=dp_topology, label='dp_bp', data=dp, stage=1)
+  rows[-1]['topology'] = dp_topology
 
   longest, brackets = {}, {}
   bisect = ([] if args.quick and args.bisect is None else
@@ -267,25 +298,29 @@ def main():
     probes = []
 
     def probe(t, m=mode, probes=probes):
-      if len(probes) >= args.max_probes:
-        raise StopIteration
-      probes.append(t)
+      resumed = any(r['mode'] == m and r['T'] == t and r['mesh'] == [
+          data, stage] for r in done)
+      if not resumed:  # Only new compiles count.
+        if len(probes) >= args.max_probes:
+          raise StopIteration
+        probes.append(t)
       return run(m, t, data=data, stage=stage)['fits']
 
     try:
-      longest[mode], tried = longest_clip(probe, fit, fail,
-                                          step=args.bisect_step or stage)
+      longest_clip(probe, fit, fail, step=args.bisect_step or stage)
     except StopIteration:  # Out of probes: the bracket so far.
       pass
+    brackets[mode] = dict(probes=len(probes))
+  # Every mode's bracket from every compiled row (this run's and resumed).
+  for mode in modes:
     mine = [r for r in rows if r['mode'] == mode]
     lo = max((r['T'] for r in mine if r['fits']), default=None)
-    hi = min((r['T'] for r in mine if not r['fits'] and r['T'] > lo),
+    hi = min((r['T'] for r in mine if not r['fits'] and r['T'] > (lo or 0)),
              default=None)
     longest[mode] = lo
-    brackets[mode] = dict(fits=lo, fails=hi, probes=len(probes),
-                          step=args.bisect_step or stage)
+    brackets[mode] = dict(brackets.get(mode, {}), fits=lo, fails=hi)
     print(f'longest {mode} clip on {chip.name}: {lo} frames fit, '
-          f'{hi} do not ({len(probes)} probes)', flush=True)
+          f'{hi} do not', flush=True)
 
   host = validate_on_host(config)
   print(f'model vs this host ({host["shape"]}, f32, CPU peak '
@@ -320,6 +355,8 @@ def main():
   print(_fmt_table(rows))
   print('headline:', headline)
   print(f'total {time.perf_counter() - t0:.0f} s')
+  if os.path.exists(args.out + '.partial'):
+    os.remove(args.out + '.partial')
   common.write_result(args.out, dict(
       config=dict(config=os.path.relpath(args.config), topology=args.topology,
                   mesh=[data, stage], global_batch=batch, quick=args.quick,
