@@ -121,6 +121,11 @@ def compile_only(config) -> None:
     errors.exit_with(str(e))
 
 
+# sysexits.h's EX_IOERR: a checkpoint could not be written (disk full, no
+# permission); the run stopped there, the checkpoints before it are intact.
+CHECKPOINT_FAILED_EXIT_CODE = 74
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -135,6 +140,7 @@ def main(argv):
   # After absl parsed flags (jax flags included).
   from skipside import train  # pylint: disable=g-import-not-at-top
   from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
+  from skipside import checkpoints  # pylint: disable=g-import-not-at-top
   config_flag = flags.FLAGS['config'].config_filename or _DEFAULT_CONFIG
   workdir = _WORKDIR.value or default_workdir(
       flags.FLAGS['config'].value and config_flag)
@@ -144,6 +150,9 @@ def main(argv):
                                        restart=_RESTART.value)
   except config_lib.ConfigError as e:  # One line, exit code 2 (usage).
     errors.exit_with(str(e))
+  except checkpoints.CheckpointSaveError as e:  # The earlier ones are kept.
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+    sys.exit(CHECKPOINT_FAILED_EXIT_CODE)
   print('Summary: ' + json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v
        for k, v in summary.items()}, sort_keys=True), flush=True)

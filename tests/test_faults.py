@@ -53,9 +53,11 @@ def _fails_at_the_next_save(workdir, data_dir, break_it, cause):
   ckpts = os.path.join(workdir, 'checkpoints')
   break_it(ckpts)
   proc, seconds = _run(workdir, data_dir, num_steps=200, every=FAILS)
-  # Non-zero; stderr's last line names the checkpoint and the cause.
-  assert proc.returncode not in (0, train.PREEMPTED_EXIT_CODE), proc.stderr
+  # EX_IOERR (launch/train.py); stderr ends in one line naming the
+  # checkpoint and the cause, no traceback.
+  assert proc.returncode == 74, proc.stderr[-3000:]
   line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith('error: checkpoint save failed'), line
   path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(FAILS))
   assert path in line and cause in line, proc.stderr[-3000:]
   # At once: long before the next save (and its log line) comes around.
