@@ -37,6 +37,7 @@ from flax import nnx
 from skipside import engine, multigrid, network, optim, placement, progressive
 from skipside import stages
 from skipside import mesh as mesh_lib
+from skipside.data import sources
 
 PyTree = Any
 
@@ -286,6 +287,12 @@ def validate_config(config: ml_collections.ConfigDict,
   one_of('model.combine', 'rule', config.model.combine, network.COMBINE_RULES)
   one_of('train.fill', 'fill rule', config.train.get('fill', 'mask_loss'),
          tuple(engine.FILL_NAMES))
+  try:  # The dataset's own keys, before its data is built or read.
+    bad = sources.config_error(config.data)
+  except ValueError as e:  # An unknown dataset name or module path.
+    raise ConfigError(str(e)) from e
+  if bad:
+    raise ConfigError(*bad)
   if config.train.get('fill') == 'gate_stages' and config.mode != 'sideways':
     raise ConfigError('config.train.fill',
                       f"'gate_stages' with mode {config.mode!r}",

@@ -144,6 +144,13 @@ def test_eval_launcher_prints_one_line_naming_the_key(tmp_path):
      "'lamb' (one of 'adam', 'adamw', 'sgd', 'momentum')"),
     ('mesh.stage', 16, 'config.mesh: 1 data x 16 stage = 16 devices (at most '
      'the 8 devices present)'),
+    ('data.task', 'colour', "config.data.task: unknown task 'colour' (one of "
+     "'appearance', 'motion', 'long_range', 'next_frame', 'multi_label')"),
+    ('data.dataset_config', 'huge', "config.data.dataset_config: unknown "
+     "MovingDigits config 'huge' (one of 'default', 'smooth', 'small', "
+     "'long_range', 'long_range_512')"),
+    ('train.fill', 'mask', "config.train.fill: unknown fill rule 'mask' (one "
+     "of 'mask_loss', 'gate_stages', 'none')"),
 ])
 def test_validate_config_names_the_key(key, value, line):
   with pytest.raises(config_lib.ConfigError) as e:

@@ -277,6 +277,20 @@ def _multi_hot(record, keys, offsets, size) -> np.ndarray:
   return out
 
 
+def config_error(config) -> tuple[str, str, str] | None:
+  """``sources.config_error`` for MovingDigits: the task and the config name."""
+  configs = [c.name for c in MovingDigits.BUILDER_CONFIGS]
+  if config.task not in TASK_LABELS:
+    return ('config.data.task', f'unknown task {config.task!r}',
+            'one of ' + ', '.join(map(repr, TASK_LABELS)))
+  if config.dataset_config is not None and config.dataset_config not in (
+      configs):
+    return ('config.data.dataset_config',
+            f'unknown MovingDigits config {config.dataset_config!r}',
+            'one of ' + ', '.join(map(repr, configs)))
+  return None
+
+
 def make_source(config, split: str) -> sources.Source:
   """The ``sources.Source`` of ``split`` for ``config.data`` (dataset
   ``moving_digits``): built in ``config.data_dir`` if ``config.prepare``."""

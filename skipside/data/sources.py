@@ -126,8 +126,8 @@ def _import(path: str):
   try:
     return getattr(importlib.import_module(module), attr)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f'config.data.dataset {path!r} cannot be imported: '
-                     f'{e}') from e
+    raise ValueError(f'config.data.dataset: {path!r} cannot be imported: '
+                     f'{e} (package.module:function)') from e
 
 
 def opener(name: str) -> Callable[[Any, str], Source]:
@@ -140,6 +140,17 @@ def opener(name: str) -> Callable[[Any, str], Source]:
     return _import(name)
   raise ValueError(f'config.data.dataset: unknown dataset {name!r} (one of '
                    f"{names()}, or 'package.module:function')")
+
+
+def config_error(config) -> tuple[str, str, str] | None:
+  """The first bad key of data config ``config`` for its dataset, as
+  ``(key, what is wrong, what is allowed)``, or ``None``: the opener's
+  module may define ``config_error(config)``, checked before a run writes
+  anything (the data is opened later)."""
+  module = importlib.import_module(
+      opener(config.dataset).__module__)
+  check = getattr(module, 'config_error', None)
+  return check(config) if check else None
 
 
 def make_source(config, split: str) -> Source:
