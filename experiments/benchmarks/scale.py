@@ -15,7 +15,9 @@ the step-time model's prediction (``tpu_plan.step_cost``). Then:
 
 - the longest clip that fits a chip's HBM per mode, by bisection on
   compiled programs (T a multiple of the stage axis, so the clip is
-  time-sharded; ``--quick`` skips it);
+  time-sharded; ``--quick`` skips it); the headline's ``max_frames_*`` is
+  null unless a longer clip was refused (else it is only a lower bound;
+  ``longest_clip_brackets`` has both ends and the probes);
 - data-parallel backprop on the same chips with the same global batch
   (``dp_bp``: mesh ``min(batch, chips) x 1``; the rest of the chips idle,
   a batch of 16 cannot spread further) and the predicted ratio of Sideways'
@@ -251,10 +253,13 @@ def main():
   t0 = time.perf_counter()
   rows = []
 
-  done = []
-  if args.resume and os.path.exists(args.out + '.partial'):
-    with open(args.out + '.partial') as f:
-      done = json.load(f)
+  done = []  # Rows of an earlier run: OUT.partial (interrupted) or OUT.
+  if args.resume:
+    for path in (args.out, args.out + '.partial'):
+      if os.path.exists(path):
+        with open(path) as f:
+          got = json.load(f)
+        done += got['rows'] if isinstance(got, dict) else got
 
   def run(mode, frames, on=devices, topology=args.topology, **kw):
     label = kw.get('label') or mode
@@ -336,10 +341,14 @@ def main():
 
   side, dpbp = row('sideways', 32), row('dp_bp', QUICK_LENGTHS['bp'][0])
   long, short = row('sideways', 16384), row('sideways', 512)
+  def closed(mode):  # The longest clip, once a longer one was refused.
+    b = brackets.get(mode, {})
+    return b.get('fits') if b.get('fails') else None
+
   headline = dict(
-      max_frames_sideways_v5e=longest.get('sideways'),
-      max_frames_bp_v5e=longest.get('bp'),
-      max_frames_pipelined_bp_v5e=longest.get('pipelined_bp'),
+      max_frames_sideways_v5e=closed('sideways'),
+      max_frames_bp_v5e=closed('bp'),
+      max_frames_pipelined_bp_v5e=closed('pipelined_bp'),
       max_compile_s=max(r['compile_s'] for r in rows),
       predicted_sideways_over_dp_bp_clips_per_s=(
           side['clips_per_s'] / dpbp['clips_per_s']
