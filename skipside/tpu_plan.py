@@ -70,7 +70,9 @@ against programs with hand-computed footprints):
 - ``flops``: ``cost_analysis()['flops']`` of the per-chip program (a matmul
   of ``(n, k) @ (k, m)`` counts ``2nkm``). XLA counts a loop body once, not
   times its trip count: for the scan over ticks this is about one tick's
-  flops (plus what runs outside the scan), the same for T=8 and T=32.
+  flops (plus what runs outside the scan), the same for T=8 and T=32. The
+  table's FLOPs/chip column is the step-time model's instead
+  (``cost.flops``: dots and convolutions of the whole step, every tick).
 - ``compile_s``: lowering + XLA compile wall time here.
 
 libtpu prints warnings about worker hostnames and accelerator type when no
