@@ -50,6 +50,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from skipside import data as data_lib
+from skipside.data import multigrid_loader
 from skipside import batchnorm, engine, multigrid, network, optim
 from skipside import checkpoints
 from skipside import config as config_lib
@@ -313,8 +314,9 @@ def _compile_multigrid(config, eng, optimizer, state, schedule, info,
         mode=config.mode, compute_dtype=compute_dtype)
 
   channels = info.element_shape[-1]
-  local_keys = [multigrid.clip_spec(s, channels, info.shard_count)[0].shape
-                for s in schedule.buckets()]
+  local_keys = [
+      multigrid_loader.clip_spec(s, channels, info.shard_count)[0].shape
+      for s in schedule.buckets()]
   threads = config.multigrid.compile_threads or None
   # Keyed by the clip the loop passes (``eng.put_batch``: global on a mesh).
   local_of = {tuple(abstract(k)[0].shape): k for k in local_keys}
@@ -406,7 +408,8 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
         schedule, len(config_lib.parse_stages(config.model.stages)) - 1,
         config.mode):
       raise config_lib.ConfigError(error)
-    train_iter = multigrid.MultigridIterator(data_config, schedule, source)
+    train_iter = multigrid_loader.MultigridIterator(data_config, schedule,
+                                                    source)
     resources.callback(train_iter.close)
     if is_main:
       print(f'Multigrid schedule ({schedule.num_steps} steps):\n'

@@ -18,6 +18,7 @@ from sklearn import preprocessing
 
 from skipside import data
 from skipside.data import moving_digits
+from skipside.data import multigrid_loader
 from skipside.data import pipeline
 from skipside.data import sources
 from skipside.data import video_folder
@@ -711,8 +712,8 @@ def test_multigrid_loader_in_memory_gives_the_per_clip_batches(tfds_dir):
       num_frames=8, crop_size=28, batch_size=8, num_examples=256,
       lr_steps=(0, 2), max_epoch=4, scale_jitter=(28, 36))
   c = _config(tfds_dir, crop_size=28, scale_jitter=(28, 36), flip=True)
-  memory = multigrid.MultigridIterator(c, sched)
-  files = multigrid.MultigridIterator(_with(c, in_memory_gb=0), sched)
+  memory = multigrid_loader.MultigridIterator(c, sched)
+  files = multigrid_loader.MultigridIterator(_with(c, in_memory_gb=0), sched)
   try:
     assert memory._store is not None and files._store is None  # pylint: disable=protected-access
     got, want = _take(memory, 10), _take(files, 10)

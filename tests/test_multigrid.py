@@ -8,6 +8,7 @@ import pytest
 
 from skipside import config as config_lib
 from skipside import multigrid
+from skipside.data import multigrid_loader
 
 # DESIGN.md §3: SlowFast's SLOWFAST_8x8_R50_stepwise_multigrid on Kinetics.
 KINETICS = [
@@ -368,10 +369,10 @@ def test_sampling_stride_range_and_scale_jitter_follow_the_shape():
   base = pipeline.ClipParams(num_frames=8, stride=2, crop_size=32,
                              scale_jitter=(32, 40))
   small = multigrid.Shape(64, 2, 16)
-  p = multigrid.clip_params_for(sched, small, base)
+  p = multigrid_loader.clip_params_for(sched, small, base)
   assert (p.num_frames, p.crop_size, p.stride, p.max_stride) == (2, 16, 2, 8)
   assert p.scale_jitter == (16, 40)  # Lower bound x 16/32.
-  full = multigrid.clip_params_for(sched, multigrid.Shape(4, 8, 32), base)
+  full = multigrid_loader.clip_params_for(sched, multigrid.Shape(4, 8, 32), base)
   assert (full.max_stride, full.scale_jitter) == (None, (32, 40))
   # Frames hold their own index: the sampled strides cover [2, 8].
   video = np.broadcast_to(np.arange(64, dtype=np.uint8)[:, None, None, None],
@@ -407,7 +408,7 @@ def _tiny_config(data_dir, *variants):
 def test_iterator_follows_the_schedule_and_resumes_exactly(data_dir):
   c = _tiny_config(data_dir, 'bp')
   data_config = config_lib.data_config(c)
-  it = multigrid.MultigridIterator(
+  it = multigrid_loader.MultigridIterator(
       data_config, multigrid.schedule_from_config(c, 256, 32))
   sched = it.schedule
   for step in range(5):
@@ -417,7 +418,7 @@ def test_iterator_follows_the_schedule_and_resumes_exactly(data_dir):
     assert batch['label'].shape == (s.batch,)
   state = it.get_state()
   want = [next(it) for _ in range(2)]
-  again = multigrid.MultigridIterator(data_config, sched)
+  again = multigrid_loader.MultigridIterator(data_config, sched)
   again.set_state(state)
   got = [next(again) for _ in range(2)]
   for a, b in zip(got, want):
@@ -455,7 +456,7 @@ def test_processes_read_their_rows_of_one_global_order(data_dir, shuffle):
     data_config = config_lib.data_config(c)
     data_config.shard_index, data_config.shard_count = (shard_index,
                                                         shard_count)
-    it = multigrid.MultigridIterator(data_config, sched, source=source)
+    it = multigrid_loader.MultigridIterator(data_config, sched, source=source)
     out = [next(it) for _ in range(steps)]
     stats = it.stats.metrics()
     it.close()
@@ -479,7 +480,7 @@ def test_loader_state_of_an_older_skipside_resumes_with_a_warning(
   c = _tiny_config(data_dir, 'bp')
   data_config = config_lib.data_config(c)
   data_config.shard_index, data_config.shard_count = 1, 2
-  it = multigrid.MultigridIterator(
+  it = multigrid_loader.MultigridIterator(
       data_config, multigrid.schedule_from_config(c, 256, 32))
   state = it.get_state()
   assert state['multigrid'] == {'step': 0, 'global_position': 0}
@@ -503,7 +504,7 @@ def test_a_failed_run_closes_its_loader_threads(tmp_path, data_dir):
   loaders, tb = [], failure.value.__traceback__
   while tb is not None:  # The loop's own loader, from its frame.
     loaders += [v for v in tb.tb_frame.f_locals.values()
-                if isinstance(v, multigrid.MultigridIterator)]
+                if isinstance(v, multigrid_loader.MultigridIterator)]
     tb = tb.tb_next
   assert loaders
   for it in loaders:  # pylint: disable=protected-access

@@ -12,7 +12,7 @@ ready for the step, read in this process with grain threads) on
   * real video files written here with PyAV (mpeg4, 240x320 RGB, 48 frames),
     decoded with PyAV clip by clip: cut to the default net's 32x32x3, and to
     the usual 112x112x3 crop;
-  * the multigrid loader (`multigrid.MultigridIterator`,
+  * the multigrid loader (`multigrid_loader.MultigridIterator`,
     ``experiments/configs/multigrid.py``) at its coarsest bucket and at its
     base shape, in memory and clip by clip;
 
@@ -128,6 +128,7 @@ def multigrid_fns(data_dir: str, in_memory_gb: float):
   from experiments.configs import multigrid as mg_config  # pylint: disable=g-import-not-at-top
   from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
   from skipside import multigrid  # pylint: disable=g-import-not-at-top
+  from skipside.data import multigrid_loader  # pylint: disable=g-import-not-at-top
   c = mg_config.get_config('bp')
   c.data.data_dir = data_dir
   c.data.shard_index, c.data.shard_count = 0, 1
@@ -142,7 +143,7 @@ def multigrid_fns(data_dir: str, in_memory_gb: float):
   out = []
   for name, first in (('coarsest', coarse), ('base', base)):
     shape = sched.shape(first)
-    it = multigrid.MultigridIterator(dc, sched, source)
+    it = multigrid_loader.MultigridIterator(dc, sched, source)
     # The loader's work for one batch of the bucket (what the loop's
     # read-ahead thread does while a step runs), at the global order
     # position the step starts at.

@@ -13,7 +13,7 @@ factors on the same baseline (1.5x its epochs, ~3x fewer steps). Ablations
 (bp): ``long_only`` (no short cycle) and ``temporal_long_only`` (long cycle
 on frames only, crops stay 32).
 
-Every row uses the same loader (``multigrid.MultigridIterator``; the
+Every row uses the same loader (``multigrid_loader.MultigridIterator``; the
 baseline's schedule has one shape), the same ahead-of-time compilation and
 jitted step as ``train.train_and_evaluate`` (``train._compile_multigrid``),
 so rows differ only in the schedule. ``compile_s`` (every bucket + eval,
@@ -45,6 +45,7 @@ from experiments.benchmarks import common
 from skipside import checkpoints, engine, evaluation, multigrid, train
 from skipside import config as config_lib
 from skipside import data as data_lib
+from skipside.data import multigrid_loader
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'results')
 
@@ -121,7 +122,7 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
   source = data_lib.make_source(data_config, data_config.split)
   # The baseline is the schedule with both cycles off: one shape, same LR.
   sched = multigrid.schedule_from_config(c, len(source.data))
-  it = multigrid.MultigridIterator(data_config, sched, source)
+  it = multigrid_loader.MultigridIterator(data_config, sched, source)
   spec, optimizer, state = checkpoints.init_state(c, it.info, sched)
   t0 = time.perf_counter()
   steps, evals = train._compile_multigrid(  # pylint: disable=protected-access

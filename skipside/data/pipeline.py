@@ -84,7 +84,9 @@ from skipside.data.sources import Source, make_source
 
 Batch = dict[str, np.ndarray]
 SHORT_VIDEO_POLICIES = ('loop', 'pad', 'skip')
-_OK, _FAILED, _SHORT, _TRUNCATED = 0, 1, 2, 3
+# An element's '_status' (`load_clip`): a clip, an unreadable video, a video
+# too short to cut (short_video='skip'), a truncated video.
+OK, FAILED, SHORT, TRUNCATED = 0, 1, 2, 3
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -461,6 +463,16 @@ def next_frame_targets(batch: Batch, axis: int = 1) -> Batch:
   return out
 
 
+def normalize(video: np.ndarray, mean: float | None,
+              std: float | None) -> np.ndarray:
+  """uint8 frames -> float32 model input: x in [0, 1], then (x - mean) / std
+  if `mean` is set."""
+  video = video.astype(np.float32) * np.float32(1 / 255)
+  if mean is not None:
+    video = (video - np.float32(mean)) / np.float32(std)
+  return video
+
+
 # --------------------------------------------------------------------------
 # Elements.
 
@@ -489,6 +501,17 @@ def _decode_names(encoded: str) -> list[str]:
   return json.loads(encoded) if str(encoded).startswith('[') else []
 
 
+def bad_reads(elements) -> tuple[list[str], list[str], int]:
+  """What `load_clip` met reading `elements`: (failed files, truncated files
+  (names, once per read), reads of videos shorter than the clip span)."""
+  failed, truncated, short = [], [], 0
+  for e in elements:
+    short += int(e['_short'])
+    failed += _decode_names(e['_failed'])
+    truncated += _decode_names(e['_truncated'])
+  return failed, truncated, short
+
+
 def _element(video, label, status, short=0, failed=(), truncated=()):
   """An element of the stream before batching; names of bad files encoded."""
   return {'video': video, 'label': label, '_status': status, '_short': short,
@@ -505,18 +528,18 @@ def _read(source: Source, record: Any, select):
     got = source.read(record, select)
   except video_folder.DecodeError as e:
     name = e.path or str(e)
-    _warn_once(_FAILED, name, 'Skipping unreadable video %s: %s (counted once '
+    _warn_once(FAILED, name, 'Skipping unreadable video %s: %s (counted once '
                'in data/failed_videos).', name, e.cause)
-    return None, _FAILED, name
+    return None, FAILED, name
   if not isinstance(got, video_folder.Decoded):
-    return got, _OK, None
+    return got, OK, None
   if got.truncated:
-    _warn_once(_TRUNCATED, got.path, 'Truncated video %s: %d frames decodable '
+    _warn_once(TRUNCATED, got.path, 'Truncated video %s: %d frames decodable '
                'of the %d its container states; clips reaching the cut are '
                'skipped (counted once in data/truncated_videos).', got.path,
                got.decoded, got.expected)
-    return None, _TRUNCATED, got.path
-  return got.frames, _OK, None
+    return None, TRUNCATED, got.path
+  return got.frames, OK, None
 
 
 def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
@@ -525,7 +548,7 @@ def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
 
   Returns:
     {'video': uint8 (T, h, w, C) (None if not ok), 'label': int32,
-     '_status': _OK | _FAILED | _SHORT | _TRUNCATED, '_short': 1 if the video
+     '_status': OK | FAILED | SHORT | TRUNCATED, '_short': 1 if the video
      was shorter than the clip span, '_failed' / '_truncated': the bad file's
      name (encoded, see `_encode_names`) or ''}.
   """
@@ -541,18 +564,18 @@ def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
 
   label = np.int32(source.label(record))
   frames, status, name = _read(source, record, select)
-  if status == _FAILED:
-    return _element(None, label, _FAILED, failed=[name])
-  if status == _TRUNCATED:
-    return _element(None, label, _TRUNCATED, truncated=[name])
+  if status == FAILED:
+    return _element(None, label, FAILED, failed=[name])
+  if status == TRUNCATED:
+    return _element(None, label, TRUNCATED, truncated=[name])
   short = int(bool(lengths) and lengths[-1] < span)
   if frames is None:
-    return _element(None, label, _SHORT, short)
+    return _element(None, label, SHORT, short)
   frames = spatial_transform(
       frames, rng, resize=params.resize, scale_jitter=params.scale_jitter,
       crop_size=params.crop_size, random_crop=params.random_crop,
       flip=params.flip)
-  return _element(frames, label, _OK, short)
+  return _element(frames, label, OK, short)
 
 
 def _train_element(record, rng, *, source, params):
@@ -601,8 +624,8 @@ def _eval_element(index, *, source, params, rows, shard_index, shard_count,
   if i < len(source.data):
     e = load_clip(source, source.data[i], None, params)
   else:
-    e = dict(_element(None, np.int32(0), _OK), _pad=True)
-  ok = e['_status'] == _OK and not e.pop('_pad', False)
+    e = dict(_element(None, np.int32(0), OK), _pad=True)
+  ok = e['_status'] == OK and not e.pop('_pad', False)
   if e['video'] is None:
     e['video'] = np.zeros(out_shape, np.uint8)
   e['mask'] = np.bool_(ok)
@@ -613,15 +636,11 @@ class _DropBadIterator(grain.DatasetIterator):
   """Drops failed / skipped elements; their counts ride on the next element."""
 
   def __next__(self):
-    failed, truncated, short = [], [], 0
-    while True:
-      e = next(self._parent)
-      short += e['_short']
-      failed += _decode_names(e['_failed'])
-      truncated += _decode_names(e['_truncated'])
-      if e['_status'] == _OK:
-        break
-    e = dict(e, _failed=_encode_names(failed),
+    read = [next(self._parent)]
+    while read[-1]['_status'] != OK:
+      read.append(next(self._parent))
+    failed, truncated, short = bad_reads(read)
+    e = dict(read[-1], _failed=_encode_names(failed),
              _truncated=_encode_names(truncated), _short=np.int32(short),
              mask=np.bool_(True))
     del e['_status']
@@ -831,10 +850,7 @@ def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
                   fragment_overlap, next_frame) -> Batch:
   """uint8 batch -> float32 model input; counters -> '_stats' scalars."""
   out = {'label': batch['label'].astype(np.int32), 'mask': batch['mask']}
-  video = batch['video'].astype(np.float32) * np.float32(1 / 255)
-  if mean is not None:
-    video = (video - np.float32(mean)) / np.float32(std)
-  out['video'] = video
+  out['video'] = normalize(batch['video'], mean, std)
   if next_frame:
     out = next_frame_targets(out)
   for k in ('video', 'target'):
@@ -927,7 +943,10 @@ class DataInfo:
                  (self.shard_index + 1) * self.batch_size)
 
 
-def _shard(config) -> tuple[int, int]:
+def shard_of(config) -> tuple[int, int]:
+  """(shard_index, shard_count) of a data config: this process reads row
+  block shard_index of shard_count of each global batch (unset: jax's
+  process index and count)."""
   if config.shard_index is not None and config.shard_count is not None:
     index, count = config.shard_index, config.shard_count
   else:
@@ -1073,7 +1092,7 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
   """
   split = config.split if train else config.eval_split
   source = source or make_source(config, split)
-  shard_index, shard_count = _shard(config)
+  shard_index, shard_count = shard_of(config)
   if config.batch_size % shard_count:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by '
                      f'{shard_count} processes.')
