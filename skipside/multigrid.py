@@ -27,17 +27,15 @@ same phases, e.g. a stage of 0 epochs gets no steps).
 Both cycles switch independently (the reference crashes with the long cycle
 alone; here it works). Nothing is rebuilt at a shape change: every shape the
 schedule uses (a *bucket*) is known before training and compiled ahead of time
-into its own XLA executable (``compile_buckets``, XLA compilations in
-parallel threads, JAX's persistent cache with ``enable_compile_cache``); a
-shape outside the table is an error (``ShapeNotCompiledError``), never a
-silent recompile. Each bucket runs the network at its frame size through
-``network.for_frame_shape`` (the same params; stage shapes by inference).
+into its own XLA executable (``programs.compile_ahead``, ``skipside/aot.py``);
+a shape outside the table is an error, never a silent recompile. Each bucket
+runs the network at its frame size through ``network.for_frame_shape`` (the
+same params; stage shapes by inference).
 
-Pieces: ``make_schedule`` / ``schedule_from_config`` (steps, shapes, LR),
-``compile_buckets`` + ``CompileCounter``; the batches of the step's shape
-(frames, crop, a random stride in ``[stride, stride·T/t]``, the scale-jitter
-floor shrunk with the crop) come from ``skipside/data/multigrid_loader.py``.
-Sub-batch BN, which keeps batch
+Pieces: ``make_schedule`` / ``schedule_from_config`` (steps, shapes, LR);
+the batches of the step's shape (frames, crop, a random stride in
+``[stride, stride·T/t]``, the scale-jitter floor shrunk with the crop) come
+from ``skipside/data/multigrid_loader.py``. Sub-batch BN, which keeps batch
 statistics over a fixed base size whatever the bucket's batch, is the stage
 ``stages.SubBatchNorm`` (``skipside/sub_batch.py``). It normalizes within a
 device, so a device's base batch must be a multiple of the base size (every
@@ -74,13 +72,9 @@ Example::
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import math
-import threading
-import time
-from typing import Any, Callable, Hashable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -480,154 +474,6 @@ def _crop_rounder(multiple: int) -> Callable[[float], int]:
   if multiple < 1:
     raise ValueError(f'crop_multiple={multiple} must be >= 1')
   return lambda s: _round_crop(s, multiple)
-
-
-# ---------------------------------------------------------------------------
-# Shape buckets: one executable per shape, compiled before training.
-
-class ShapeNotCompiledError(ValueError):
-  """A batch shape outside the table of compiled shapes."""
-
-
-class BucketTable:
-  """Compiled executables by key (the batch shape); unknown keys fail.
-
-  Calls ``table(*args)`` dispatch on ``key_fn(*args)`` to the executable
-  compiled for that key: no tracing, no compilation, no silent fallback.
-
-  Attributes:
-    executables: key -> ``jax.stages.Compiled``.
-    compile_seconds: key -> seconds its lowering and compilation took.
-    wall_seconds: wall time of compiling the whole table.
-  """
-
-  def __init__(self, executables: dict, key_fn: Callable[..., Hashable], *,
-               name: str, compile_seconds: dict, wall_seconds: float):
-    self.executables = executables
-    self.key_fn = key_fn
-    self.name = name
-    self.compile_seconds = compile_seconds
-    self.wall_seconds = wall_seconds
-
-  def __contains__(self, key) -> bool:
-    return key in self.executables
-
-  def __call__(self, *args):
-    key = self.key_fn(*args)
-    exe = self.executables.get(key)
-    if exe is None:
-      raise ShapeNotCompiledError(
-          f'{self.name}: shape {key} is not in the table of compiled shapes '
-          f'{sorted(self.executables)}; every shape of a multigrid run is '
-          'compiled before training (multigrid.compile_buckets), so this '
-          'batch does not follow the schedule')
-    return exe(*args)
-
-
-def compile_buckets(lower: Callable[[Hashable], Any], keys, *,
-                    key_fn: Callable[..., Hashable], name: str = 'step',
-                    num_threads: int | None = None) -> BucketTable:
-  """Compiles one executable per key, ahead of time.
-
-  Args:
-    lower: ``key -> jax.stages.Lowered`` (``jitted.lower(*abstract_args)``
-      for that key's shapes). Lowering traces Python, so it runs here in
-      this thread, in order; the XLA compilations then run in parallel.
-    keys: the keys (batch shapes) to compile.
-    key_fn: maps the call arguments to their key (``BucketTable``).
-    name: names the table in errors.
-    num_threads: parallel compilations (default: one per key, at most 8).
-
-  Returns:
-    A ``BucketTable``.
-  """
-  keys = list(dict.fromkeys(keys))
-  t0 = time.perf_counter()
-  lowered, seconds = {}, {}
-  for key in keys:
-    t = time.perf_counter()
-    lowered[key] = lower(key)
-    seconds[key] = time.perf_counter() - t
-
-  def compile_one(key):
-    t = time.perf_counter()
-    exe = lowered[key].compile()
-    return key, exe, time.perf_counter() - t
-
-  workers = num_threads or min(8, len(keys)) or 1
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    done = list(pool.map(compile_one, keys))
-  executables = {}
-  for key, exe, s in done:
-    executables[key] = exe
-    seconds[key] += s
-  return BucketTable(executables, key_fn, name=name, compile_seconds=seconds,
-                     wall_seconds=time.perf_counter() - t0)
-
-
-def enable_compile_cache(path: str | None) -> None:
-  """Turns on JAX's persistent compilation cache in ``path`` (None: no-op).
-
-  Every executable is cached, however fast it compiled, so a restarted run
-  (or the next one with the same shapes) loads its buckets from disk.
-  """
-  if not path:
-    return
-  jax.config.update('jax_compilation_cache_dir', str(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-
-
-BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
-
-
-class CompileCounter:
-  """Counts XLA backend compilations while active (JAX's monitoring events).
-
-  Example::
-
-    with multigrid.CompileCounter() as compiles:
-      step(...)
-    assert compiles.count == 0
-  """
-
-  def __init__(self):
-    self.count = 0
-    self.seconds = 0.0
-    self._lock = threading.Lock()
-    self._paused = False
-
-  @contextlib.contextmanager
-  def paused(self):
-    """Compilations inside are not counted (e.g. orbax's host-transfer
-    slices of replicated arrays at the first checkpoint of a mesh run: one
-    per parameter shape, not a step's)."""
-    self._paused = True
-    try:
-      yield
-    finally:
-      self._paused = False
-
-  def _listener(self, event: str, duration: float, **kwargs) -> None:
-    del kwargs
-    if event == BACKEND_COMPILE_EVENT and not self._paused:
-      with self._lock:
-        self.count += 1
-        self.seconds += duration
-
-  def __enter__(self) -> 'CompileCounter':
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
-def abstract(x: PyTree) -> PyTree:
-  """``ShapeDtypeStruct``s of a pytree of arrays (keeps shardings)."""
-  return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=getattr(a, 'sharding', None)), x)
 
 
 # ---------------------------------------------------------------------------

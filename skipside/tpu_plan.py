@@ -83,7 +83,6 @@ several planning processes can load libtpu at once.
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import re
@@ -92,17 +91,17 @@ import types
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from skipside import checkpoints, engine, evaluation, multigrid, network
+from skipside import checkpoints, engine, multigrid
 from skipside import config as config_lib
 from skipside import data as data_lib
 from skipside.data import pipeline as data_pipeline
 from skipside import mesh as mesh_lib
-from skipside import placement, progressive, train
+from skipside import placement
+from skipside import programs as programs_lib
 
 PyTree = Any
 GiB = 2 ** 30
@@ -791,101 +790,17 @@ def step_cost(hlo_text: str, peak_flops: float, hbm_bytes_per_s: float,
 
 # -- The run's programs. -------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _Run:
-  """What the run's programs are built from, abstract where possible."""
-  config: ml_collections.ConfigDict
-  spec: network.NetworkSpec
-  optimizer: Any
-  params: PyTree  # ShapeDtypeStructs, replicated on the mesh.
-  opt_state: PyTree
-  mesh: Mesh
-  groups: tuple
-  channels: int
-  compute_dtype: Any
-
-
 def _abstract(tree: PyTree, sharding) -> PyTree:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
       tree)
 
 
-def _engine(run: _Run, frame_shape) -> mesh_lib.MeshEngine:
-  """The mesh engine of the network at this frame size, with the run's
-  groups: the training loop's engine on the target mesh."""
-  spec = network.for_frame_shape(run.spec, run.params, frame_shape)
-  return mesh_lib.MeshEngine(mesh_lib.place(spec, run.mesh, run.groups,
-                                            params=run.params))
-
-
-def _batch(run: _Run, eng, clip_shape) -> tuple:
-  """Abstract global ``(clip, targets)`` as the loop passes them."""
-  clip = jax.ShapeDtypeStruct(tuple(clip_shape), jnp.float32)
-  targets = (clip if run.spec.loss == 'mse' else  # Next frame: like the clip.
-             jax.ShapeDtypeStruct(clip_shape[:1], jnp.int32))
-  return eng.batch_like((clip, targets), clip_shape[0])
-
-
-# Each lowers the training loop's own step function on the loop's engine and
-# train-state layout (``train._train_step``, ``evaluation.eval_step``, PGT's
-# ``make_train_step``), so what is planned is what training runs.
-
-def _lower_train(run: _Run, clip_shape):
-  c = run.config
-  eng = _engine(run, clip_shape[2:])
-  clip, targets = _batch(run, eng, clip_shape)
-  carry = None
-  if c.train.stream:  # The engine-layout carry, replicated (as in train).
-    carry = _abstract(jax.eval_shape(
-        lambda: engine.init_carry(run.spec, run.params, clip, targets, c.mode,
-                                  run.compute_dtype)),
-                      NamedSharding(run.mesh, P()))
-  return train._train_step.lower(  # pylint: disable=protected-access
-      eng, run.optimizer, eng.state_like(run.params),
-      eng.state_like(run.opt_state), clip, targets, carry,
-      mode=c.mode, compute_dtype=run.compute_dtype,
-      update_every=c.train.update_every or None, flush=c.train.flush,
-      skip_nonfinite=c.train.on_nonfinite == 'skip')
-
-
-def _lower_progressive(run: _Run, clip_shape):
-  c = run.config
-  eng = _engine(run, clip_shape[2:])
-  step = progressive.make_train_step(
-      eng, run.optimizer, c, compute_dtype=run.compute_dtype,
-      skip_nonfinite=c.train.on_nonfinite == 'skip')
-  clip, targets = _batch(run, eng, clip_shape)
-  return step.lower(eng.state_like(run.params), eng.state_like(run.opt_state),
-                    clip, targets)
-
-
-def _lower_eval(run: _Run, clip_shape):
-  eng = _engine(run, clip_shape[2:])
-  clip, targets = _batch(run, eng, clip_shape)
-  return evaluation.eval_step.lower(
-      eng, eng.state_like(run.params), clip, targets, mode=run.config.mode,
-      compute_dtype=run.compute_dtype)
-
-
 def programs(config: ml_collections.ConfigDict, info, schedule=None
              ) -> list[tuple[str, tuple[int, ...]]]:
-  """Every ``(program, global clip shape)`` the run compiles.
-
-  ``info``: the training data's ``DataInfo`` (global batch); ``schedule``:
-  the multigrid schedule, if any (one train shape per bucket).
-  """
-  element = tuple(info.element_shape)  # (T, h, w, C)
-  base = (config.data.batch_size, *element)
-  progressive = bool(config.get('progressive') and config.progressive.enabled)
-  train_name = 'train progressive' if progressive else 'train'
-  if schedule is not None:
-    shapes = [(s.batch, s.frames, s.crop, s.crop, element[-1])
-              for s in schedule.buckets()]
-  else:
-    shapes = [base]
-  out = [(train_name, s) for s in dict.fromkeys(shapes)]
-  return out + [('eval', base)]
+  """Every ``(program, global clip shape)`` the run compiles and the
+  planner compiles: ``programs.listing``'s train steps and evaluation."""
+  return programs_lib.listing(config, info, schedule)
 
 
 def data_shapes(config: ml_collections.ConfigDict):
@@ -990,20 +905,32 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   else:  # Flops-balanced; the per-stage flops are compiled on this host.
     groups = placement.balance(placement.stage_costs(
         spec, state.params, config.data.batch_size // data), stage)
+  # The loop's engine and train-state layout on the target mesh: each
+  # program is lowered by ``programs.lower``, as training lowers it.
   replicated = NamedSharding(target, P())
-  run = _Run(config=config, spec=spec, optimizer=optimizer,
-             params=_abstract(state.params, replicated),
-             opt_state=_abstract(state.opt_state, replicated), mesh=target,
-             groups=groups, channels=info.element_shape[-1],
-             compute_dtype=config_lib.PRECISIONS[config.precision])
-  lowerers = {'train': _lower_train, 'train progressive': _lower_progressive,
-              'eval': _lower_eval}
+  params = _abstract(state.params, replicated)
+  eng = mesh_lib.MeshEngine(mesh_lib.place(spec, target, groups,
+                                           params=params))
+  compute_dtype = config_lib.PRECISIONS[config.precision]
+
+  def lower(name, shape):
+    carry = None
+    if config.train.stream:  # The engine-layout carry, replicated (as in train).
+      clip, targets = programs_lib.batch_like(eng, shape)
+      carry = _abstract(jax.eval_shape(
+          lambda: engine.init_carry(spec, params, clip, targets, config.mode,
+                                    compute_dtype)), replicated)
+    return programs_lib.lower(
+        name, shape, config, eng, optimizer, eng.state_like(params),
+        eng.state_like(_abstract(state.opt_state, replicated)),
+        tree_params=params, carry=carry)
+
   reports = []
   for name, shape in programs(config, info, schedule):
     if only is not None and name not in only:
       continue
     reports.append(report(name, shape,
-                          lambda n=name, s=shape: lowerers[n](run, s), chip,
+                          lambda n=name, s=shape: lower(n, s), chip,
                           keep_compiled))
     if log:
       r = reports[-1]

@@ -35,15 +35,12 @@ Example::
 
 import contextlib
 import dataclasses
-import functools
 import os
 import signal
-import threading
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -51,13 +48,14 @@ from jax.experimental import multihost_utils
 
 from skipside import data as data_lib
 from skipside.data import multigrid_loader
-from skipside import batchnorm, engine, multigrid, network, optim
+from skipside import aot, batchnorm, engine, multigrid, network, optim
 from skipside import checkpoints
 from skipside import config as config_lib
 from skipside import evaluation
 from skipside import fidelity
 from skipside import metrics as metrics_lib
 from skipside import mesh as mesh_lib
+from skipside import programs
 
 PyTree = Any
 
@@ -84,30 +82,6 @@ def _data_shard(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
   rows = mesh_lib.process_rows(mesh, batch_size)
   n = rows.stop - rows.start
   return rows.start // n, batch_size // n
-
-
-@functools.partial(jax.jit, static_argnames=('eng', 'optimizer', 'mode',
-                                             'compute_dtype', 'update_every',
-                                             'flush', 'skip_nonfinite',
-                                             'mask_fill'),
-                   donate_argnames=('params', 'opt_state'))
-def _train_step(eng, optimizer, params, opt_state, clip, targets, carry, *,
-                mode, compute_dtype, update_every, flush, skip_nonfinite,
-                mask_fill=True):
-  """The loop's step on any engine (``engine.LocalEngine``,
-  ``mesh.MeshEngine``): ``params`` and ``opt_state`` in its state layout,
-  donated; the carry in and out as an ``engine.StreamCarry`` (checkpoints
-  fit every engine)."""
-  new = eng.train_step(optimizer, params, opt_state, clip, targets,
-                       mode=mode, carry=carry, compute_dtype=compute_dtype,
-                       update_every=update_every, flush=flush,
-                       mask_fill=mask_fill)
-  out = new[2]
-  out = out._replace(carry=eng.to_stream_carry(out.carry))
-  params, opt_state = optim.finish_step(
-      (params, opt_state), new[:2], out.metrics['loss'],
-      skip_nonfinite=skip_nonfinite)
-  return params, opt_state, out
 
 
 # sysexits.h's EX_TEMPFAIL: the run stopped early but cleanly, rerun it (with
@@ -142,75 +116,6 @@ class _Preemption:
     finally:
       for s, p in zip(signals, previous):
         signal.signal(s, p)
-
-
-# JAX's monitoring events of a compilation: tracing, lowering, XLA.
-LOWERING_EVENT = '/jax/core/compile/jaxpr_to_mlir_module_duration'
-COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration', LOWERING_EVENT,
-                  multigrid.BACKEND_COMPILE_EVENT)
-
-
-class CompileClock:
-  """Compilation while active, from JAX's monitoring events: ``seconds``,
-  the wall time spent tracing, lowering and compiling (compilations that
-  overlap, in threads or nested, count once); ``recompilations``, how often
-  a function compiled before while active was compiled again (another
-  shape, dtype or static argument; counted at lowering, so a persistent
-  compilation cache hides none).
-
-  Example::
-
-    with train.CompileClock() as clock:
-      step(...)
-    print(clock.seconds, clock.recompilations)
-  """
-
-  def __init__(self):
-    self.recompilations = 0
-    self._spans = []  # (start, end) of every compile event.
-    self._compiled = set()  # Names of the functions lowered so far.
-    self._paused = False
-    self._lock = threading.Lock()
-
-  @property
-  def seconds(self) -> float:
-    total, reached = 0.0, float('-inf')
-    with self._lock:
-      spans = sorted(self._spans)
-    for start, end in spans:  # The union of the spans.
-      total += max(0.0, end - max(start, reached))
-      reached = max(reached, end)
-    return total
-
-  @contextlib.contextmanager
-  def paused(self):
-    """Compilations inside count as no recompilation (e.g. orbax's one-time
-    host-transfer slices at a mesh run's first checkpoint: one per
-    parameter shape, not the loop's)."""
-    self._paused = True
-    try:
-      yield
-    finally:
-      self._paused = False
-
-  def _listener(self, event: str, start: float, end: float,
-                fun_name: str = '', **kwargs) -> None:
-    del kwargs
-    if event not in COMPILE_EVENTS:
-      return
-    with self._lock:
-      self._spans.append((start, end))
-      if event == LOWERING_EVENT:
-        if fun_name in self._compiled and not self._paused:
-          self.recompilations += 1
-        self._compiled.add(fun_name)
-
-  def __enter__(self) -> 'CompileClock':
-    jax.monitoring.register_event_time_span_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    jax.monitoring.unregister_event_time_span_listener(self._listener)
 
 
 def _progress(total: int, initial: int):
@@ -250,100 +155,6 @@ def starved_stages_warning(config: ml_collections.ConfigDict,
           f'{list(ticks)})')
 
 
-def _compile_multigrid(config, eng, optimizer, state, schedule, info,
-                       compute_dtype, tree_params):
-  """Every train shape of ``schedule`` and the eval shape, compiled ahead of
-  time: ``(train step table, eval forward table)`` (``multigrid.BucketTable``,
-  keyed by the clip shape the loop passes: per process on one device, global
-  on a mesh).
-
-  Each bucket runs the loop's own step functions (``_train_step``,
-  ``evaluation.eval_step``, PGT's ``make_train_step``) on engine ``eng``
-  with the spec of its frame size (``network.for_frame_shape``; on a mesh the same stage
-  groups). ``state``: the train state in the engine's layout;
-  ``tree_params``: the params pytree's shapes.
-  """
-  static = dict(mode=config.mode, compute_dtype=compute_dtype,
-                update_every=None, flush=config.train.flush,
-                skip_nonfinite=config.train.on_nonfinite == 'skip',
-                mask_fill=config_lib.mask_fill(config))
-  pgt = config.get('progressive') and config.progressive.enabled
-  if pgt:
-    from skipside import progressive  # pylint: disable=g-import-not-at-top
-
-  def bucket_engine(key):
-    return eng.with_spec(network.for_frame_shape(eng.spec, tree_params,
-                                                 key[2:]))
-
-  def abstract(key):
-    """The loop's ``(clip, targets)`` for this process's clips of ``key``."""
-    local = (jax.ShapeDtypeStruct(key, jnp.float32),
-             jax.ShapeDtypeStruct(key[:1], jnp.int32))
-    try:
-      return eng.batch_like(local, key[0] * info.shard_count)
-    except ValueError as e:
-      raise config_lib.ConfigError(
-          f'multigrid bucket of clip shape {key}: {e} (config.mesh.data)'
-      ) from e
-
-  params, opt_state = (multigrid.abstract(state.params),
-                       multigrid.abstract(state.opt_state))
-
-  def lower_step(local_key):
-    clip, targets = abstract(local_key)
-    key = tuple(clip.shape)
-    if pgt:
-      try:
-        progressive.Options.from_config(config.progressive).num_fragments(
-            key[1])
-      except ValueError as e:
-        raise config_lib.ConfigError(
-            f'multigrid bucket of clip shape {key}: config.progressive: {e}'
-        ) from e
-      step = progressive.make_train_step(
-          bucket_engine(key), optimizer, config,
-          compute_dtype=compute_dtype, skip_nonfinite=static['skip_nonfinite'])
-      return step.lower(params, opt_state, clip, targets, None)
-    return _train_step.lower(bucket_engine(key), optimizer, params,
-                             opt_state, clip, targets, None, **static)
-
-  def lower_eval(local_key):
-    clip, targets = abstract(local_key)
-    return evaluation.eval_step.lower(
-        bucket_engine(tuple(clip.shape)), params, clip, targets,
-        mode=config.mode, compute_dtype=compute_dtype)
-
-  channels = info.element_shape[-1]
-  local_keys = [
-      multigrid_loader.clip_spec(s, channels, info.shard_count)[0].shape
-      for s in schedule.buckets()]
-  threads = config.multigrid.compile_threads or None
-  # Keyed by the clip the loop passes (``eng.put_batch``: global on a mesh).
-  local_of = {tuple(abstract(k)[0].shape): k for k in local_keys}
-  steps = multigrid.compile_buckets(
-      lambda k: lower_step(local_of[k]), list(local_of),
-      key_fn=lambda p, o, clip, t, c=None: tuple(clip.shape),
-      name='train step', num_threads=threads)
-  eval_key = (info.batch_size, *info.element_shape)
-  evals = multigrid.compile_buckets(
-      lambda k: lower_eval(eval_key), [tuple(abstract(eval_key)[0].shape)],
-      key_fn=lambda p, clip, t: tuple(clip.shape), name='eval forward')
-  logging.info('multigrid: compiled %d train shapes + eval in %.1fs',
-               len(local_of), steps.wall_seconds + evals.wall_seconds)
-  return steps, evals
-
-
-def _compile_norm_moments(spec, params, info) -> multigrid.BucketTable:
-  """``batchnorm.clip_moments`` on the base clip shape, compiled ahead."""
-  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                        params)
-  key = (info.batch_size * info.shard_count, *info.element_shape)
-  return multigrid.compile_buckets(
-      lambda k: batchnorm.jitted_clip_moments.lower(
-          spec, params, jax.ShapeDtypeStruct(k, jnp.float32)), [key],
-      key_fn=lambda p, clip: tuple(clip.shape), name='norm statistics')
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        restart: bool = False) -> dict:
   """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints).
@@ -370,16 +181,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoint writes and closes the metric files.
   """
   with contextlib.ExitStack() as resources:
-    return _train_and_evaluate(config, workdir, restart, resources)
+    clock = resources.enter_context(aot.CompileClock())
+    run = _set_up(config, workdir, restart, resources)
+    return _loop(config, run, clock, resources)
 
 
-def _train_and_evaluate(config, workdir, restart, resources) -> dict:
-  """``train_and_evaluate``; everything opened is closed by ``resources``
-  (an ``ExitStack``)."""
-  clock = resources.enter_context(CompileClock())
+@dataclasses.dataclass
+class _Run:
+  """A run ready for its loop (``_set_up``): everything is open and
+  registered with the caller's ``ExitStack``.
+
+  ``state`` holds params and optimizer state in the engine's layout (on a
+  mesh stage-sharded: each device holds and updates its own stages');
+  checkpoints and evaluation's statistics see the pytree (``as_tree``).
+  """
+  workdir: str
+  is_main: bool
+  mesh: jax.sharding.Mesh | None
+  spec: network.NetworkSpec
+  eng: Any  # engine.LocalEngine or mesh.MeshEngine
+  optimizer: Any
+  state: checkpoints.TrainState
+  tree_params: PyTree  # Shapes of the params pytree.
+  schedule: multigrid.Schedule | None
+  data_config: ml_collections.ConfigDict
+  train_iter: Any
+  ckpt: checkpoints.Checkpointer
+  writer: metrics_lib.MetricWriter
+  step_fn: Any  # (params, opt_state, clip, targets, carry) -> (..., out)
+  eval_forward: Any = None  # aot.BucketTable (multigrid), else None.
+  norm_moments: Any = None  # aot.BucketTable (multigrid), else None.
+  probe: tuple | None = None  # Gradient fidelity's fixed (clip, targets).
+
+  def as_tree(self) -> checkpoints.TrainState:
+    """The state with params and optimizer state as pytrees."""
+    return dataclasses.replace(
+        self.state, params=self.eng.to_tree(self.state.params),
+        opt_state=self.eng.to_tree(self.state.opt_state))
+
+
+def _write_config(config, workdir: str, restart: bool, is_main: bool):
+  """Validates ``config`` and claims ``workdir`` for it, before anything
+  is written (``config.json`` describes the checkpoints)."""
   config_lib.validate_config(config)
-  is_main = jax.process_index() == 0
-  # Before anything is written: config.json describes the checkpoints.
   checkpoints.prepare_workdir(config, workdir, restart=restart, move=is_main)
   if jax.process_count() > 1:  # Every process checked before main writes.
     multihost_utils.sync_global_devices('skipside_workdir_checked')
@@ -388,35 +232,65 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
+
+def _open_data(config, mesh, is_main: bool, resources) -> tuple:
+  """``(data_config, train iterator, multigrid schedule or None)``; the
+  iterator is closed by ``resources``."""
   data_config = config_lib.data_config(config)
-  mesh = config_lib.make_mesh(config) if config_lib.use_mesh(config) else None
   if mesh is not None and jax.process_count() > 1:  # Load only our rows.
     data_config.shard_index, data_config.shard_count = _data_shard(
         mesh, config.data.batch_size)
-  schedule = None
-  if multigrid.enabled(config):  # Batch shapes and LR follow a schedule.
-    multigrid.enable_compile_cache(config.multigrid.compile_cache_dir)
-    source = data_lib.make_source(data_config, data_config.split)
-    try:
-      schedule = multigrid.schedule_from_config(
-          config, len(source.data), (source.frame_shape or (None,))[0])
-    except ValueError as e:  # round_epochs leaving an LR step empty.
-      raise config_lib.ConfigError(str(e)) from e
-    # Before the iterator's threads and any compile: buckets too short for
-    # the pipeline would make zero-gradient steps.
-    for error in multigrid.depth_errors(
-        schedule, len(config_lib.parse_stages(config.model.stages)) - 1,
-        config.mode):
-      raise config_lib.ConfigError(error)
-    train_iter = multigrid_loader.MultigridIterator(data_config, schedule,
-                                                    source)
-    resources.callback(train_iter.close)
-    if is_main:
-      print(f'Multigrid schedule ({schedule.num_steps} steps):\n'
-            f'{schedule.table()}', flush=True)
-  else:
+  if not multigrid.enabled(config):
     train_iter = data_lib.make_iterator(data_config, train=True)
     resources.callback(train_iter.close)
+    return data_config, train_iter, None
+  # Batch shapes and LR follow a schedule.
+  aot.enable_compile_cache(config.multigrid.compile_cache_dir)
+  source = data_lib.make_source(data_config, data_config.split)
+  try:
+    schedule = multigrid.schedule_from_config(
+        config, len(source.data), (source.frame_shape or (None,))[0])
+  except ValueError as e:  # round_epochs leaving an LR step empty.
+    raise config_lib.ConfigError(str(e)) from e
+  # Before the iterator's threads and any compile: buckets too short for
+  # the pipeline would make zero-gradient steps.
+  for error in multigrid.depth_errors(
+      schedule, len(config_lib.parse_stages(config.model.stages)) - 1,
+      config.mode):
+    raise config_lib.ConfigError(error)
+  train_iter = multigrid_loader.MultigridIterator(data_config, schedule,
+                                                  source)
+  resources.callback(train_iter.close)
+  if is_main:
+    print(f'Multigrid schedule ({schedule.num_steps} steps):\n'
+          f'{schedule.table()}', flush=True)
+  return data_config, train_iter, schedule
+
+
+def _stream_carry(config, spec, params, data_config, mesh, compute_dtype):
+  """A fresh stream carry shaped like the training batches (global on a
+  mesh)."""
+  with contextlib.closing(data_lib.make_iterator(data_config,
+                                                 train=True)) as it:
+    batch = next(it)  # Shapes of the carry.
+  clip, targets = batch['video'], evaluation.targets_of(batch, spec)
+  if mesh is not None:  # The carry holds the global batch.
+    clip, targets = (jax.ShapeDtypeStruct(
+        (config.data.batch_size, *x.shape[1:]), x.dtype)
+                     for x in (clip, targets))
+  return engine.init_carry(spec, params, clip, targets, config.mode,
+                           compute_dtype)
+
+
+def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
+  """Validates, claims the workdir, opens data, builds or restores the
+  train state in the engine's layout and compiles what is compiled ahead;
+  everything opened is closed by ``resources`` (an ``ExitStack``)."""
+  is_main = jax.process_index() == 0
+  _write_config(config, workdir, restart, is_main)
+  mesh = config_lib.make_mesh(config) if config_lib.use_mesh(config) else None
+  data_config, train_iter, schedule = _open_data(config, mesh, is_main,
+                                                 resources)
   line = data_lib.describe_process(train_iter.info, mesh)
   logging.info(line)
   if jax.process_count() > 1:  # Every process: who it is, which rows it reads.
@@ -429,19 +303,12 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
     print(f'WARNING: {starved}', flush=True)
   compute_dtype = config_lib.PRECISIONS[config.precision]
   if config.train.stream:
-    with contextlib.closing(data_lib.make_iterator(data_config,
-                                                   train=True)) as it:
-      batch = next(it)  # Shapes of the carry.
-    clip, targets = batch['video'], evaluation.targets_of(batch, spec)
-    if mesh is not None:  # The carry holds the global batch.
-      clip, targets = (jax.ShapeDtypeStruct(
-          (config.data.batch_size, *x.shape[1:]), x.dtype)
-                       for x in (clip, targets))
-    state.carry = engine.init_carry(spec, state.params, clip, targets,
-                                    config.mode, compute_dtype)
-  mspec = None
+    state.carry = _stream_carry(config, spec, state.params, data_config, mesh,
+                                compute_dtype)
+  eng = engine.LocalEngine(spec)
   if mesh is not None:  # Same pytrees, replicated: checkpoints fit both.
-    mspec = config_lib.place(config, spec, state.params, mesh)
+    eng = mesh_lib.MeshEngine(config_lib.place(config, spec, state.params,
+                                               mesh))
     state = dataclasses.replace(
         state, params=_replicated(mesh, state.params),
         opt_state=_replicated(mesh, state.opt_state),
@@ -459,148 +326,146 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
     logging.info('resumed from step %d (%s)', state.step, meta)
     if is_main:
       print(f'Resumed from {workdir} at step {state.step}.', flush=True)
-  tree_params = multigrid.abstract(state.params)  # Shapes of the pytree.
-  pgt = bool(config.get('progressive') and config.progressive.enabled)
-  # The train state in the engine's layout: on a mesh stage-sharded (each
-  # device holds and updates its own stages' params and optimizer state).
-  # Checkpoints and evaluation's statistics see the pytree (as_tree).
-  eng = (engine.LocalEngine(spec) if mspec is None
-         else mesh_lib.MeshEngine(mspec))
+  tree_params = aot.abstract(state.params)
   state = dataclasses.replace(state, params=eng.to_state(state.params),
                               opt_state=eng.to_state(state.opt_state))
-
-  def as_tree(state: checkpoints.TrainState) -> checkpoints.TrainState:
-    """``state`` with params and optimizer state as pytrees."""
-    return dataclasses.replace(state, params=eng.to_tree(state.params),
-                               opt_state=eng.to_tree(state.opt_state))
-
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   resources.callback(writer.close)
-  step_fn = functools.partial(
-      _train_step, eng, optimizer, mode=config.mode,
-      compute_dtype=compute_dtype,
-      update_every=config.train.update_every or None,
-      flush=config.train.flush,
-      skip_nonfinite=config.train.on_nonfinite == 'skip',
-      mask_fill=config_lib.mask_fill(config))
-  eval_forward, norm_moments = None, None
+  run = _Run(workdir=workdir, is_main=is_main, mesh=mesh, spec=spec, eng=eng,
+             optimizer=optimizer, state=state, tree_params=tree_params,
+             schedule=schedule, data_config=data_config,
+             train_iter=train_iter, ckpt=ckpt, writer=writer,
+             step_fn=programs.train_step_for(config, eng, optimizer))
   if schedule is not None:  # Every shape compiled before the first step.
-    step_fn, eval_forward = _compile_multigrid(
-        config, eng, optimizer, state, schedule, train_iter.info,
-        compute_dtype, tree_params)
-    if batchnorm.has_norms(spec, tree_params):  # Its statistics pass too.
-      norm_moments = _compile_norm_moments(spec, tree_params,
-                                           train_iter.info)
-  elif pgt:
-    from skipside import progressive  # PGT: videos as serial fragments.
-    step_fn = progressive.make_train_step(
-        eng, optimizer, config, compute_dtype=compute_dtype,
-        skip_nonfinite=config.train.on_nonfinite == 'skip')
-
-  def meta():
-    m = {'step': state.step, 'schedule_position': state.step,
-         'mode': config.mode}
-    if schedule is not None:
-      m['multigrid'] = schedule.position(state.step)
-    return m
-
-  def run_eval():
-    params = state.params
-    if batchnorm.has_norms(spec, tree_params):  # Population statistics.
-      params = evaluation.eval_params(config, spec, eng.to_tree(params),
-                                      data_config, norm_moments)
-      params = eng.to_state(params if mesh is None else
-                            _replicated(mesh, params))
-    it = data_lib.make_eval_iterator(data_config)
-    batches, forward = evaluation.eval_feed(
-        eng, it, config.data.batch_size, mode=config.mode,
-        compute_dtype=compute_dtype, compiled=eval_forward)
-    try:
-      return evaluation.evaluate(
-          spec, params, batches, mode=config.mode,
-          compute_dtype=compute_dtype,
-          max_batches=config.eval.max_batches or None, forward=forward)
-    finally:
-      it.close()
-
-  probe = None  # Gradient fidelity's fixed batch: the first eval batch.
+    run.step_fn, run.eval_forward, run.norm_moments = programs.compile_ahead(
+        config, eng, optimizer, aot.abstract(state.params),
+        aot.abstract(state.opt_state), train_iter.info, schedule,
+        tree_params=tree_params,
+        norms=batchnorm.has_norms(spec, tree_params))
   if config.train.get('fidelity_every', 0):
     with contextlib.closing(data_lib.make_eval_iterator(data_config)) as it:
-      batch = next(it)
-    probe = eng.put_batch(
+      batch = next(it)  # Gradient fidelity's fixed batch: the first eval one.
+    run.probe = eng.put_batch(
         (batch['video'], evaluation.targets_of(batch, spec)),
         len(batch['video']) * train_iter.info.shard_count)
+  return run
 
-  def log_fidelity():
-    cosines = fidelity.stage_cosines(eng, state.params, *probe,
-                                     compute_dtype=compute_dtype)
-    writer.write(state.step, {f'fidelity/cosine_stage_{l}': float(c)
-                              for l, c in enumerate(cosines)})
 
-  as_tree(state)  # Compile the pytree conversions before the loop counts.
-  total = schedule.num_steps if schedule else config.train.num_steps
-  summary = {'preempted': False, 'start_step': state.step}
+def _evaluate(config, run: _Run) -> dict:
+  """Evaluation metrics of the current params (population statistics of
+  sub-batch norms first)."""
+  params = run.state.params
+  if batchnorm.has_norms(run.spec, run.tree_params):
+    params = evaluation.eval_params(config, run.spec,
+                                    run.eng.to_tree(params), run.data_config,
+                                    run.norm_moments)
+    if run.mesh is not None:  # to_state takes global arrays.
+      params = _replicated(run.mesh, params)
+    params = run.eng.to_state(params)
+  compute_dtype = config_lib.PRECISIONS[config.precision]
+  with contextlib.closing(data_lib.make_eval_iterator(run.data_config)) as it:
+    batches, forward = evaluation.eval_feed(
+        run.eng, it, config.data.batch_size, mode=config.mode,
+        compute_dtype=compute_dtype, compiled=run.eval_forward)
+    return evaluation.evaluate(
+        run.spec, params, batches, mode=config.mode,
+        compute_dtype=compute_dtype,
+        max_batches=config.eval.max_batches or None, forward=forward)
+
+
+def _log_fidelity(config, run: _Run) -> None:
+  cosines = fidelity.stage_cosines(
+      run.eng, run.state.params, *run.probe,
+      compute_dtype=config_lib.PRECISIONS[config.precision])
+  run.writer.write(run.state.step, {f'fidelity/cosine_stage_{l}': float(c)
+                                    for l, c in enumerate(cosines)})
+
+
+def _meta(config, run: _Run) -> dict:
+  """What a checkpoint records beside the state."""
+  m = {'step': run.state.step, 'mode': config.mode}
+  if run.schedule is not None:
+    m['multigrid'] = run.schedule.position(run.state.step)
+  return m
+
+
+def _check_loss(config, run: _Run, summary: dict, step: int,
+                loss: jax.Array) -> float:
+  """``loss`` of training step ``step`` on the host; a non-finite one stops
+  the run (``'stop'``) or is counted (``'skip'``: its update was dropped on
+  the device, ``optim.finish_step``)."""
+  value = float(loss)
+  if np.isfinite(value):
+    return value
+  if config.train.on_nonfinite == 'stop':
+    raise NonFiniteLossError(
+        f'non-finite loss {value} at step {step}; stopping. The last good '
+        f'checkpoint in {run.workdir}/checkpoints is kept '
+        "(set config.train.on_nonfinite='skip' to skip such steps)")
+  logging.warning('non-finite loss at step %d: update skipped', step)
+  summary['skipped_steps'] = summary.get('skipped_steps', 0) + 1
+  return value
+
+
+def _next_batch(config, run: _Run) -> tuple:
+  """The next training ``(clip, targets)`` as the engine takes them, and
+  the number of clips this process read."""
+  batch = next(run.train_iter)
+  clip, targets = batch['video'], evaluation.targets_of(batch, run.spec)
+  try:  # Labels out of range give a NaN or a plausible loss, silently.
+    engine.check_values(run.spec, clip, targets)
+  except ValueError as e:
+    raise ValueError(f'training batch {run.state.step + 1} of '
+                     f'{config.data.dataset!r}: {e}') from e
+  # This process's rows -> the engine's arrays (multigrid: the bucket's).
+  return run.eng.put_batch((clip, targets),
+                           len(clip) * run.train_iter.info.shard_count), len(
+                               clip)
+
+
+def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
+  """Trains ``run`` to the end of its schedule (or a preemption); returns
+  the summary (``train_and_evaluate``)."""
+  run.as_tree()  # Compile the pytree conversions before the loop counts.
+  total = run.schedule.num_steps if run.schedule else config.train.num_steps
+  summary = {'preempted': False, 'start_step': run.state.step}
   if config.mode == 'sideways':  # How old each stage's gradient is.
     summary.update({f'fidelity/staleness_ticks_stage_{l}': t for l, t in
-                    enumerate(fidelity.staleness_ticks(spec))})
-  if probe is not None and state.step < total:
-    log_fidelity()  # At the start (compiled before the loop counts).
-
-  def check_loss(step: int, loss: jax.Array) -> float:
-    """``loss`` of training step ``step`` on the host; a non-finite one
-    stops the run (``'stop'``) or is counted (``'skip'``: its update was
-    dropped on the device, ``optim.finish_step``)."""
-    value = float(loss)
-    if np.isfinite(value):
-      return value
-    if config.train.on_nonfinite == 'stop':
-      raise NonFiniteLossError(
-          f'non-finite loss {value} at step {step}; stopping. The last good '
-          f'checkpoint in {workdir}/checkpoints is kept '
-          "(set config.train.on_nonfinite='skip' to skip such steps)")
-    logging.warning('non-finite loss at step %d: update skipped', step)
-    summary['skipped_steps'] = summary.get('skipped_steps', 0) + 1
-    return value
-
+                    enumerate(fidelity.staleness_ticks(run.spec))})
+  if run.probe is not None and run.state.step < total:
+    _log_fidelity(config, run)  # At the start (compiled before the loop counts).
+  every = config.train
   unread = None  # (step, loss) of the last step, not yet read on the host.
   train_metrics, eval_metrics = {}, {}
   clips, t0, t_log = 0, time.time(), time.time()
-  bar = _progress(total, state.step)
+  bar = _progress(total, run.state.step)
   resources.callback(bar.close)
   recompilations = clock.recompilations  # Those in the loop count.
   with _Preemption().installed() as preemption:
-    while state.step < total:
-      ckpt.check()  # A save that failed in the background stops the run.
-      batch = next(train_iter)
-      clip, targets = batch['video'], evaluation.targets_of(batch, spec)
-      try:  # Labels out of range give a NaN or a plausible loss, silently.
-        engine.check_values(spec, clip, targets)
-      except ValueError as e:
-        raise ValueError(f'training batch {state.step + 1} of '
-                         f'{config.data.dataset!r}: {e}') from e
-      # This process's rows -> the engine's arrays (multigrid: the bucket's).
-      clip, targets = eng.put_batch((clip, targets),
-                                    len(clip) * train_iter.info.shard_count)
-      params, opt_state, out = step_fn(state.params, state.opt_state, clip,
-                                       targets, state.carry)
+    while run.state.step < total:
+      run.ckpt.check()  # A save that failed in the background stops the run.
+      (clip, targets), n = _next_batch(config, run)
+      state = run.state
+      params, opt_state, out = run.step_fn(state.params, state.opt_state,
+                                           clip, targets, state.carry)
       # The step before's loss is read now, while this one is queued: a
       # host read of this step's would stall the device every step.
       if unread is not None:
-        check_loss(*unread)
+        _check_loss(config, run, summary, *unread)
       unread = (state.step + 1, out.metrics['loss'])
-      state = dataclasses.replace(
+      run.state = state = dataclasses.replace(
           state, step=state.step + 1, params=params, opt_state=opt_state,
           carry=out.carry if config.train.stream else None)
-      clips += len(batch['video'])
+      clips += n
       bar.update(1)
       stopping = bool(preemption.requested) and state.step < total
       boundary = state.step == total or stopping or any(
-          state.step % every == 0 for every in (
-              config.train.log_every, config.train.checkpoint_every,
-              config.train.eval_every))
+          state.step % k == 0 for k in (every.log_every,
+                                        every.checkpoint_every,
+                                        every.eval_every))
       if boundary:  # Nothing is logged or saved past an unread loss.
-        loss, unread = check_loss(*unread), None
-      if state.step % config.train.log_every == 0 or state.step == total:
+        loss, unread = _check_loss(config, run, summary, *unread), None
+      if state.step % every.log_every == 0 or state.step == total:
         now = time.time()
         train_metrics = {f'train/{k}': float(v)
                          for k, v in out.metrics.items()}
@@ -608,43 +473,44 @@ def _train_and_evaluate(config, workdir, restart, resources) -> dict:
         lr = optim.learning_rate(state.opt_state)  # The last update's rate.
         if lr is not None:
           train_metrics['train/learning_rate'] = float(lr)
-        if schedule is not None:  # The phase this step trained in.
+        if run.schedule is not None:  # The phase this step trained in.
           train_metrics['train/multigrid_phase'] = float(
-              schedule.phase_index(state.step - 1))
-        train_metrics.update(train_iter.stats.metrics())
+              run.schedule.phase_index(state.step - 1))
+        train_metrics.update(run.train_iter.stats.metrics())
         clips, t_log = 0, now
         bar.set_postfix(loss=f'{loss:.4f}',
                         clips_s=f'{train_metrics["train/clips_per_s"]:.1f}')
-        writer.write(state.step, train_metrics)
-      if state.step % config.train.checkpoint_every == 0 or state.step == total:
+        run.writer.write(state.step, train_metrics)
+      if state.step % every.checkpoint_every == 0 or state.step == total:
         with clock.paused():
-          ckpt.save(as_tree(state), train_iter.get_state(), meta())
-      if state.step % config.train.eval_every == 0 or state.step == total:
-        eval_metrics = run_eval()
-        writer.write(state.step, eval_metrics)
-        if is_main:
+          run.ckpt.save(run.as_tree(), run.train_iter.get_state(),
+                        _meta(config, run))
+      if state.step % every.eval_every == 0 or state.step == total:
+        eval_metrics = _evaluate(config, run)
+        run.writer.write(state.step, eval_metrics)
+        if run.is_main:
           bar.write(f'step {state.step}: ' + ', '.join(
               f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-      if probe is not None and state.step % config.train.fidelity_every == 0:
-        log_fidelity()
+      if run.probe is not None and state.step % every.fidelity_every == 0:
+        _log_fidelity(config, run)
       if stopping:  # The flag as read above: its loss was read then.
         with clock.paused():
-          ckpt.save(as_tree(state), train_iter.get_state(), meta(),
-                    wait=True)
+          run.ckpt.save(run.as_tree(), run.train_iter.get_state(),
+                        _meta(config, run), wait=True)
         summary['preempted'] = True
-        if is_main:
+        if run.is_main:
           bar.write(f'{preemption.requested}: saved a checkpoint at step '
                     f'{state.step}; exiting. Run again with the same '
                     '--workdir to resume.')
         break
-  ckpt.wait()  # The last save is on disk before the run reports success.
-  if summary['start_step'] >= total and is_main:  # A finished run, again.
-    train_metrics = metrics_lib.last_metrics(workdir)
-    print(f'Nothing to train: {workdir} is at step {state.step} of {total}; '
-          'its final metrics, read back from its metrics.jsonl: ' + (', '.join(
-              f'{k}={v:.4f}' for k, v in train_metrics.items()) or 'none'),
-          flush=True)
-  summary.update(step=state.step, wall_s=time.time() - t0, **train_metrics,
-                 **eval_metrics, compile_s=clock.seconds,
+  run.ckpt.wait()  # The last save is on disk before the run reports success.
+  if summary['start_step'] >= total and run.is_main:  # A finished run, again.
+    train_metrics = metrics_lib.last_metrics(run.workdir)
+    print(f'Nothing to train: {run.workdir} is at step {run.state.step} of '
+          f'{total}; its final metrics, read back from its metrics.jsonl: ' + (
+              ', '.join(f'{k}={v:.4f}' for k, v in train_metrics.items())
+              or 'none'), flush=True)
+  summary.update(step=run.state.step, wall_s=time.time() - t0,
+                 **train_metrics, **eval_metrics, compile_s=clock.seconds,
                  compilations_in_loop=clock.recompilations - recompilations)
   return summary

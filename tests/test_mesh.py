@@ -479,12 +479,11 @@ def test_train_steps_donate_params_and_optimizer_state():
   assert all(x.is_deleted() for x in jax.tree.leaves(state)
              if x.shape == pstack.shape)
   # The training loop's step, on one device.
-  from skipside import train  # pylint: disable=g-import-not-at-top
+  from skipside import programs  # pylint: disable=g-import-not-at-top
   p, s = _copy(params), opt.init(params)
-  train._train_step(engine.LocalEngine(spec), opt, p, s, clip, targets, None,
-                    mode='sideways',
-                    compute_dtype=jnp.float32, update_every=None, flush=0,
-                    skip_nonfinite=False)
+  programs.train_step(engine.LocalEngine(spec), opt, p, s, clip, targets,
+                      None, mode='sideways', compute_dtype=jnp.float32,
+                      update_every=None, flush=0, skip_nonfinite=False)
   assert all(x.is_deleted() for x in jax.tree.leaves((p, s)))
   # The convenience steps keep their inputs (users reuse them).
   p = _copy(params)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from skipside import config as config_lib
-from skipside import multigrid
+from skipside import aot, multigrid
 from skipside.data import multigrid_loader
 
 # DESIGN.md §3: SlowFast's SLOWFAST_8x8_R50_stepwise_multigrid on Kinetics.
@@ -322,21 +322,21 @@ def test_shape_not_in_table_is_an_error_naming_it():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   f = jax.jit(lambda x: (x * 2).sum())
   keys = [(4, 2), (2, 4)]
-  table = multigrid.compile_buckets(
+  table = aot.compile_buckets(
       lambda k: f.lower(jax.ShapeDtypeStruct(k, jnp.float32)), keys,
       key_fn=lambda x: tuple(x.shape), name='toy')
   assert set(table.executables) == set(keys)
   a, b, c = np.ones((4, 2), np.float32), np.ones((2, 4)), np.ones((3, 3))
-  with multigrid.CompileCounter() as compiles:
+  with aot.CompileClock() as compiles:
     assert float(table(a)) == 16
     assert float(table(b.astype(np.float32))) == 16
-    with pytest.raises(multigrid.ShapeNotCompiledError,
+    with pytest.raises(aot.ShapeNotCompiledError,
                        match=r'toy: shape \(3, 3\) is not in the table'):
       table(c)
-  assert compiles.count == 0
-  with multigrid.CompileCounter() as compiles:  # The counter does count.
+  assert compiles.compilations == 0
+  with aot.CompileClock() as compiles:  # The counter does count.
     f(jnp.ones((5, 5)))
-  assert compiles.count >= 1
+  assert compiles.compilations >= 1
 
 
 def test_mesh_engine_runs_every_bucket():
@@ -503,7 +503,9 @@ def test_a_failed_run_closes_its_loader_threads(tmp_path, data_dir):
     train.train_and_evaluate(c, str(tmp_path))
   loaders, tb = [], failure.value.__traceback__
   while tb is not None:  # The loop's own loader, from its frame.
-    loaders += [v for v in tb.tb_frame.f_locals.values()
+    found = [getattr(v, 'train_iter', v)  # Also the run's (train._Run).
+             for v in tb.tb_frame.f_locals.values()]
+    loaders += [v for v in found
                 if isinstance(v, multigrid_loader.MultigridIterator)]
     tb = tb.tb_next
   assert loaders

@@ -17,7 +17,7 @@ ready for the step, read in this process with grain threads) on
     base shape, in memory and clip by clip;
 
 against clips per second consumed by the training loop's jitted step
-(`train._train_step`, donated state) of the default run
+(`programs.train_step`, donated state) of the default run
 (``experiments/configs/default.py``: its Skip-Sideways net, mode, Adam with
 clipping and schedule; 3 channels and 2 classes for the video rows) and of
 the multigrid run at the same two bucket shapes, on the same batch and clip
@@ -30,7 +30,6 @@ input would be a bottleneck. Headline: `input_over_train_clips_per_s`
 """
 
 import argparse
-import functools
 import os
 import shutil
 import statistics
@@ -42,7 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from experiments.benchmarks import common
-from skipside import data
+from skipside import aot, data
 from skipside.data import moving_digits
 from skipside.data import video_folder
 
@@ -79,25 +78,18 @@ def pipeline_fn(config):
 
 
 def _step_fn(config, info, batch: int, frames: int, bucket=None):
-  """One jitted step of the training loop (`train._train_step`) for
+  """One jitted step of the training loop (`programs.train_step`) for
   `config`'s net on host batches of (batch, frames, *bucket-or-info frame),
   synchronised; its donated state carried from call to call."""
-  from skipside import checkpoints, engine, network, train  # pylint: disable=g-import-not-at-top
-  from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
-  from skipside import multigrid  # pylint: disable=g-import-not-at-top
+  from skipside import checkpoints, engine, programs  # pylint: disable=g-import-not-at-top
   spec, optimizer, state = checkpoints.init_state(config, info)
   eng = engine.LocalEngine(spec)
   frame = tuple(bucket or info.element_shape[1:])
   if bucket is not None:  # A multigrid bucket: the net at its frame size.
-    eng = eng.with_spec(network.for_frame_shape(
-        spec, multigrid.abstract(state.params), frame))
+    eng = programs.engine_at(eng, aot.abstract(state.params), frame)
   carry = {'params': eng.to_state(state.params),
            'opt': eng.to_state(state.opt_state)}
-  step = functools.partial(
-      train._train_step, eng, optimizer, mode=config.mode,  # pylint: disable=protected-access
-      compute_dtype=config_lib.PRECISIONS[config.precision],
-      update_every=config.train.update_every or None,
-      flush=config.train.flush, skip_nonfinite=False)
+  step = programs.train_step_for(config, eng, optimizer)
   rng = np.random.default_rng(0)
   clip = rng.random((batch, frames, *frame), np.float32)
   labels = (np.arange(batch) % info.num_classes).astype(np.int32)
@@ -279,10 +271,10 @@ def main():
           'num_workers': 0, 'prefetch': PREFETCH,
           'moving_digits': 'default (16x32x32x1)',
           'videos': '16 mpeg4 .avi, 48 frames 240x320 RGB, stride 2',
-          'train': 'train._train_step of experiments/configs/default.py '
+          'train': 'programs.train_step of experiments/configs/default.py '
                    '(its net, sideways, adam + clip + cosine)',
           'multigrid': 'experiments/configs/multigrid.py:bp, MultigridIterator '
-                       'and train._train_step at the coarsest and base buckets',
+                       'and programs.train_step at the coarsest and base buckets',
           'in_memory_gb': data.get_config().in_memory_gb,
       },
       'device': common.device_info(load_average_1min=os.getloadavg()[0]),

@@ -94,7 +94,7 @@ from flax import nnx  # noqa: E402
 from experiments.benchmarks import common  # noqa: E402
 from experiments.benchmarks import peer  # noqa: E402
 from skipside import engine, mesh, models, network, placement  # noqa: E402
-from skipside import train  # noqa: E402
+from skipside import programs  # noqa: E402
 
 BATCH, FRAMES = 8, 16
 STREAM_FRAMES = 128
@@ -155,7 +155,7 @@ def compare(spec, params, mspec, mode, clip, labels, repeats):
 
 
 def train_steps(spec, params, mspec, clip, labels, repeats):
-  """The training loop's steps (``train._train_step``: sideways, Adam, one
+  """The training loop's steps (``programs.train_step``: sideways, Adam, one
   step per clip, params and optimizer state donated) on one device and on
   the mesh's stage-sharded state, each state fed back, interleaved."""
   opt = optax.adam(1e-3)
@@ -166,7 +166,7 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
                mesh.shard_tree(mspec, opt.init(params)))}
   kw = dict(mode='sideways', compute_dtype=jnp.float32, update_every=None,
             flush=0, skip_nonfinite=False)
-  step_fn = train._train_step  # pylint: disable=protected-access
+  step_fn = programs.train_step
   steps = {k: functools.partial(step_fn, e, opt)
            for k, e in (('single', engine.LocalEngine(spec)),
                         ('mesh', mesh.MeshEngine(mspec)))}

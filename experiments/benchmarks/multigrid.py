@@ -15,7 +15,7 @@ on frames only, crops stay 32).
 
 Every row uses the same loader (``multigrid_loader.MultigridIterator``; the
 baseline's schedule has one shape), the same ahead-of-time compilation and
-jitted step as ``train.train_and_evaluate`` (``train._compile_multigrid``),
+jitted step as ``train.train_and_evaluate`` (``programs.compile_ahead``),
 so rows differ only in the schedule. ``compile_s`` (every bucket + eval,
 before training) is reported apart from ``train_s`` (the step loop, loader
 included), and the schedule is run a second time with the loader and the
@@ -42,7 +42,7 @@ import numpy as np
 
 from experiments.configs import multigrid as mg_config
 from experiments.benchmarks import common
-from skipside import checkpoints, engine, evaluation, multigrid, train
+from skipside import aot, checkpoints, engine, evaluation, multigrid, programs
 from skipside import config as config_lib
 from skipside import data as data_lib
 from skipside.data import multigrid_loader
@@ -125,9 +125,10 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
   it = multigrid_loader.MultigridIterator(data_config, sched, source)
   spec, optimizer, state = checkpoints.init_state(c, it.info, sched)
   t0 = time.perf_counter()
-  steps, evals = train._compile_multigrid(  # pylint: disable=protected-access
-      c, engine.LocalEngine(spec), optimizer, state, sched, it.info,
-      config_lib.PRECISIONS['float32'], multigrid.abstract(state.params))
+  steps, evals, _ = programs.compile_ahead(
+      c, engine.LocalEngine(spec), optimizer, aot.abstract(state.params),
+      aot.abstract(state.opt_state), it.info, sched,
+      tree_params=aot.abstract(state.params))
   compile_s = time.perf_counter() - t0
   # The compiled steps donate their state: each pass starts from a copy.
   params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
@@ -135,7 +136,7 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
   it.set_state({'multigrid': {'step': 0, 'position': 0},
                 'stats': {'failed': 0, 'too_short': 0}})
   losses = []
-  with multigrid.CompileCounter() as compiles:
+  with aot.CompileClock() as compiles:
     t0 = time.perf_counter()
     for _ in range(sched.num_steps):
       batch = next(it)
@@ -176,7 +177,7 @@ def run(mode: str, variant: str, epochs: float, data_dir=None) -> dict:
       'final_train_loss': float(np.mean([float(l) for l in losses[-10:]])),
       'accuracy': metrics['eval/accuracy'],
       'eval_clips': metrics['eval/clips'],
-      'compilations_after_compile': compiles.count,
+      'compilations_after_compile': compiles.compilations,
   }
 
 
