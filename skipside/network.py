@@ -157,12 +157,21 @@ def _combine_rules(combine, num_stages: int) -> list[str]:
   return rules
 
 
+def _abstract_call(module: nnx.Module, fn, *args):
+  """``jax.eval_shape`` of ``fn(module, *args)`` with the module's variables
+  as arguments: they may be arrays or ``ShapeDtypeStruct``s (a spec's
+  abstract params), and nothing the call writes leaks into ``module``."""
+  graphdef, variables = nnx.split(module)
+  return jax.eval_shape(
+      lambda v, *a: fn(nnx.merge(graphdef, v), *a), variables, *args)
+
+
 def _eval_stage(stage, index, x: jax.ShapeDtypeStruct):
-  """Output shape and state of ``stage`` on ``x``; errors name the stage."""
+  """Output shape of ``stage`` on ``x``; errors name the stage."""
   try:
-    state = jax.eval_shape(lambda: stages_lib.init_stage_state(stage, x))
-    y, new_state = jax.eval_shape(
-        lambda x, s: stages_lib.call_stage(stage, x, s), x, state)
+    state = _abstract_call(stage, stages_lib.init_stage_state, x)
+    y, new_state = _abstract_call(
+        stage, lambda m, x, s: stages_lib.call_stage(m, x, s), x, state)
   except Exception as e:  # Re-raised with the stage and shape named.
     raise ValueError(
         f'{_describe(stage, index)} failed on input of shape {x.shape} '
@@ -186,6 +195,72 @@ def _eval_stage(stage, index, x: jax.ShapeDtypeStruct):
         f'{_describe(stage, index)} returns state of a different structure '
         'or shape than its init_state')
   return y
+
+
+def _check_skips(l, rule, sources, shapes, stage_of):
+  """Raises if stage ``l``'s skip inputs do not combine with its chain input
+  under ``rule`` (naming the edge, both stages and both shapes)."""
+  chain = shapes[0]
+  for k, s in zip(sources[1:], shapes[1:]):
+    if not (_fits(s, chain) and (rule == 'concat' or s[-1] == chain[-1])):
+      raise ValueError(
+          f'skip edge ({k}, {l}): {_describe(stage_of(k), k)} outputs '
+          f'{tuple(s)} but {_describe(stage_of(l), l)} takes {tuple(chain)} '
+          f'from the chain; with combine {rule!r} these do not combine ('
+          + ('channels must match and ' if rule == 'sum' else '')
+          + 'spatial sizes must be integer multiples of the chain input)')
+
+
+def _infer_shapes(stage_of, head: nnx.Module, in_edges, rules,
+                 frame_shape: Sequence[int], on_combine=None):
+  """Shape inference over the stage graph, written once.
+
+  ``Network`` runs it at construction (building its combine modules through
+  ``on_combine``) and ``for_frame_shape`` on a spec's blocks at another frame
+  size. Stage 0 reads a frame; stage ``l`` its in-edges (chain first),
+  checked and combined by ``rules[l]`` into the chain input's shape; each
+  stage's output comes from ``jax.eval_shape`` of its ``init_state`` and
+  call, checked against the stage contract. Batch 2: batch 1 would hide
+  batch-axis mistakes. Nothing is computed.
+
+  Args:
+    stage_of: stage index -> its stage module (params may be arrays or
+      ``ShapeDtypeStruct``s).
+    head: the head module.
+    in_edges: per stage, its source stages, chain first (``()`` for 0).
+    rules: per stage, its combine rule (``COMBINE_RULES``).
+    frame_shape: one frame without the batch axis.
+    on_combine: called as ``on_combine(l, shapes)`` for every stage
+      ``l > 0`` with its in-edges' feature shapes once they are checked.
+
+  Returns:
+    ``(in_shapes, out_shapes, prediction_shape)``: per stage its combined
+    input and its output feature shape, and the head's; no batch axis.
+
+  Raises:
+    ValueError: naming the stage (or the head) that fails on its input or
+      breaks the contract, or the skip edge whose shapes do not combine.
+  """
+  x = jax.ShapeDtypeStruct((2, *frame_shape), jnp.float32)
+  ins, outs = [], []
+  for l, sources in enumerate(in_edges):
+    if l > 0:
+      shapes = [outs[k].shape[1:] for k in sources]
+      _check_skips(l, rules[l], sources, shapes, stage_of)
+      if on_combine is not None:
+        on_combine(l, shapes)
+      # Both rules give the chain input's shape (pool, then sum or project).
+      x = jax.ShapeDtypeStruct((2, *shapes[0]), jnp.float32)
+    ins.append(x)
+    outs.append(_eval_stage(stage_of(l), l, x))
+  try:
+    pred = _abstract_call(head, lambda m, y: m(y), outs[-1])
+  except Exception as e:  # Re-raised with the shape named.
+    raise ValueError(
+        f'head ({type(head).__name__}) failed on the top stage output '
+        f'{outs[-1].shape}: {e}') from e
+  return (tuple(tuple(v.shape[1:]) for v in ins),
+          tuple(tuple(y.shape[1:]) for y in outs), tuple(pred.shape[1:]))
 
 
 class Network(nnx.Module):
@@ -221,51 +296,20 @@ class Network(nnx.Module):
     in_edges[0] = ()
     self.in_edges = tuple(in_edges)
 
-    # Shape inference with batch 2 (batch 1 would hide batch-axis mistakes).
-    x = jax.ShapeDtypeStruct((2, *self.frame_shape), jnp.float32)
-    blocks, out_shapes, in_shapes = [], [], []
-    for l, stage in enumerate(stages):
-      if l > 0:
-        x, combine_mod = self._make_combine(l, rules[l], out_shapes, stages,
-                                            rngs)
-      else:
-        combine_mod = None
-      in_shapes.append(x.shape[1:])
-      out_shapes.append(_eval_stage(stage, l, x))
-      blocks.append(Block(stage, combine_mod))
-    self.blocks = nnx.List(blocks)
-    self.head = head
-    self.in_shapes = tuple(in_shapes)
-    self.out_shapes = tuple(o.shape[1:] for o in out_shapes)
-    try:
-      pred = jax.eval_shape(head, out_shapes[-1])
-    except Exception as e:  # Re-raised with the shape named.
-      raise ValueError(
-          f'head ({type(head).__name__}) failed on the top stage output '
-          f'{out_shapes[-1].shape}: {e}') from e
-    self.prediction_shape = tuple(pred.shape[1:])
+    # Combine modules are built as inference reaches each stage: a concat
+    # projection's width is its in-edges' channel count.
+    combines = [None] * num
 
-  def _make_combine(self, l, rule, out_shapes, stages, rngs):
-    """The combine module of stage ``l`` and its output shape."""
-    sources = self.in_edges[l]
-    shapes = [out_shapes[k].shape[1:] for k in sources]
-    chain = shapes[0]
-    for k, s in zip(sources[1:], shapes[1:]):
-      ok = (_fits(s, chain) and (rule == 'concat' or s[-1] == chain[-1]))
-      if not ok:
-        raise ValueError(
-            f'skip edge ({k}, {l}): {_describe(stages[k], k)} outputs '
-            f'{tuple(s)} but {_describe(stages[l], l)} takes {tuple(chain)} '
-            f'from the chain; with combine {rule!r} these do not combine ('
-            + ('channels must match and ' if rule == 'sum' else '')
-            + 'spatial sizes must be integer multiples of the chain input)')
-    x = jax.ShapeDtypeStruct((2, *chain), jnp.float32)
-    if len(sources) == 1:
-      return x, None
-    if rule == 'sum':
-      return x, Sum()
-    width = sum(s[-1] for s in shapes)
-    return x, ConcatProject(width, chain[-1], rngs=rngs)
+    def build_combine(l, shapes):
+      if len(shapes) > 1:
+        combines[l] = (Sum() if rules[l] == 'sum' else ConcatProject(
+            sum(s[-1] for s in shapes), shapes[0][-1], rngs=rngs))
+
+    self.in_shapes, self.out_shapes, self.prediction_shape = _infer_shapes(
+        stages.__getitem__, head, self.in_edges, rules, self.frame_shape,
+        on_combine=build_combine)
+    self.blocks = nnx.List([Block(s, c) for s, c in zip(stages, combines)])
+    self.head = head
 
   @property
   def num_stages(self) -> int:
@@ -350,9 +394,10 @@ def for_frame_shape(spec: NetworkSpec, params: PyTree,
 
   Conv stages and a globally pooling head accept any spatial size; the stage
   shapes (hence carries, states and mesh buffers) change with it. Shapes are
-  inferred with ``jax.eval_shape`` over the blocks; nothing is computed. The
-  result is cached: one spec object per frame shape, so jitted functions that
-  take it as a static argument compile once per shape.
+  inferred over the spec's blocks by the same walk ``Network`` runs at
+  construction (``_infer_shapes``); nothing is computed. The result is
+  cached: one spec object per frame shape, so jitted functions that take it
+  as a static argument compile once per shape.
 
   Args:
     spec, params: from ``split`` (``params`` may be ``ShapeDtypeStruct``s).
@@ -360,8 +405,9 @@ def for_frame_shape(spec: NetworkSpec, params: PyTree,
       count must be the network's.
 
   Raises:
-    ValueError: naming the shape, for a wrong rank or channel count, or a
-      skip edge whose spatial sizes no longer pool to the chain's.
+    ValueError: naming the shape, for a wrong rank or channel count, a skip
+      edge whose spatial sizes no longer pool to the chain's, or a stage
+      (or the head) that fails on its input at this size.
   """
   frame_shape = tuple(int(d) for d in frame_shape)
   cache = spec.variants
@@ -376,34 +422,20 @@ def for_frame_shape(spec: NetworkSpec, params: PyTree,
         f'{base})')
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
                           params)
-
-  def infer(p):
-    outs, ins = [], []
-    for l in range(spec.num_stages):
-      block = nnx.merge(spec.block_defs[l], p['blocks'][l])
-      if l == 0:
-        inputs = (jnp.zeros((2, *frame_shape)),)
-      else:
-        inputs = tuple(outs[k] for k in spec.in_edges[l])
-        for k, x in zip(spec.in_edges[l][1:], inputs[1:]):
-          if not _fits(x.shape[1:], inputs[0].shape[1:]):
-            raise ValueError(
-                f'frames of shape {frame_shape}: skip edge ({k}, {l}) brings '
-                f'{x.shape[1:]} to a chain input of {inputs[0].shape[1:]}; '
-                'spatial sizes must be integer multiples of the chain\'s')
-      x = inputs[0] if block.combine is None else block.combine(inputs)
-      state = stages_lib.init_stage_state(
-          block.stage, jax.ShapeDtypeStruct(x.shape, x.dtype))
-      ins.append(x)
-      outs.append(stages_lib.call_stage(block.stage, x, state)[0])
-    return ins, outs, spec.apply_head(p['head'], outs[-1])
-
-  ins, outs, pred = jax.eval_shape(infer, abstract)
+  blocks = [nnx.merge(d, p) for d, p in zip(spec.block_defs,
+                                            abstract['blocks'])]
+  rules = ['concat' if isinstance(b.combine, ConcatProject) else 'sum'
+           for b in blocks]
+  try:
+    in_shapes, out_shapes, prediction_shape = _infer_shapes(
+        lambda l: blocks[l].stage, nnx.merge(spec.head_def, abstract['head']),
+        spec.in_edges, rules, frame_shape)
+  except ValueError as e:
+    raise ValueError(f'frames of shape {frame_shape}: {e}') from e
   derived = dataclasses.replace(
-      spec, frame_shape=frame_shape,
-      in_shapes=tuple(tuple(x.shape[1:]) for x in ins),
-      out_shapes=tuple(tuple(y.shape[1:]) for y in outs),
-      prediction_shape=tuple(pred.shape[1:]), variants=cache)
+      spec, frame_shape=frame_shape, in_shapes=in_shapes,
+      out_shapes=out_shapes, prediction_shape=prediction_shape,
+      variants=cache)
   cache[frame_shape] = derived
   return derived
 

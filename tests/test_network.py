@@ -88,6 +88,39 @@ def test_stage_failing_on_its_input_is_named():
                     frame_shape=(16, 16, 1), rngs=rngs)
 
 
+def _temporal_skip_net(frame_shape):
+  rngs = nnx.Rngs(0)
+  layers = [stages.Conv(1, 8, stride=2, rngs=rngs),
+            stages.Conv(8, 16, stride=2, rngs=rngs),
+            stages.TemporalConv(16, kernel_size=3, rngs=rngs),
+            stages.Conv(16, 16, rngs=rngs)]
+  return network.split(network.Network(
+      layers, stages.ClassifierHead(16, 3, rngs=rngs), frame_shape=frame_shape,
+      skips=[(1, 3), (0, 2)], combine={2: 'concat'}, rngs=rngs))
+
+
+def test_for_frame_shape_infers_shapes_as_construction_does():
+  """One walk: a spec derived for 32x32 frames equals one built at 32x32,
+  and a stage failing at the new size is named as at construction."""
+  spec, params = _temporal_skip_net((16, 16, 1))
+  built, built_params = _temporal_skip_net((32, 32, 1))
+  derived = network.for_frame_shape(spec, jax.eval_shape(lambda: params),
+                                    (32, 32, 1))
+  assert derived.in_shapes == built.in_shapes
+  assert derived.out_shapes == built.out_shapes
+  assert derived.prediction_shape == built.prediction_shape
+  jax.tree.map(np.testing.assert_array_equal, params, built_params)
+  rngs = nnx.Rngs(0)
+  flat = network.split(network.Network(
+      [stages.Conv(1, 8, stride=2, rngs=rngs),
+       stages.Mlp(8 * 8 * 8, (16,), rngs=rngs)],
+      stages.ClassifierHead(16, 3, rngs=rngs), frame_shape=(16, 16, 1),
+      rngs=rngs))
+  with pytest.raises(ValueError, match=r'frames of shape \(8, 8, 1\): stage 1 '
+                     r'\(Mlp\) failed on input of shape \(2, 4, 4, 8\)'):
+    network.for_frame_shape(*flat, (8, 8, 1))
+
+
 def test_stage_contract_violations_are_named():
   rngs = nnx.Rngs(0)
 
