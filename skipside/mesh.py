@@ -1305,6 +1305,6 @@ class MeshEngine:
     return forward_sharded(self.mspec, params, clip, targets, **kw)
 
   def train_step(self, optimizer, params, opt_state, clip, targets, **kw):
-    """Keeps its inputs (the loop's ``train._train_step`` donates)."""
+    """Keeps its inputs (the loop's ``programs.train_step`` donates)."""
     return _train_step_kept(self.mspec, optimizer, params, opt_state, clip,
                             targets, **kw)

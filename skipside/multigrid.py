@@ -204,26 +204,6 @@ def long_cycle_schedule(num_frames: int, crop_size: int,
   return out
 
 
-def lr_multipliers(schedule, gamma: float = GAMMA
-                   ) -> tuple[list[float], list[float]]:
-  """LR multipliers and the epochs where each starts, as the reference's.
-
-  Each long-cycle entry gets ``gamma**lr_step * batch_factor``; the
-  fine-tuning phase is split at its midpoint into the previous entry's LR
-  and its own.
-
-  Returns:
-    ``(multipliers, starts)``, equally long; ``starts[0] = 0``.
-  """
-  mults = [gamma ** i * cycle[-1][0] for i, cycle, _ in schedule]
-  mults = mults[:-1] + [mults[-2], mults[-1]]
-  ends = [e for _, _, e in schedule]
-  starts = [0] + ends[:-1] + [(ends[-2] + ends[-1]) / 2]
-  if all(isinstance(e, int) for e in ends):
-    starts[-1] = (ends[-2] + ends[-1]) // 2
-  return mults, starts
-
-
 # ---------------------------------------------------------------------------
 # The schedule in steps.
 
@@ -624,13 +604,6 @@ def depth_errors(schedule: Schedule, depth: int, mode: str) -> list[str]:
       f'(pipeline depth {depth}), so their steps would have no loss tick and '
       f'zero gradient. Set config.multigrid.min_frames >= {depth + 1} (or '
       "config.mode='bp')"]
-
-
-def check_depth(schedule: Schedule, depth: int, mode: str) -> None:
-  """Raises ``ValueError`` with ``depth_errors``' message, if any."""
-  errors = depth_errors(schedule, depth, mode)
-  if errors:
-    raise ValueError(errors[0])
 
 
 def schedule_from_config(config, num_examples: int,

@@ -25,12 +25,33 @@ def _kinetics(**kw):
   return multigrid.long_cycle_schedule(32, 224, [0, 94, 154, 196], 239, **kw)
 
 
+def _reference_lr_multipliers(schedule, gamma: float = multigrid.GAMMA
+                               ) -> tuple[list[float], list[float]]:
+  """LR multipliers and the epochs where each starts, as the reference's
+  (SlowFast's ``get_long_cycle_schedule``): the oracle of ``Schedule``'s.
+
+  Each long-cycle entry gets ``gamma**lr_step * batch_factor``; the
+  fine-tuning phase is split at its midpoint into the previous entry's LR
+  and its own.
+
+  Returns:
+    ``(multipliers, starts)``, equally long; ``starts[0] = 0``.
+  """
+  mults = [gamma ** i * cycle[-1][0] for i, cycle, _ in schedule]
+  mults = mults[:-1] + [mults[-2], mults[-1]]
+  ends = [e for _, _, e in schedule]
+  starts = [0] + ends[:-1] + [(ends[-2] + ends[-1]) / 2]
+  if all(isinstance(e, int) for e in ends):
+    starts[-1] = (ends[-2] + ends[-1]) // 2
+  return mults, starts
+
+
 def test_reference_kinetics_schedule():
   sched = _kinetics()
   got = [(i, tuple(int(round(v)) for v in cycle[-1]), end)
          for i, cycle, end in sched]
   assert got == KINETICS
-  mults, starts = multigrid.lr_multipliers(sched)
+  mults, starts = _reference_lr_multipliers(sched)
   np.testing.assert_allclose(mults, KINETICS_LRS, rtol=1e-9)
   assert starts == [0, 73, 110, 142, 158, 205, 228, 248, 259, 291, 308, 322,
                     329, 343]
@@ -562,12 +583,9 @@ def test_depth_errors_name_min_frames_the_bucket_and_the_depth(data_dir):
     for part in ('config.multigrid.min_frames', repr(short[0]),
                  'pipeline depth 2', 'min_frames >= 3', repr(mode)):
       assert part in errors[0]
-    with pytest.raises(ValueError, match='config.multigrid.min_frames'):
-      multigrid.check_depth(sched, 2, mode)
   c.multigrid.min_frames = 3
   sched = multigrid.schedule_from_config(c, 256, 32)
   assert multigrid.depth_errors(sched, 2, 'sideways') == []
-  multigrid.check_depth(sched, 2, 'sideways')
 
 
 def test_norm_base_larger_than_the_device_batch_is_explained(data_dir):
