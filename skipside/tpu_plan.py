@@ -87,7 +87,6 @@ import math
 import os
 import re
 import time
-import types
 from typing import Any, Sequence
 
 import jax
@@ -831,8 +830,7 @@ def data_shapes(config: ml_collections.ConfigDict):
     source = data_lib.make_source(data_config, data_config.split)
     num_classes, frame_shape = source.num_classes, source.frame_shape
   # The pipeline's own rule (crop, else native size) on the shapes above.
-  element = data_pipeline._element_shape(  # pylint: disable=protected-access
-      types.SimpleNamespace(frame_shape=frame_shape), params)
+  element = data_pipeline.clip_shape(frame_shape, params)
   if element is None:
     raise ValueError('planning needs a fixed clip shape: set '
                      'config.data.crop_size (frames of varying size)')

@@ -17,10 +17,12 @@ from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
 from skipside import data
+from skipside.data import memory
 from skipside.data import moving_digits
 from skipside.data import multigrid_loader
 from skipside.data import pipeline
 from skipside.data import sources
+from skipside.data import transforms
 from skipside.data import video_folder
 
 
@@ -669,7 +671,7 @@ class _CountingRecords:
 
 
 def test_a_split_in_memory_is_read_once_per_process(monkeypatch):
-  monkeypatch.setattr(pipeline, '_decoded', {})
+  monkeypatch.setattr(memory, '_decoded', {})
   rng = np.random.default_rng(0)
   records = _CountingRecords([
       {'video': rng.integers(0, 256, (6, 20, 24, 3), np.uint8), 'label': i % 2}
@@ -686,7 +688,7 @@ def test_a_split_in_memory_is_read_once_per_process(monkeypatch):
     assert b['video'].shape == (4, 4, 16, 16, 3)
   assert records.reads == 12  # Every record once; clips read none.
   # Too big for the budget: read clip by clip, the same batches.
-  monkeypatch.setattr(pipeline, '_decoded', {})
+  monkeypatch.setattr(memory, '_decoded', {})
   small = data.make_iterator(_with(c, in_memory_gb=1e-6), source=source)
   _assert_batches_equal(_take(small, 6), _take(data.make_iterator(
       c, source=source), 6))
@@ -699,8 +701,8 @@ def test_batched_resize_is_pils_frame_by_frame(channels):
   frames = np.random.default_rng(0).integers(0, 256, (5, 30, 44, channels),
                                              np.uint8)
   for size in (12, 30, 41, 96):
-    got = pipeline.resize_short_side(frames, size)
-    h, w = pipeline.resized_hw(30, 44, size)
+    got = transforms.resize_short_side(frames, size)
+    h, w = transforms.resized_hw(30, 44, size)
     want = [np.asarray(Image.fromarray(f[..., 0] if channels == 1 else f)
                        .resize((w, h), Image.BILINEAR)) for f in frames]
     np.testing.assert_array_equal(got, np.reshape(want, got.shape))

@@ -383,12 +383,12 @@ def test_mesh_engine_runs_every_bucket():
 # Sampling.
 
 def test_sampling_stride_range_and_scale_jitter_follow_the_shape():
-  from skipside.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from skipside.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
   sched = multigrid.make_schedule(
       num_frames=8, crop_size=32, batch_size=4, num_examples=64,
       lr_steps=(0, 2), max_epoch=4, stride=2, scale_jitter=(32, 40))
-  base = pipeline.ClipParams(num_frames=8, stride=2, crop_size=32,
-                             scale_jitter=(32, 40))
+  base = transforms.ClipParams(num_frames=8, stride=2, crop_size=32,
+                               scale_jitter=(32, 40))
   small = multigrid.Shape(64, 2, 16)
   p = multigrid_loader.clip_params_for(sched, small, base)
   assert (p.num_frames, p.crop_size, p.stride, p.max_stride) == (2, 16, 2, 8)

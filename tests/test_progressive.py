@@ -35,7 +35,7 @@ import pytest
 from flax import nnx
 
 from skipside import engine, network, progressive, stages
-from skipside.data import pipeline
+from skipside.data import transforms
 
 
 def _close(a, b, rtol=2e-5, atol=2e-6):
@@ -87,7 +87,7 @@ def test_forward_equals_whole_video(mode, overlap):
 def test_fragments_layout_equals_video_layout():
   """Fragments as the pipeline cuts them (B, F, Tf, ...) == the whole video."""
   opts = _opts(2, cache_policy='avg', momentum=0.25)
-  frags = pipeline.split_fragments(np.asarray(VIDEO), 4, 2)
+  frags = transforms.split_fragments(np.asarray(VIDEO), 4, 2)
   assert frags.shape[:3] == (2, 5, 4)
   got = progressive.predict(SPEC, PARAMS, jnp.asarray(frags), LABELS,
                             mode='pipelined_bp', options=opts)

@@ -23,9 +23,16 @@ Public API (all re-exported here):
       (index, count, local devices, mesh, its rows of the global batch).
   DecodeStats: .failed, .too_short, .metrics() -> {'data/failed_videos': ..}.
   ClipParams, frame_indices, spatial_transform, load_clip: per-call clip
-      sampling and augmentation (multigrid varies stride and crop per batch).
+      sampling and augmentation (multigrid varies stride and crop per batch;
+      `transforms.py`, `pipeline.load_clip`).
   split_fragments(video, fragment_frames, overlap=0): progressive training.
   next_frame_targets(batch): {'video': frames[:-1], 'target': frames[1:]}.
+
+Modules: `pipeline` (a config to batches: clip loading, grain, the
+iterator), `transforms` (clip sampling and augmentation, pure numpy),
+`memory` (a split held in memory, cut a batch at a time), `multigrid_loader`
+(batches whose shape follows the multigrid schedule), `sources` (the
+`Source` contract and the registry of dataset openers).
 
 Datasets: `moving_digits` (generated locally, no download),
 `video_folder` (PyAV; HMDB51, Kinetics, your own), `ucf101` (TFDS, needs
@@ -43,20 +50,20 @@ Example:
   batch = next(it)   # batch['video'].shape == (32, 16, 32, 32, 1)
 """
 
-from skipside.data.pipeline import ClipParams
 from skipside.data.pipeline import DataInfo
 from skipside.data.pipeline import DataIterator
 from skipside.data.pipeline import DecodeStats
 from skipside.data.pipeline import describe_process
-from skipside.data.pipeline import frame_indices
 from skipside.data.pipeline import get_config
 from skipside.data.pipeline import load_clip
 from skipside.data.pipeline import make_dataset
 from skipside.data.pipeline import make_eval_iterator
 from skipside.data.pipeline import make_iterator
-from skipside.data.pipeline import next_frame_targets
-from skipside.data.pipeline import spatial_transform
-from skipside.data.pipeline import split_fragments
 from skipside.data.sources import make_source
 from skipside.data.sources import register as register_source
 from skipside.data.sources import Source
+from skipside.data.transforms import ClipParams
+from skipside.data.transforms import frame_indices
+from skipside.data.transforms import next_frame_targets
+from skipside.data.transforms import spatial_transform
+from skipside.data.transforms import split_fragments

@@ -17,7 +17,7 @@ Labels (one field each; the pipeline's `task` picks one):
 |             |               | 1 if the digit class shown at the start equals  |
 |             |               | the one shown at the end (50/50); the segments  |
 |             |               | between show random distractor digits           |
-| (frames)    | `next_frame`  | the frames themselves (`pipeline.next_frame_targets`) |
+| (frames)    | `next_frame`  | the frames themselves (`transforms.next_frame_targets`) |
 
 `long_range` fields exist only in configs with `long_range=True`.
 

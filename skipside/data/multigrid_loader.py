@@ -27,12 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipside import multigrid
+from skipside.data import memory
 from skipside.data import pipeline
 from skipside.data import sources
+from skipside.data import transforms
 
 
 def clip_params_for(schedule: multigrid.Schedule, shape: multigrid.Shape,
-                    base: pipeline.ClipParams) -> pipeline.ClipParams:
+                    base: transforms.ClipParams) -> transforms.ClipParams:
   """The ``ClipParams`` of a batch of ``shape``.
 
   Frames ``t`` and crop ``s`` of the shape; the stride drawn per clip in
@@ -68,7 +70,7 @@ class MultigridIterator:
   the batches one process reads. Clips are cut with ``pipeline.load_clip``
   at the step's ``ClipParams`` (``clip_params_for``) with a generator seeded
   by the global position, the next batch prepared while the current one
-  trains. A split that fits in memory (``pipeline.in_memory``:
+  trains. A split that fits in memory (``memory.in_memory``:
   MovingDigits, array_record sets of decoded frames) is read once, and each
   batch is gathered, cropped, flipped and resized at once (numpy, the same
   draws: the same batches); otherwise clips are read one by one in
@@ -104,9 +106,9 @@ class MultigridIterator:
     self._base = pipeline.clip_params(config, train=True)
     # The split in memory if every bucket's clips can be cut from it; the
     # order then holds record numbers (the same permutation).
-    self._store = pipeline.in_memory(self.source,
-                                     pipeline.in_memory_gb(config))
-    if not all(pipeline.fits_in_memory(
+    self._store = memory.in_memory(self.source,
+                                   pipeline.in_memory_gb(config))
+    if not all(memory.fits_in_memory(
         self._store, clip_params_for(schedule, s, self._base))
                for s in schedule.buckets()):
       self._store = None
@@ -131,7 +133,7 @@ class MultigridIterator:
         shard_count=self.shard_count,
         steps_per_epoch=self._num_records // base.batch)
 
-  def _load_row(self, position: int, params: pipeline.ClipParams):
+  def _load_row(self, position: int, params: transforms.ClipParams):
     """The clip of global ``position``, or of the first readable
     replacement (class docstring): ``(element, [elements that failed])``."""
     bad = []
@@ -148,21 +150,21 @@ class MultigridIterator:
         f'{position} (it and its replacements) could not be read; see the '
         'data/failed_videos warnings')
 
-  def _from_memory(self, positions: range, params: pipeline.ClipParams):
+  def _from_memory(self, positions: range, params: transforms.ClipParams):
     """Clips of global ``positions`` gathered from the split in memory:
     ``(uint8 (b, t, s, s, C), labels, too-short count)``."""
     store = self._store
     _, length, h, w, _ = store.videos.shape
     records = np.array([self._order[p] for p in positions])
-    plans = [pipeline.plan_clip(length, (h, w), np.random.default_rng(
+    plans = [transforms.plan_clip(length, (h, w), np.random.default_rng(
         (self.config.seed, p)), params) for p in positions]
     frames, spatial, short = zip(*plans)
-    spatial = pipeline.Spatial(*(np.array(v) for v in zip(*spatial)))
-    video = pipeline.gather_clips(store, records, np.stack(frames), spatial,
-                                  params.crop_size)
+    video = memory.gather_clips(store, records, np.stack(frames),
+                                transforms.stack_plans(spatial),
+                                params.crop_size)
     return video, store.labels[records], sum(short)
 
-  def _from_files(self, positions: range, params: pipeline.ClipParams):
+  def _from_files(self, positions: range, params: transforms.ClipParams):
     """Clips of global ``positions`` read one by one in threads: ``(uint8
     (b, t, s, s, C), labels, too-short count, failed, truncated)``."""
     rows = list(self._pool.map(lambda p: self._load_row(p, params),
@@ -188,8 +190,8 @@ class MultigridIterator:
     else:
       video, labels, short, failed, truncated = self._from_files(
           positions, params)
-    batch = {'video': pipeline.normalize(video, self.config.mean,
-                                         self.config.std),
+    batch = {'video': transforms.normalize(video, self.config.mean,
+                                           self.config.std),
              'label': np.asarray(labels, np.int32),
              'mask': np.ones(need, bool)}
     return batch, position + shape.batch, (failed, truncated, short)

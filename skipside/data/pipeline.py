@@ -1,4 +1,11 @@
-"""Input pipeline: grain over TFDS array_record sources or video folders.
+"""Input pipeline: from a data config to batches (grain over TFDS
+array_record sources or video folders).
+
+This module holds the config (`get_config`), one clip's loading
+(`load_clip`: read, sample, transform; bad files named and counted), the
+grain assembly of both paths below and the iterator (`DataIterator`). The
+sampling law and the transforms are `transforms.py` (pure numpy); a split
+held in memory is `memory.py`.
 
 Two paths, the same batches (the same draws, one transform):
 
@@ -7,7 +14,7 @@ Clip by clip (`_file_batches`; video folders, and any split too big for
 
     record (source[i], shuffled, repeated: one global order)
       -> this process's rows of each global batch     `global_index`
-      -> read + clip sampling   uint8 (T, H0, W0, C)   `frame_indices`
+      -> read + clip sampling   uint8 (T, H0, W0, C)   `clip_frames`
       -> resize / crop / flip   uint8 (T, h, w, C)     `spatial_transform`
       -> unreadable, truncated or (with short_video='skip') too-short videos
          dropped; counted, bad files once each, and
@@ -17,12 +24,13 @@ Clip by clip (`_file_batches`; video folders, and any split too big for
          (B, F, Tf, h, w, C), next-frame targets.
 
 In memory (`_memory_batches`; MovingDigits and any split of decoded frames
-of one shape, `in_memory`): the split is decoded once per process into one
-uint8 array (N, L, H, W, C); grain draws each element's frames, scale, crop
-and flip (`plan_clip`, the same rng as above), and each batch is gathered
-and transformed at once (`gather_clips`: fancy indexing, resizes grouped by
-size), in grain's read threads. Iterator states count elements on both
-paths, so a checkpoint of one resumes on the other.
+of one shape, `memory.in_memory`): the split is decoded once per process
+into one uint8 array (N, L, H, W, C); grain draws each element's frames,
+scale, crop and flip (`transforms.plan_clip`, the same rng as above), and
+each batch is gathered and transformed at once (`memory.gather_clips`:
+fancy indexing, resizes grouped by size), in grain's read threads. Iterator
+states count elements on both paths, so a checkpoint of one resumes on the
+other.
 
 Per-element randomness comes from grain's `random_map`, seeded by
 (config.seed, global index), so a pipeline is deterministic given its seed,
@@ -49,9 +57,9 @@ worker processes (`num_workers`). The warning is logged where the file is read,
 once per process: once per file in this process (default, num_workers=0),
 at most once per worker process with workers.
 
-The clip parameters (`ClipParams`: frames, stride, crop, ...) are arguments of
-the element transform, not globals, so multigrid can vary them per batch:
-`load_clip(source, record, rng, params)`.
+The clip parameters (`transforms.ClipParams`: frames, stride, crop, ...)
+are arguments of the element transform, not globals, so multigrid can vary
+them per batch: `load_clip(source, record, rng, params)`.
 
 Example:
 
@@ -70,7 +78,7 @@ import dataclasses
 import functools
 import json
 import threading
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import flags
 from absl import logging
@@ -78,12 +86,12 @@ import grain
 import ml_collections
 import numpy as np
 
-from skipside.data import sources
+from skipside.data import memory
+from skipside.data import transforms
 from skipside.data import video_folder
 from skipside.data.sources import Source, make_source
 
 Batch = dict[str, np.ndarray]
-SHORT_VIDEO_POLICIES = ('loop', 'pad', 'skip')
 # An element's '_status' (`load_clip`): a clip, an unreadable video, a video
 # too short to cut (short_video='skip'), a truncated video.
 OK, FAILED, SHORT, TRUNCATED = 0, 1, 2, 3
@@ -169,312 +177,14 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-# --------------------------------------------------------------------------
-# Clip sampling and spatial transforms: what is drawn (pure functions of the
-# video's size, an rng and the params) apart from how it is applied (batched
-# numpy), so that clips read one by one from files and clips gathered from a
-# split held in memory share one sampling law and one transform.
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipParams:
-  """How one clip is cut from a video; may change from batch to batch.
-
-  Attributes:
-    num_frames: T.
-    stride: temporal stride.
-    max_stride: draw the stride uniformly in [stride, max_stride] if set.
-    random_start: random start (train) or centred (eval).
-    short_video: 'loop' | 'pad' | 'skip' (see `frame_indices`).
-    resize: shorter side after resize (None: keep).
-    scale_jitter: (lo, hi) random shorter side; overrides `resize`.
-    crop_size: square crop side (None: no crop).
-    random_crop: random crop position (train) or centre (eval).
-    flip: random horizontal flip with probability 1/2.
-  """
-  num_frames: int = 16
-  stride: int = 1
-  max_stride: int | None = None
-  random_start: bool = True
-  short_video: str = 'loop'
-  resize: int | None = None
-  scale_jitter: tuple[int, int] | None = None
-  crop_size: int | None = None
-  random_crop: bool = True
-  flip: bool = False
-
-
-def clip_stride(rng: np.random.Generator | None, params: ClipParams) -> int:
-  """The clip's stride: drawn in [stride, max_stride] if set (needs rng)."""
-  if params.max_stride and rng is not None:
-    return int(rng.integers(params.stride, params.max_stride + 1))
-  return params.stride
-
-
-def frame_indices(length: int, rng: np.random.Generator | None, *,
-                  num_frames: int, stride: int = 1, random_start: bool = True,
-                  short_video: str = 'loop') -> np.ndarray | None:
-  """Indices of a clip of `num_frames` frames `stride` apart in [0, length).
-
-  Args:
-    length: L, frames in the video.
-    rng: draws the start if `random_start` (else unused, may be None).
-    num_frames: T.
-    stride: step between sampled frames.
-    random_start: uniform start over all clips that fit, else the centred one.
-    short_video: if L < (T - 1) * stride + 1: 'loop' wraps around (random or
-      zero start), 'pad' repeats the last frame, 'skip' returns None.
-
-  Returns:
-    int64 (T,) indices, or None to skip the video.
-  """
-  if short_video not in SHORT_VIDEO_POLICIES:
-    raise ValueError(f'short_video must be one of {SHORT_VIDEO_POLICIES}, '
-                     f'got {short_video!r}')
-  offsets = stride * np.arange(num_frames)
-  span = int(offsets[-1]) + 1
-  if length >= span:
-    start = (int(rng.integers(length - span + 1)) if random_start
-             else (length - span) // 2)
-    return start + offsets
-  if short_video == 'skip':
-    return None
-  if short_video == 'pad':
-    return np.minimum(offsets, length - 1)
-  start = int(rng.integers(length)) if random_start else 0
-  return (start + offsets) % length
-
-
-def resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
-  """(H, W) after `resize_short_side(., size)`: min == size, aspect kept."""
-  if min(h, w) == size:
-    return h, w
-  scale = size / min(h, w)
-  return max(size, round(h * scale)), max(size, round(w * scale))
-
-
-def _pil_resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """PIL bilinear resize of one uint8 (H, W, C) image, C in (1, 3)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  gray = image.shape[-1] == 1
-  out = Image.fromarray(image[..., 0] if gray else image).resize(
-      (hw[1], hw[0]), Image.BILINEAR)
-  return np.asarray(out).reshape(*hw, image.shape[-1])
-
-
-def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of uint8 (..., H, W, C) so that min(H, W) == size.
-
-  PIL's bilinear filter, frame by frame in effect, done in two calls for all
-  frames: PIL resamples rows then columns, each row (column) on its own, so
-  the rows of every frame stacked as one tall image, then the columns of
-  every frame side by side as one wide image, give exactly the per-frame
-  result. Channels other than 1 and 3 are resized one by one.
-  """
-  *lead, h, w, c = frames.shape
-  new_h, new_w = resized_hw(h, w, size)
-  if (new_h, new_w) == (h, w):
-    return frames
-  if c not in (1, 3):
-    return np.concatenate([resize_short_side(frames[..., i:i + 1], size)
-                           for i in range(c)], axis=-1)
-  x = frames.reshape(-1, h, w, c)
-  n = len(x)
-  if new_w != w:  # Rows: (n * h, w) -> (n * h, new_w).
-    x = _pil_resize(x.reshape(n * h, w, c), (n * h, new_w))
-    x = x.reshape(n, h, new_w, c)
-  if new_h != h:  # Columns: (h, n * new_w) -> (new_h, n * new_w).
-    x = x.transpose(1, 0, 2, 3).reshape(h, n * new_w, c)
-    x = _pil_resize(x, (new_h, n * new_w))
-    x = x.reshape(new_h, n, new_w, c).transpose(1, 0, 2, 3)
-  return np.ascontiguousarray(x).reshape(*lead, new_h, new_w, c)
-
-
-class Spatial(NamedTuple):
-  """Drawn spatial augmentation of a clip (scalars) or of a batch ((B,)).
-
-  Attributes:
-    short: shorter side to resize to first (0: keep the size).
-    y, x: top-left corner of the crop (0 without a crop).
-    flip: flip left-right.
-  """
-  short: Any
-  y: Any
-  x: Any
-  flip: Any
-
-
-def spatial_plan(frame_hw: Sequence[int], rng: np.random.Generator | None, *,
-                 resize: int | None = None,
-                 scale_jitter: tuple[int, int] | None = None,
-                 crop_size: int | None = None, random_crop: bool = True,
-                 flip: bool = False) -> Spatial:
-  """Draws a clip's resize, crop position and flip (`apply_spatial` does them).
-
-  Args:
-    frame_hw: (H, W) of the video's frames.
-    rng: randomness for jitter, crop position and flip (None: deterministic).
-    resize: shorter side (None: keep).
-    scale_jitter: (lo, hi): shorter side uniform in [lo, hi]; needs rng.
-    crop_size: square crop side (None: none); a smaller frame is upscaled.
-    random_crop: random position (needs rng) rather than centre.
-    flip: flip left-right with probability 1/2 (needs rng).
-  """
-  short = (int(rng.integers(scale_jitter[0], scale_jitter[1] + 1))
-           if scale_jitter and rng is not None else resize) or 0
-  h, w = resized_hw(*frame_hw, short) if short else tuple(frame_hw)
-  y = x = 0
-  if crop_size:
-    if min(h, w) < crop_size:  # Upscale rather than fail on a small video.
-      h, w = resized_hw(h, w, crop_size)
-    if random_crop and rng is not None:
-      y, x = int(rng.integers(h - crop_size + 1)), int(
-          rng.integers(w - crop_size + 1))
-    else:
-      y, x = (h - crop_size) // 2, (w - crop_size) // 2
-  do_flip = bool(flip and rng is not None and rng.random() < 0.5)
-  return Spatial(np.int32(short), np.int32(y), np.int32(x), np.bool_(do_flip))
-
-
-def _crop_flip(clips: np.ndarray, y, x, flip, size: int | None) -> np.ndarray:
-  """(n, T, H, W, C) -> (n, T, s, s, C): clip i cropped at (y[i], x[i]) and
-  flipped where flip[i].
-
-  A loop of slice copies: each copies at memory speed, where one fancy-index
-  gather over (clip, frame, row, column) measured ~10x slower.
-  """
-  n, t, h, w, c = clips.shape
-  sh, sw = (size, size) if size else (h, w)
-  if (sh, sw) == (h, w) and not np.any(flip):
-    return clips
-  out = np.empty((n, t, sh, sw, c), clips.dtype)
-  for i, (yi, xi, fi) in enumerate(zip(np.asarray(y).tolist(),
-                                        np.asarray(x).tolist(),
-                                        np.asarray(flip).tolist())):
-    window = clips[i, :, yi:yi + sh, xi:xi + sw]
-    out[i] = window[:, :, ::-1] if fi else window
-  return out
-
-
-def apply_spatial(clips: np.ndarray, plan: Spatial,
-                  crop_size: int | None = None) -> np.ndarray:
-  """Resizes, crops and flips a batch of clips as `plan` says.
-
-  Args:
-    clips: uint8 (B, T, H, W, C).
-    plan: `Spatial` of (B,) arrays (from `spatial_plan`, stacked).
-    crop_size: square crop side (None: none).
-
-  Returns:
-    uint8 (B, T, h, w, C); (B, T, crop_size, crop_size, C) when cropping.
-    Clips are resized in groups of equal shorter side (PIL, two calls a
-    group), then cropped and flipped in one gather.
-  """
-  short = np.asarray(plan.short)
-  sizes = np.unique(short)
-  out = None
-  for s in sizes:
-    rows = np.flatnonzero(short == s)
-    x = clips if len(sizes) == 1 else clips[rows]
-    if s:
-      x = resize_short_side(x, int(s))
-    if crop_size and min(x.shape[2:4]) < crop_size:
-      x = resize_short_side(x, crop_size)
-    x = _crop_flip(x, np.asarray(plan.y)[rows], np.asarray(plan.x)[rows],
-                   np.asarray(plan.flip)[rows], crop_size)
-    if len(sizes) == 1:
-      return np.ascontiguousarray(x)
-    if out is None:
-      if not crop_size:
-        raise ValueError('Clips resized to different sizes do not batch: '
-                         'set crop_size with scale_jitter.')
-      out = np.empty((len(clips), *x.shape[1:]), x.dtype)
-    out[rows] = x
-  return out
-
-
-def spatial_transform(frames: np.ndarray, rng: np.random.Generator | None, *,
-                      resize: int | None = None,
-                      scale_jitter: tuple[int, int] | None = None,
-                      crop_size: int | None = None, random_crop: bool = True,
-                      flip: bool = False) -> np.ndarray:
-  """Resize (fixed or jittered shorter side), crop and flip one clip.
-
-  Args:
-    frames: uint8 (T, H, W, C).
-    rng, resize, scale_jitter, crop_size, random_crop, flip: `spatial_plan`.
-
-  Returns:
-    uint8 (T, h, w, C); (T, crop_size, crop_size, C) when cropping.
-  """
-  plan = spatial_plan(frames.shape[1:3], rng, resize=resize,
-                      scale_jitter=scale_jitter, crop_size=crop_size,
-                      random_crop=random_crop, flip=flip)
-  one = Spatial(*(np.asarray(v)[None] for v in plan))
-  return apply_spatial(frames[None], one, crop_size)[0]
-
-
-def _spatial_plan_of(frame_hw, rng, params: ClipParams) -> Spatial:
-  return spatial_plan(frame_hw, rng, resize=params.resize,
-                      scale_jitter=params.scale_jitter,
-                      crop_size=params.crop_size,
-                      random_crop=params.random_crop, flip=params.flip)
-
-
-def split_fragments(video: np.ndarray, fragment_frames: int, overlap: int = 0,
-                    axis: int = 1) -> np.ndarray:
-  """Cuts clips into serial fragments (progressive training, DESIGN.md §4).
-
-  Args:
-    video: (..., T, ...) with time on `axis`, e.g. (B, T, H, W, C).
-    fragment_frames: Tf, frames per fragment.
-    overlap: frames shared by consecutive fragments.
-    axis: the time axis.
-
-  Returns:
-    (..., F, Tf, ...) with F = (T - overlap) / (Tf - overlap); fragment f
-    holds frames [f * (Tf - overlap), f * (Tf - overlap) + Tf).
-  """
-  t = video.shape[axis]
-  step = fragment_frames - overlap
-  if step <= 0 or (t - overlap) % step:
-    raise ValueError(f'{t} frames do not split into fragments of '
-                     f'{fragment_frames} with overlap {overlap}.')
-  starts = range(0, t - overlap, step)
-  return np.stack([np.take(video, np.arange(s, s + fragment_frames), axis=axis)
-                   for s in starts], axis=axis)
-
-
-def next_frame_targets(batch: Batch, axis: int = 1) -> Batch:
-  """Next-frame prediction: 'video' frames [0, T-1), 'target' frames [1, T).
-
-  Args:
-    batch: {'video': (B, T, H, W, C), ...} (time on `axis`).
-    axis: the time axis.
-
-  Returns:
-    A copy with 'video' (B, T-1, ...) and 'target' (B, T-1, ...): target[:, t]
-    is the frame after video[:, t].
-  """
-  t = batch['video'].shape[axis]
-  out = dict(batch)
-  out['video'] = np.take(batch['video'], np.arange(t - 1), axis=axis)
-  out['target'] = np.take(batch['video'], np.arange(1, t), axis=axis)
-  return out
-
-
-def normalize(video: np.ndarray, mean: float | None,
-              std: float | None) -> np.ndarray:
-  """uint8 frames -> float32 model input: x in [0, 1], then (x - mean) / std
-  if `mean` is set."""
-  video = video.astype(np.float32) * np.float32(1 / 255)
-  if mean is not None:
-    video = (video - np.float32(mean)) / np.float32(std)
-  return video
+def in_memory_gb(config) -> float:
+  """`config.in_memory_gb`; configs saved before it existed: the default."""
+  return config.get('in_memory_gb', get_config().in_memory_gb)
 
 
 # --------------------------------------------------------------------------
-# Elements.
+# Elements: one clip read, sampled and transformed (`transforms`); bad files
+# named, logged once and counted.
 
 
 # Files already warned about, per process: each grain worker has its own.
@@ -543,7 +253,7 @@ def _read(source: Source, record: Any, select):
 
 
 def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
-              params: ClipParams) -> dict[str, Any]:
+              params: transforms.ClipParams) -> dict[str, Any]:
   """Reads, samples and transforms one clip; never raises on a bad video.
 
   Returns:
@@ -552,15 +262,13 @@ def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
      was shorter than the clip span, '_failed' / '_truncated': the bad file's
      name (encoded, see `_encode_names`) or ''}.
   """
-  stride = clip_stride(rng, params)
-  span = (params.num_frames - 1) * stride + 1
-  lengths = []
+  stride = transforms.clip_stride(rng, params)
+  shorts = []  # Per call of `select` (a reader may call it again).
 
   def select(length):
-    lengths.append(length)
-    return frame_indices(length, rng, num_frames=params.num_frames,
-                         stride=stride, random_start=params.random_start,
-                         short_video=params.short_video)
+    frames, short = transforms.clip_frames(length, rng, params, stride)
+    shorts.append(short)
+    return frames
 
   label = np.int32(source.label(record))
   frames, status, name = _read(source, record, select)
@@ -568,13 +276,11 @@ def load_clip(source: Source, record: Any, rng: np.random.Generator | None,
     return _element(None, label, FAILED, failed=[name])
   if status == TRUNCATED:
     return _element(None, label, TRUNCATED, truncated=[name])
-  short = int(bool(lengths) and lengths[-1] < span)
+  short = shorts[-1] if shorts else 0
   if frames is None:
     return _element(None, label, SHORT, short)
-  frames = spatial_transform(
-      frames, rng, resize=params.resize, scale_jitter=params.scale_jitter,
-      crop_size=params.crop_size, random_crop=params.random_crop,
-      flip=params.flip)
+  frames = transforms.spatial_transform(frames, rng,
+                                        **transforms.spatial_args(params))
   return _element(frames, label, OK, short)
 
 
@@ -660,122 +366,13 @@ class _DropBad(grain.IterDataset):
 
 
 # --------------------------------------------------------------------------
-# Splits held in memory: decoded once per process, clips gathered batched.
-
-
-@dataclasses.dataclass(frozen=True)
-class InMemory:
-  """A split decoded in host memory.
-
-  Attributes:
-    videos: uint8 (N, L, H, W, C), every video of the split.
-    labels: int32 (N,) (or (N, K) multi-hot), the source's labels.
-  """
-  videos: np.ndarray
-  labels: np.ndarray
-
-
-# Decoded splits of this process by `Source.key`, oldest first: their
-# videos and their records without them (labels depend on the task).
-_decoded: dict[str, tuple[np.ndarray, list[dict[str, Any]]]] = {}
-_decoded_lock = threading.Lock()  # Pipelines may be made from threads.
-
-
-def _read_records(data, start: int, stop: int) -> list:
-  if hasattr(data, '__getitems__'):  # array_record reads a range at once.
-    return list(data.__getitems__(list(range(start, stop))))
-  return [data[i] for i in range(start, stop)]
-
-
-def _decode_all(source: Source, key: str, max_bytes: float):
-  """(videos, records without them), or None if the videos differ in shape,
-  are not uint8 (L, H, W, C) or take more than `max_bytes`."""
-  data, n = source.data, len(source.data)
-  videos, rest = None, []
-  for start in range(0, n, 256):
-    for record in _read_records(data, start, min(n, start + 256)):
-      video = record[key]
-      if videos is None:
-        if (not isinstance(video, np.ndarray) or video.dtype != np.uint8 or
-            video.ndim != 4 or video.nbytes * n > max_bytes):
-          return None
-        videos = np.empty((n, *video.shape), np.uint8)
-      if video.shape != videos.shape[1:]:
-        return None
-      videos[len(rest)] = video
-      rest.append({k: v for k, v in record.items() if k != key})
-  return videos, rest
-
-
-def in_memory_gb(config) -> float:
-  """`config.in_memory_gb`; configs saved before it existed: the default."""
-  return config.get('in_memory_gb', get_config().in_memory_gb)
-
-
-def in_memory(source: Source, max_gb: float) -> InMemory | None:
-  """`source`'s split decoded in memory, or None where it cannot be.
-
-  Sources whose records hold whole decoded videos (`sources.array_key`:
-  MovingDigits, any array_record set of decoded frames) of one shape, taking
-  at most `max_gb` GiB, are read once per process (shared by `Source.key`;
-  older splits are dropped to keep the total under `max_gb`). Video folders
-  (decoded per read) are not.
-  """
-  key = sources.array_key(source)
-  if not max_gb or key is None or not len(source.data):
-    return None
-  max_bytes = max_gb * 2**30
-  with _decoded_lock:
-    got = _decoded.get(source.key) if source.key else None
-    if got is None:
-      got = _decode_all(source, key, max_bytes)
-      if got is None:
-        return None
-      if source.key:
-        _decoded[source.key] = got
-        while sum(v.nbytes for v, _ in _decoded.values()) > max_bytes:
-          del _decoded[next(iter(_decoded))]
-  videos, records = got
-  labels = np.stack([np.asarray(source.label(r), np.int32) for r in records])
-  return InMemory(videos, labels)
-
-
-def fits_in_memory(store: InMemory | None, params: ClipParams) -> bool:
-  """Every clip can be cut from `store` (no video skipped as too short:
-  batches then never shift, and are gathered as a whole)."""
-  if store is None:
-    return False
-  longest = (params.num_frames - 1) * max(params.stride,
-                                          params.max_stride or 0) + 1
-  return params.short_video != 'skip' or store.videos.shape[1] >= longest
-
-
-def plan_clip(length: int, frame_hw: Sequence[int],
-              rng: np.random.Generator | None, params: ClipParams,
-              ) -> tuple[np.ndarray | None, Spatial, int]:
-  """What `load_clip` draws for a video of `length` frames of `frame_hw`,
-  in its order, without the video: (frame indices (T,) or None to skip,
-  `Spatial`, 1 if the video is shorter than the clip span else 0)."""
-  stride = clip_stride(rng, params)
-  frames = frame_indices(length, rng, num_frames=params.num_frames,
-                         stride=stride, random_start=params.random_start,
-                         short_video=params.short_video)
-  short = int(length < (params.num_frames - 1) * stride + 1)
-  return frames, _spatial_plan_of(frame_hw, rng, params), short
-
-
-def gather_clips(store: InMemory, records: np.ndarray, frames: np.ndarray,
-                 spatial: Spatial, crop_size: int | None) -> np.ndarray:
-  """Clips from memory: uint8 (B, T, h, w, C) of records (B,), frame
-  indices (B, T) and `Spatial` of (B,) arrays (one gather, then
-  `apply_spatial`)."""
-  clips = store.videos[np.asarray(records)[:, None], frames]
-  return apply_spatial(clips, spatial, crop_size)
+# Elements of a split held in memory (`memory`): the draws only; the pixels
+# are gathered a batch at a time.
 
 
 def _planned_element(record, rng, *, length, frame_hw, params):
   """In-memory train element: `load_clip`'s draws for `record`, no pixels."""
-  frames, spatial, short = plan_clip(length, frame_hw, rng, params)
+  frames, spatial, short = transforms.plan_clip(length, frame_hw, rng, params)
   return {'_record': np.int64(record), '_frames': frames,
           '_spatial': spatial, '_short': np.int32(short),
           'mask': np.bool_(True)}
@@ -793,13 +390,13 @@ def _planned_eval_element(index, *, length, frame_hw, params, num_records,
   return e
 
 
-def _gather_batch(batch: Batch, *, store: InMemory,
+def _gather_batch(batch: Batch, *, store: memory.InMemory,
                   crop_size: int | None) -> Batch:
   """A batch of planned elements -> uint8 clips and labels from memory, in
   the layout `_finish_batch` takes (no bad files in memory)."""
   records, mask = batch['_record'], batch['mask']
-  video = gather_clips(store, records, batch['_frames'], batch['_spatial'],
-                       crop_size)
+  video = memory.gather_clips(store, records, batch['_frames'],
+                              batch['_spatial'], crop_size)
   labels = store.labels[records]
   if not mask.all():  # Eval padding: zeros, as the file path pads.
     video[~mask] = 0
@@ -850,12 +447,13 @@ def _finish_batch(batch: Batch, *, mean, std, fragment_frames,
                   fragment_overlap, next_frame) -> Batch:
   """uint8 batch -> float32 model input; counters -> '_stats' scalars."""
   out = {'label': batch['label'].astype(np.int32), 'mask': batch['mask']}
-  out['video'] = normalize(batch['video'], mean, std)
+  out['video'] = transforms.normalize(batch['video'], mean, std)
   if next_frame:
-    out = next_frame_targets(out)
+    out = transforms.next_frame_targets(out)
   for k in ('video', 'target'):
     if k in out and fragment_frames:
-      out[k] = split_fragments(out[k], fragment_frames, fragment_overlap)
+      out[k] = transforms.split_fragments(out[k], fragment_frames,
+                                          fragment_overlap)
   names = lambda key: [n for s in batch[key] for n in _decode_names(s)]
   out['_stats'] = {'failed': names('_failed'), 'truncated': names('_truncated'),
                    'too_short': np.int64(np.sum(batch['_short']))}
@@ -973,11 +571,12 @@ def describe_process(info: DataInfo, mesh=None) -> str:
           f'{total}')
 
 
-def clip_params(config: ml_collections.ConfigDict, train: bool) -> ClipParams:
+def clip_params(config: ml_collections.ConfigDict,
+                train: bool) -> transforms.ClipParams:
   """ClipParams of a config; eval: centred start, no jitter, centre crop."""
   frames = config.num_frames + (config.task == 'next_frame')
   if train:
-    return ClipParams(
+    return transforms.ClipParams(
         num_frames=frames, stride=config.stride, max_stride=config.max_stride,
         random_start=True, short_video=config.short_video,
         resize=config.resize,
@@ -985,19 +584,22 @@ def clip_params(config: ml_collections.ConfigDict, train: bool) -> ClipParams:
         crop_size=config.crop_size, random_crop=True, flip=config.flip)
   resize = config.resize or (config.scale_jitter[0] if config.scale_jitter
                              else None)
-  return ClipParams(num_frames=frames, stride=config.stride,
+  return transforms.ClipParams(num_frames=frames, stride=config.stride,
                     random_start=False, short_video=config.short_video,
                     resize=resize, crop_size=config.crop_size,
                     random_crop=False, flip=False)
 
 
-def _element_shape(source: Source, params: ClipParams):
-  """(T, h, w, C) of a clip, if fixed; else None."""
-  channels = source.frame_shape[-1] if source.frame_shape else 3
+def clip_shape(frame_shape: Sequence[int] | None,
+               params: transforms.ClipParams) -> tuple[int, ...] | None:
+  """(T, h, w, C) of a clip cut with `params` from frames of `frame_shape`
+  ((H, W, C), None if they vary; `Source.frame_shape`), if fixed; else None.
+  """
+  channels = frame_shape[-1] if frame_shape else 3
   if params.crop_size:
     return (params.num_frames, params.crop_size, params.crop_size, channels)
-  if source.frame_shape and not (params.resize or params.scale_jitter):
-    return (params.num_frames,) + tuple(source.frame_shape)
+  if frame_shape and not (params.resize or params.scale_jitter):
+    return (params.num_frames,) + tuple(frame_shape)
   return None
 
 
@@ -1009,8 +611,9 @@ def _finish_fn(config):
       next_frame=config.task == 'next_frame')
 
 
-def _file_batches(config, source: Source, params: ClipParams, train: bool,
-                  steps: int, shape, own: dict) -> grain.IterDataset:
+def _file_batches(config, source: Source, params: transforms.ClipParams,
+                  train: bool, steps: int, shape,
+                  own: dict) -> grain.IterDataset:
   """Batches of clips read one by one (`load_clip`) in grain's threads (or
   worker processes): for decode-bound video files."""
   if train:
@@ -1039,7 +642,8 @@ def _file_batches(config, source: Source, params: ClipParams, train: bool,
   return ds.map(_finish_fn(config))
 
 
-def _memory_batches(config, store: InMemory, params: ClipParams, train: bool,
+def _memory_batches(config, store: memory.InMemory,
+                    params: transforms.ClipParams, train: bool,
                     steps: int, own: dict) -> grain.IterDataset:
   """Batches cut from a split held in memory: grain draws each element's
   clip with the per-clip path's rng (same global order, same seed per
@@ -1098,7 +702,7 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
                      f'{shard_count} processes.')
   batch_size = config.batch_size // shard_count
   params = clip_params(config, train)
-  shape = _element_shape(source, params)
+  shape = clip_shape(source.frame_shape, params)
   n = len(source.data)
   if n == 0:
     raise ValueError(f'Split {split!r} of {source.name} is empty.')
@@ -1108,15 +712,19 @@ def make_dataset(config: ml_collections.ConfigDict, train: bool = True,
     raise ValueError('Eval needs a fixed clip shape: set config.crop_size.')
   # Train: full global batches; eval: the last global batch padded.
   steps = n // config.batch_size if train else -(-n // config.batch_size)
-  store = in_memory(source, in_memory_gb(config))
-  if fits_in_memory(store, params):
+  store = memory.in_memory(source, in_memory_gb(config))
+  if memory.fits_in_memory(store, params):
     ds = _memory_batches(config, store, params, train, steps, own)
   else:
     ds = _file_batches(config, source, params, train, steps, shape, own)
   if config.num_workers:
     if not flags.FLAGS.is_parsed():
-      # grain's workers read absl flags; outside absl.app (notebooks, plain
-      # scripts) use the defaults.
+      # Still needed (grain 0.2.18): starting the workers reads the absl flag
+      # --grain_enable_multiprocess_worker_profiling as `FlagHolder.value`,
+      # which raises UnparsedFlagAccessError before flags are parsed. Under
+      # absl.app (launch/) they are and this does nothing; elsewhere
+      # (notebooks, pytest, plain scripts) every flag keeps its default.
+      # tests/test_data.py's worker tests run with flags unparsed.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.num_workers))

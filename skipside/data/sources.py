@@ -52,7 +52,7 @@ class Source:
     name: for messages.
     key: identity of the records (e.g. their files and split), so that a
       process keeps one decoded copy of them in memory however many
-      pipelines read them (`pipeline.in_memory`); None: not shared.
+      pipelines read them (`memory.in_memory`); None: not shared.
   """
   data: Any
   read: Callable[[Any, Callable[[int], np.ndarray | None]], np.ndarray | None]
