@@ -449,12 +449,6 @@ def mesh_axes(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return data, stage
 
 
-def use_mesh(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config`` runs on the ``('data', 'stage')`` mesh engine."""
-  data, stage = mesh_axes(config)
-  return data * stage > 1
-
-
 def parse_groups(value, num_stages: int,
                  num_devices: int) -> tuple[tuple[int, ...], ...]:
   """``config.mesh.groups`` -> one run of stages per device on 'stage'.
@@ -521,25 +515,41 @@ def mask_fill(config: ml_collections.ConfigDict):
   return engine.FILL_NAMES[config.train.get('fill', 'mask_loss')]
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The ``config.mesh.data x config.mesh.stage`` mesh (global if
-  multi-process; the first devices if the mesh is smaller than the job)."""
+def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+  """The run's ``('data', 'stage')`` mesh (``mesh_axes``; global if
+  multi-process, the first devices if smaller than the job), or ``None``
+  for a 1 x 1 run (the single-device engine)."""
   data, stage = mesh_axes(config)
   size = data * stage
+  if size == 1:
+    return None
   devices = None if size == jax.device_count() else jax.devices()[:size]
   return mesh_lib.make_mesh(data, stage, devices=devices)
 
 
-def place(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
-          params: PyTree, mesh: jax.sharding.Mesh) -> mesh_lib.MeshSpec:
-  """``spec`` on ``mesh``: ``config.mesh.groups`` if set, else groups
-  balanced on each stage's XLA flops at the per-device batch."""
+def make_engine(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
+                params: PyTree, mesh: jax.sharding.Mesh | None):
+  """The run's engine: ``engine.LocalEngine`` without a mesh, else
+  ``mesh.MeshEngine`` with ``spec`` placed on ``mesh`` by
+  ``config.mesh.groups`` if set, else in groups balanced on each stage's
+  XLA flops (compiled on this host) at the per-device batch. ``params``:
+  the params pytree (or its ``ShapeDtypeStruct``s with ``mesh.groups``).
+
+  Example::
+
+      eng = config.make_engine(config, spec, params, config.run_mesh(config))
+  """
+  if mesh is None:
+    return engine.LocalEngine(spec)
   groups = config.mesh.get('groups')
   if groups:
-    return mesh_lib.place(spec, mesh, parse_groups(
+    mspec = mesh_lib.place(spec, mesh, parse_groups(
         groups, spec.num_stages, mesh.shape['stage']), params=params)
-  return mesh_lib.place(spec, mesh, params=params,
-                        batch_size=config.data.batch_size // mesh.shape['data'])
+  else:
+    mspec = mesh_lib.place(
+        spec, mesh, params=params,
+        batch_size=config.data.batch_size // mesh.shape['data'])
+  return mesh_lib.MeshEngine(mspec)
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

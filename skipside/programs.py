@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from skipside import aot, batchnorm, evaluation, network, optim, progressive
+from skipside import aot, batchnorm, evaluation, multigrid, network, optim
+from skipside import progressive
 from skipside import config as config_lib
 
 PyTree = Any
@@ -145,7 +146,7 @@ def batch_like(eng, clip_shape, shard_count: int = 1) -> tuple:
              jax.ShapeDtypeStruct(local[:1], jnp.int32))
   try:
     return eng.batch_like((clip, targets), clip_shape[0])
-  except ValueError as e:
+  except ValueError as e:  # The batch does not split over 'data'.
     raise config_lib.ConfigError(
         f'clip shape {tuple(clip_shape)}: {e} (config.mesh.data)') from e
 
@@ -173,8 +174,10 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
       progressive.Options.from_config(config.progressive).num_fragments(
           clip_shape[1])
     except ValueError as e:
+      what = 'multigrid bucket of ' if multigrid.enabled(config) else ''
       raise config_lib.ConfigError(
-          f'clip shape {tuple(clip_shape)}: config.progressive: {e}') from e
+          f'{what}clip shape {tuple(clip_shape)}: config.progressive: {e}'
+      ) from e
   if name in (TRAIN, TRAIN_PGT):
     return lowered(train_step_for(config, eng, optimizer), params, opt_state,
                    clip, targets, carry)

@@ -99,7 +99,6 @@ from skipside import config as config_lib
 from skipside import data as data_lib
 from skipside.data import pipeline as data_pipeline
 from skipside import mesh as mesh_lib
-from skipside import placement
 from skipside import programs as programs_lib
 
 PyTree = Any
@@ -898,17 +897,13 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   if info is None:
     info, schedule = data_shapes(config)
   spec, optimizer, state = checkpoints.init_state(config, info, schedule)
-  if config.mesh.get('groups'):
-    groups = config_lib.parse_groups(config.mesh.groups, spec.num_stages, stage)
-  else:  # Flops-balanced; the per-stage flops are compiled on this host.
-    groups = placement.balance(placement.stage_costs(
-        spec, state.params, config.data.batch_size // data), stage)
-  # The loop's engine and train-state layout on the target mesh: each
-  # program is lowered by ``programs.lower``, as training lowers it.
+  # The loop's engine and train-state layout on the target mesh (stages
+  # placed as training places them: the per-stage flops are compiled on
+  # this host); each program is lowered by ``programs.lower``, as training
+  # lowers it.
+  eng = config_lib.make_engine(config, spec, state.params, target)
   replicated = NamedSharding(target, P())
   params = _abstract(state.params, replicated)
-  eng = mesh_lib.MeshEngine(mesh_lib.place(spec, target, groups,
-                                           params=params))
   compute_dtype = config_lib.PRECISIONS[config.precision]
 
   def lower(name, shape):

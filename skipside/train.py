@@ -288,7 +288,7 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
   everything opened is closed by ``resources`` (an ``ExitStack``)."""
   is_main = jax.process_index() == 0
   _write_config(config, workdir, restart, is_main)
-  mesh = config_lib.make_mesh(config) if config_lib.use_mesh(config) else None
+  mesh = config_lib.run_mesh(config)
   data_config, train_iter, schedule = _open_data(config, mesh, is_main,
                                                  resources)
   line = data_lib.describe_process(train_iter.info, mesh)
@@ -305,10 +305,8 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
   if config.train.stream:
     state.carry = _stream_carry(config, spec, state.params, data_config, mesh,
                                 compute_dtype)
-  eng = engine.LocalEngine(spec)
+  eng = config_lib.make_engine(config, spec, state.params, mesh)
   if mesh is not None:  # Same pytrees, replicated: checkpoints fit both.
-    eng = mesh_lib.MeshEngine(config_lib.place(config, spec, state.params,
-                                               mesh))
     state = dataclasses.replace(
         state, params=_replicated(mesh, state.params),
         opt_state=_replicated(mesh, state.opt_state),
