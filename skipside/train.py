@@ -92,16 +92,87 @@ PREEMPTED_EXIT_CODE = 75
 
 class _Preemption:
   """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag checked at step
-  boundaries; a second Ctrl-C raises ``KeyboardInterrupt`` at once."""
+  boundaries; a second Ctrl-C raises ``KeyboardInterrupt`` at once.
+
+  The loop calls ``poll`` at the start of each step (it also checks the
+  background checkpoint save) and ``stop`` once the step is queued.
+
+  Multi-process, every process must stop at the same step boundary, but a
+  signal (a scheduler may signal one host only, or the hosts at different
+  times) or a failed save is seen by one process. So ``poll`` sends this
+  process's vote (its signal, whether its save failed) to every process in
+  one tiny all-gather over all devices, queued behind the step already
+  running, and ``stop`` reads the votes after the next step is queued, when
+  the loop has just waited for the step before to read its loss: all
+  processes read the same votes, so they save and stop (or raise
+  ``CheckpointSaveError``) after the same step, and the device never
+  waits for the host. (JAX's preemption sync manager,
+  ``multihost_utils.reached_preemption_sync_point``, hears only SIGTERM,
+  through a C++ handler that this class's own replaces, and neither Ctrl-C
+  nor a failed save.) A single process reads its flag: no sync.
+  """
 
   def __init__(self):
-    self.requested = None  # The signal's name once one arrived.
+    self.requested = None  # The signal's name once one arrived (or agreed).
+    self._signum = 0  # This process's own signal, 0 for none.
+    self._save_error = None  # This process's failed save (multi-process).
+    self._votes = None  # Multi-process: the all-gather of this step's votes.
+    self._program = None  # Multi-process: (rows, gather) of _vote_program.
 
   def __call__(self, signum, frame):
     del frame
     if signum == signal.SIGINT and self.requested:
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
+    self._signum = int(signum)
+
+  def poll(self, ckpt: checkpoints.Checkpointer) -> None:
+    """At a step's start: ``ckpt.check()`` (a save that failed in the
+    background stops the run; multi-process at ``stop``, on every process)
+    and, multi-process, this process's vote sent to all."""
+    if jax.process_count() == 1:
+      ckpt.check()
+      return
+    try:
+      ckpt.check()
+    except checkpoints.CheckpointSaveError as e:
+      self._save_error = e
+    vote = np.array([self._signum, self._save_error is not None], np.int32)
+    if self._program is None:
+      self._program = _vote_program()
+    rows, gather = self._program
+    self._votes = gather(jax.make_array_from_process_local_data(
+        rows, np.tile(vote, (jax.local_device_count(), 1)),
+        (jax.device_count(), 2)))
+
+  def stop(self) -> bool:
+    """Whether to save and stop after the step just queued: this process's
+    signal, or multi-process any process's vote at ``poll`` (the same
+    answer on every process). Raises ``CheckpointSaveError`` on every
+    process if one's save failed."""
+    if jax.process_count() == 1:
+      return bool(self.requested)
+    votes, self._votes = np.asarray(self._votes.addressable_data(0)), None
+    owners = [d.process_index for d in _vote_devices()]
+    signums, failed = {}, set()
+    for owner, (signum, save_failed) in zip(owners, votes):
+      if signum:
+        signums.setdefault(owner, int(signum))
+      if save_failed:
+        failed.add(owner)
+    if failed:
+      if self._save_error is not None:
+        raise self._save_error
+      raise checkpoints.CheckpointSaveError(
+          f'checkpoint save failed on process {sorted(failed)} (its error '
+          'names the checkpoint and the cause); every process stops here')
+    if not signums:
+      return False
+    if not self._signum:  # Another process's signal: say whose.
+      owner = min(signums)
+      self.requested = (f'{signal.Signals(signums[owner]).name} on process '
+                        f'{owner}')
+    return True
 
   @contextlib.contextmanager
   def installed(self):
@@ -116,6 +187,26 @@ class _Preemption:
     finally:
       for s, p in zip(signals, previous):
         signal.signal(s, p)
+
+
+def _vote_devices() -> list:
+  """Every device of the job, grouped by process (each process's rows of
+  the votes are contiguous)."""
+  return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
+def _all_votes(votes: jax.Array) -> jax.Array:
+  return votes  # Replicated by its out_shardings: an all-gather.
+
+
+def _vote_program() -> tuple:
+  """``(rows, gather)``: the votes' sharding (one row per device) and the
+  jitted all-gather that gives every device all rows."""
+  mesh = jax.sharding.Mesh(np.array(_vote_devices()), ('devices',))
+  spec = jax.sharding.PartitionSpec
+  return (jax.sharding.NamedSharding(mesh, spec('devices')),
+          jax.jit(_all_votes,
+                  out_shardings=jax.sharding.NamedSharding(mesh, spec())))
 
 
 def _progress(total: int, initial: int):
@@ -441,7 +532,9 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
   recompilations = clock.recompilations  # Those in the loop count.
   with _Preemption().installed() as preemption:
     while run.state.step < total:
-      run.ckpt.check()  # A save that failed in the background stops the run.
+      # A save that failed in the background stops the run; multi-process,
+      # this process's vote (signal, failed save) goes to all (_Preemption).
+      preemption.poll(run.ckpt)
       (clip, targets), n = _next_batch(config, run)
       state = run.state
       params, opt_state, out = run.step_fn(state.params, state.opt_state,
@@ -456,7 +549,8 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
           carry=out.carry if config.train.stream else None)
       clips += n
       bar.update(1)
-      stopping = bool(preemption.requested) and state.step < total
+      # Multi-process: every process's votes, so all stop at this step.
+      stopping = preemption.stop() and state.step < total
       boundary = state.step == total or stopping or any(
           state.step % k == 0 for k in (every.log_every,
                                         every.checkpoint_every,

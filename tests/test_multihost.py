@@ -11,16 +11,18 @@ config end to end; its checkpoint and metrics must equal one process with
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from launch import mesh_train
-from skipside import mesh
+from skipside import mesh, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, FRAMES = 3, 8, 8  # 8 frames: split over the stage devices (mesh.time_sharded).
@@ -32,8 +34,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait_all(procs, timeout: int, what: str) -> list[str]:
-  """Each process's output; fails the test if one times out or fails."""
+def _wait_all(procs, timeout: int, what: str, code: int = 0) -> list[str]:
+  """Each process's output; fails the test if one times out or exits with
+  another code than ``code``."""
   logs = []
   for p in procs:
     try:
@@ -43,7 +46,9 @@ def _wait_all(procs, timeout: int, what: str) -> list[str]:
         q.kill()
       pytest.fail(f'{what} timed out')
   for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f'process {pid} failed:\n{log[-3000:]}'
+    assert p.returncode == code, (
+        f'process {pid} exited with {p.returncode}, not {code}:\n'
+        f'{(log or "")[-3000:]}')
   return logs
 
 
@@ -206,3 +211,103 @@ def test_launch_train_two_processes_match_one(tmp_path, mesh_flags, layout,
     jax.tree.map(lambda x, y: np.testing.assert_allclose(
         np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7), got[key],
                  ref[key])
+
+
+def _start_two(workdir, data_dir, env, logs_dir, *flags) -> list:
+  """``launch.train`` (tiny) as 2 processes x 2 CPU devices, started; their
+  output goes to ``logs_dir/<pid>.log`` (a pipe nobody reads while the test
+  waits could fill and block them)."""
+  port, procs = _free_port(), []
+  os.makedirs(logs_dir, exist_ok=True)
+  for pid in range(2):
+    with open(os.path.join(logs_dir, f'{pid}.log'), 'w') as log:
+      procs.append(subprocess.Popen(
+          _launch_train(workdir, data_dir, (), '--local_device_count=2',
+                        f'--coordinator_address=localhost:{port}',
+                        '--num_processes=2', f'--process_id={pid}', *flags),
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _finish_two(procs, logs_dir, timeout: int, what: str,
+                code: int) -> list[str]:
+  """Waits for both (kills both and fails after ``timeout`` s); their
+  output; each must exit with ``code``."""
+  deadline = time.time() + timeout
+  for p in procs:
+    try:
+      p.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+        q.wait()
+      pytest.fail(f'{what} timed out after {timeout} s:\n' + '\n'.join(
+          f'--- process {pid}:\n{_read(logs_dir, pid)[-2000:]}'
+          for pid in range(2)))
+  logs = [_read(logs_dir, pid) for pid in range(2)]
+  for pid, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == code, (
+        f'{what}: process {pid} exited with {p.returncode}, not {code}:\n'
+        f'{log[-3000:]}')
+  return logs
+
+
+def _read(logs_dir, pid: int) -> str:
+  with open(os.path.join(logs_dir, f'{pid}.log')) as f:
+    return f.read()
+
+
+@pytest.mark.skipif(_platform_reason() is not None,
+                    reason=str(_platform_reason()))
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  """A SIGTERM to process 1 only (a scheduler signalling one host, or the
+  hosts at different times): both processes stop after the same step,
+  save one complete checkpoint there and exit with the preempted code; a
+  rerun of both resumes from it. (Each process used to decide alone:
+  process 1 saved and left while process 0 went on into the next step's
+  collectives, and the job hung.)"""
+  data_dir, env = str(tmp_path / 'tfds'), _subprocess_env()
+  workdir, logs_dir = str(tmp_path / 'run'), str(tmp_path / 'logs')
+  procs = _start_two(workdir, data_dir, env, logs_dir,
+                     '--config.train.num_steps=100000',
+                     '--config.train.log_every=1',
+                     '--config.train.checkpoint_every=100000',
+                     '--config.train.eval_every=100000')
+  # Mid-run for sure: process 0 logged step 1 (metrics.jsonl), and the run
+  # has 100000 steps to go.
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+        p.wait()
+      pytest.fail('the run never logged a step:\n' + '\n'.join(
+          _read(logs_dir, pid)[-2000:] for pid in range(2)))
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = _finish_two(procs, logs_dir, 120, 'preempted 2-process run',
+                     code=train.PREEMPTED_EXIT_CODE)
+
+  summaries = [_summary(log) for log in logs]
+  assert all(s['preempted'] is True for s in summaries)
+  step = summaries[0]['step']
+  assert summaries[1]['step'] == step and 0 < step < 100000
+  assert ('SIGTERM on process 1: saved a checkpoint at step '
+          f'{step}; exiting.') in logs[0]
+  # One complete checkpoint, at that step; no partial save left.
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(ckpt_dir)) == [str(step)], os.listdir(ckpt_dir)
+  with open(os.path.join(ckpt_dir, str(step), 'meta', 'metadata')) as f:
+    assert json.load(f)['step'] == step
+
+  # Both again, a step further: they resume from it.
+  logs = _finish_two(
+      _start_two(workdir, data_dir, env, str(tmp_path / 'logs2'),
+                 f'--config.train.num_steps={step + 1}'),
+      str(tmp_path / 'logs2'), 300, 'resumed 2-process run', code=0)
+  assert f'Resumed from {workdir} at step {step}.' in logs[0]
+  for log in logs:
+    summary = _summary(log)
+    assert (summary['start_step'], summary['step']) == (step, step + 1)
+  assert sorted(os.listdir(ckpt_dir), key=int) == [str(step), str(step + 1)]
