@@ -150,11 +150,6 @@ def _mesh_nan(data_dir):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def warmed_up(tmp_path_factory, data_dir):
   """A passing run first: the process-wide pools (XLA's, orbax's, grain's)
   it starts are there before any run is measured."""
