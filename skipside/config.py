@@ -1,6 +1,7 @@
-"""What a config describes: its validation, the network, the mesh.
+"""What a config describes: its defaults, validation, the network, the mesh.
 
-Every key is in ``experiments/configs/default.py``. Errors are
+Every key a run reads has its default in ``defaults()`` (the data section's
+in ``skipside.data.get_config``). Errors are
 ``ConfigError``s, one line each: ``<key>: <what is wrong> (<what is
 allowed>)`` (the launchers print ``config error: `` and that, exit code 2).
 
@@ -37,6 +38,7 @@ from flax import nnx
 from skipside import engine, multigrid, network, optim, placement, progressive
 from skipside import stages
 from skipside import mesh as mesh_lib
+from skipside import data as data_lib
 from skipside.data import sources
 
 PyTree = Any
@@ -55,7 +57,7 @@ class ConfigError(ValueError):
 
   ``ConfigError(key, problem, allowed)`` reads ``<key>: <problem>
   (<allowed>)``, the form the launchers print after ``config error:``;
-  one argument is a message already in that form (``multigrid.config_errors``).
+  one argument is a message already in that form.
 
   Example::
 
@@ -67,6 +69,137 @@ class ConfigError(ValueError):
     text = f'{key}: {problem}' if problem else key
     text = f'{text} ({allowed})' if allowed else text
     super().__init__(' '.join(text.split()))  # One line.
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key a run reads, with its default: Skip-Sideways on the embedded
+  MovingDigits motion task (``experiments/configs/default.py`` runs it as
+  is). Experiment configs start here and set what they change; the data
+  section is the data package's own (``skipside.data.get_config``, its
+  fields documented there).
+
+  Example::
+
+      c = config.defaults()
+      c.mode = 'bp'
+      c.data.task = 'appearance'
+      config.validate_config(c)
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mode = 'sideways'  # 'bp' | 'pipelined_bp' | 'sideways'.
+  c.precision = 'float32'  # 'float32' | 'bfloat16' (compute; params stay f32).
+
+  # Stages as kind:width[:stride]; kinds: conv, convbn (conv + sub-batch
+  # norm), res (residual conv), tconv (causal temporal conv, keeps a cache),
+  # mlp (flattens). Your own: package.module:Name(arg=value, ...), e.g.
+  # experiments.examples.custom_stage:GatedConv(out_features=16, stride=2)
+  # (README, "Your stages in a config run").
+  c.model = ml_collections.ConfigDict()
+  c.model.stages = 'conv:8:2,conv:16:2,res:16,conv:32:2,res:32'
+  # Skip-Sideways edges (src, dst): spans of 3, each carrying features two
+  # frames newer than the chain brings. The span-2 pattern ((0, 2), (1, 3),
+  # (2, 4)) trained unstably here (experiments/RESULTS.md).
+  c.model.skips = ((0, 3), (1, 4))
+  c.model.combine = 'concat'  # 'sum' | 'concat' (+ projection).
+  c.model.head = 'classifier'  # 'classifier' | 'next_frame'.
+  # convbn stages: batch statistics over sub-batches of this many clips
+  # (multigrid's fixed base size; skipside/sub_batch.py).
+  c.model.norm_base_size = 8
+
+  # MovingDigits, motion task. Whole 16-frame videos: under Sideways a
+  # fresh clip masks L-1 = 4 fill ticks and stage l learns from tick
+  # L-1+d_l (d_l: edges up to the top), so 8 frames gave the bottom stages
+  # 2 ticks of gradient and 16 give 10 (engine.gradient_ticks; the loop
+  # warns when a stage gets none). Batch 32 (global).
+  c.data = data_lib.get_config()
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'  # 'adam' | 'adamw' | 'sgd' | 'momentum'.
+  c.optimizer.learning_rate = 3e-4
+  c.optimizer.schedule = 'cosine'  # 'constant' | 'cosine' | 'step'.
+  c.optimizer.warmup_steps = 50
+  # Rate at step 0 of the warm-up (multigrid; SlowFast's WARMUP_START_LR).
+  c.optimizer.warmup_start_lr = 0.0
+  c.optimizer.step_boundaries = (0.5, 0.75)  # Fractions of num_steps ('step').
+  c.optimizer.weight_decay = 1e-4  # adamw (decoupled), sgd, momentum; not adam.
+  c.optimizer.grad_clip_norm = 1.0  # 0 disables.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 20
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 3
+  c.train.update_every = 0  # >0: online mode, an optimizer step every k ticks.
+  c.train.stream = False  # Carry the pipeline across batches (a stream).
+  c.train.flush = 0  # Ticks repeating the last frame so messages land.
+  c.train.on_nonfinite = 'stop'  # 'stop' | 'skip' the update.
+  # The pipeline fill of a fresh stream (DESIGN.md's conventions): 'mask_loss'
+  # masks its ticks out of the loss; 'gate_stages' (sideways) scores them but
+  # counts stage l's gradient only once its messages carry a real frame's
+  # loss; 'none' scores and counts every tick. Evaluation masks it always.
+  c.train.fill = 'mask_loss'
+  # Every N steps (0: never), log fidelity/cosine_stage_<l>: the cosine of
+  # the Sideways and the exact gradient of a fixed probe batch (the first
+  # eval batch), per stage (skipside/fidelity.py).
+  c.train.fidelity_every = 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_batches = 0  # 0: the whole eval split.
+  # Sub-batch norm: training batches whose statistics evaluation uses.
+  c.eval.norm_batches = 8
+
+  # Multigrid (skipside/multigrid.py; experiments/configs/multigrid.py):
+  # batch shapes and LR on a schedule, both cycles off here. The base shape
+  # is data.batch_size, data.num_frames and data.crop_size (or the native
+  # frame side); the baseline's epochs are train.num_steps * batch_size /
+  # train examples with LR steps at optimizer.step_boundaries
+  # (optimizer.schedule='step'), the last boundary starting the fine-tuning
+  # phase.
+  c.multigrid = ml_collections.ConfigDict()
+  c.multigrid.long_cycle = False  # The cycles switch independently.
+  c.multigrid.short_cycle = False
+  c.multigrid.epoch_factor = 1.5  # Multigrid epochs over the baseline's.
+  # (t/T, s/S) per long-cycle stage; short-cycle crops as fractions of S.
+  c.multigrid.long_cycle_factors = multigrid.LONG_CYCLE_FACTORS
+  c.multigrid.short_cycle_factors = multigrid.SHORT_CYCLE_FACTORS
+  # LR against the long-cycle batch factor: 'linear' (the reference),
+  # 'sqrt' or 'none'.
+  c.multigrid.lr_scaling = 'linear'
+  # Round crops to a multiple of this (1: plain rounding; 8 keeps the skip
+  # edges of a three-times-downsampling net poolable).
+  c.multigrid.crop_multiple = 1
+  # The fewest frames per clip: pipelined modes mask their first depth
+  # ticks, keep t above that (multigrid.depth_errors).
+  c.multigrid.min_frames = 1
+  # Whole-epoch phase ends as the reference's (True reproduces its configs,
+  # runs of tens of epochs); off, since a run of a few epochs would lose
+  # whole phases to the rounding.
+  c.multigrid.round_epochs = False
+  # JAX's persistent compilation cache (None: off); parallel bucket
+  # compilations (0: one per bucket, at most 8).
+  c.multigrid.compile_cache_dir = ml_collections.config_dict.placeholder(str)
+  c.multigrid.compile_threads = 0
+
+  # Progressive training (PGT; skipside/progressive.py): each video (of
+  # data.num_frames) as serial fragments with carried stream and caches.
+  c.progressive = ml_collections.ConfigDict()
+  c.progressive.enabled = False
+  c.progressive.fragment_frames = 8  # Tf; T = Tf + k * (Tf - overlap).
+  c.progressive.overlap = 0  # Frames shared by consecutive fragments.
+  c.progressive.cache_policy = 'last'  # 'last' | 'avg' | 'max'.
+  c.progressive.momentum = 0.25  # Blend of the previous cache (PGT: 0.25).
+  c.progressive.step_per = 'video'  # 'video' | 'fragment' optimizer steps.
+  c.progressive.truncate_gradients = True  # False: exact through fragments.
+  c.progressive.loss_weighting = 'sum'  # 'sum' (PGT) | 'mean' (by ticks).
+
+  # Depth-parallel mesh ('data', 'stage'); 1x1 runs the single-device engine.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.stage = 1
+  c.mesh.groups = ''  # '' = flops-balanced; or consecutive stages: '0-1,2,3-4'.
+  return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,8 +488,8 @@ def validate_config(config: ml_collections.ConfigDict,
         'config.train.flush', f'got {config.train.flush}',
         '>= 0, and 0 with config.train.update_every or config.train.stream: '
         'a flush ends a stream')
-  for error in multigrid.config_errors(config):
-    raise ConfigError(error)
+  for error in _multigrid_config_errors(config):
+    raise error
   if config.get('progressive') and config.progressive.enabled:
     try:  # Here, before the workdir is written (the loop checks it again).
       progressive.checked_options(config)
@@ -507,6 +640,71 @@ def _norm_config_errors(config) -> list[ConfigError]:
           'config.data.batch_size', f'{what}{b} does not split into '
           f'sub-batches of config.model.norm_base_size={base} clips',
           f'a multiple of {base}, or at most {base}'))
+  return errors
+
+
+def _multigrid_config_errors(config) -> list[ConfigError]:
+  """What a multigrid run cannot use (``config.multigrid`` on)."""
+  if not multigrid.enabled(config):
+    return []
+  errors = []
+  if config.optimizer.schedule != 'step':
+    errors.append(ConfigError(
+        'config.optimizer.schedule',
+        f'{config.optimizer.schedule!r} with multigrid',
+        "'step': multigrid follows a stepwise LR, its last boundary starts "
+        'the fine-tuning phase'))
+  bounds = list(config.optimizer.step_boundaries)
+  if not bounds or any(not 0 < b < 1 for b in bounds) or bounds != sorted(
+      bounds):
+    errors.append(ConfigError(
+        'config.optimizer.step_boundaries', f'{tuple(bounds)} with multigrid',
+        'at least one increasing fraction in (0, 1)'))
+  if config.model.head != 'classifier':
+    errors.append(ConfigError(
+        'config.model.head', f'{config.model.head!r} with multigrid, which '
+        'varies the frame size', "'classifier'"))
+  if config.train.stream or config.train.update_every:
+    key = 'stream' if config.train.stream else 'update_every'
+    errors.append(ConfigError(
+        f'config.train.{key}', 'a stream cannot carry its buffers across '
+        'the shape changes of multigrid', 'off: False and 0'))
+  if config.multigrid.lr_scaling not in ('linear', 'sqrt', 'none'):
+    errors.append(ConfigError(
+        'config.multigrid.lr_scaling',
+        f'unknown {config.multigrid.lr_scaling!r}',
+        "'linear', 'sqrt' or 'none'"))
+  start_lr = config.optimizer.get('warmup_start_lr', 0.0)
+  if not start_lr >= 0:
+    errors.append(ConfigError('config.optimizer.warmup_start_lr',
+                              f'got {start_lr}', 'a number >= 0'))
+  items = parse_stages(config.model.stages)
+  base = config.model.get('norm_base_size', 8)
+  batch, data = config.data.batch_size, config.mesh.data
+  per_device = batch // data
+  if (any(item.kind == 'convbn' for item in items) and base >= 1
+      and per_device % base):
+    # The reference (SlowFast, MULTIGRID.BN_BASE_SIZE) handles fewer clips
+    # per device than the base (its Charades/SSv2 configs: 2 per GPU, base
+    # 8) by switching the norm at each long-cycle stage: sub-batch BN above
+    # the base, plain BN at it, BN synchronized over base/clips GPUs below
+    # it. Norm stages here take statistics within a device only.
+    errors.append(ConfigError(
+        'config.model.norm_base_size',
+        f'{base} with multigrid, but the base batch per device is '
+        f'{per_device} clips (config.data.batch_size={batch} / '
+        f'config.mesh.data={data}), not a multiple of {base}, so some '
+        f'buckets would not split into whole groups of {base} clips (those '
+        'with fewer per device would take statistics over fewer clips than '
+        'the others). The reference switches the norm per long-cycle stage '
+        '(BN synchronized over base/clips GPUs below the base); norm stages '
+        'here take statistics within a device only, so this layout is not '
+        'supported',
+        f'give each device a multiple of {base} clips: fewer data-parallel '
+        'devices (config.mesh.data; the devices of config.mesh.stage share '
+        'their batch), a larger config.data.batch_size, or a '
+        f'config.model.norm_base_size dividing {per_device} (statistics over '
+        'fewer clips in every bucket)'))
   return errors
 
 

@@ -44,7 +44,7 @@ clips per device than the base (Charades/SSv2: 2 clips per GPU, base 8) by
 switching the norm at each long-cycle stage (sub-batch BN above the base,
 plain BN at it, BN synchronized over ``base / clips`` GPUs below it); stages
 here take no statistics across devices, so that layout is a config error
-(``config_errors``) -- on a depth-parallel mesh the devices of
+(``config.validate_config``) -- on a depth-parallel mesh the devices of
 ``mesh.stage`` share their batch, so fewer ``mesh.data`` devices give each
 more clips. ``depth_errors`` names buckets whose clips are too short for a
 pipelined mode (no loss tick after the pipeline fill). The training loop
@@ -459,116 +459,10 @@ def _crop_rounder(multiple: int) -> Callable[[float], int]:
 # ---------------------------------------------------------------------------
 # Config.
 
-def get_config():
-  """``config.multigrid`` defaults: both cycles off (a fixed-shape run).
-
-  Fields:
-    long_cycle, short_cycle: switch each cycle (independently).
-    epoch_factor: multigrid epochs over the baseline's (1.5).
-    long_cycle_factors: ``(t/T, s/S)`` per long-cycle stage.
-    short_cycle_factors: short-cycle crops as fractions of ``S``.
-    lr_scaling: LR against the long-cycle batch factor: 'linear' (the
-      reference), 'sqrt' or 'none'.
-    crop_multiple: round crops to a multiple of this (1: plain rounding; 8
-      keeps the skip edges of a three-times-downsampling net poolable).
-    min_frames: the fewest frames per clip (pipelined modes mask their
-      first ``depth`` ticks; keep ``t`` above that: ``depth_errors``).
-    round_epochs: whole-epoch phase ends as the reference's (``True`` to
-      reproduce its configs, runs of tens of epochs); off by default, since
-      a run of a few epochs would lose whole phases to the rounding.
-    compile_cache_dir: JAX persistent compilation cache (None: off).
-    compile_threads: parallel bucket compilations (0: one per bucket, <= 8).
-
-  The base shape is ``data.batch_size``, ``data.num_frames`` and
-  ``data.crop_size`` (or the native frame side); the baseline's epochs are
-  ``train.num_steps · batch_size / train examples`` with LR steps at
-  ``optimizer.step_boundaries`` (``optimizer.schedule='step'``), the last
-  boundary starting the fine-tuning phase.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  c = ml_collections.ConfigDict()
-  c.long_cycle = False
-  c.short_cycle = False
-  c.epoch_factor = 1.5
-  c.long_cycle_factors = LONG_CYCLE_FACTORS
-  c.short_cycle_factors = SHORT_CYCLE_FACTORS
-  c.lr_scaling = 'linear'
-  c.crop_multiple = 1
-  c.min_frames = 1
-  c.round_epochs = False
-  c.compile_cache_dir = ml_collections.config_dict.placeholder(str)
-  c.compile_threads = 0
-  return c
-
-
 def enabled(config) -> bool:
   """Whether ``config`` turns on either cycle."""
   mg = config.get('multigrid')
   return bool(mg and (mg.long_cycle or mg.short_cycle))
-
-
-def config_errors(config) -> list[str]:
-  """What a multigrid run cannot use, each message in the launchers' form
-  ``<key>: <what is wrong> (<what is allowed>)``."""
-  if not enabled(config):
-    return []
-  errors = []
-  if config.optimizer.schedule != 'step':
-    errors.append(
-        f'config.optimizer.schedule: {config.optimizer.schedule!r} with '
-        "multigrid ('step': multigrid follows a stepwise LR, its last "
-        'boundary starts the fine-tuning phase)')
-  bounds = list(config.optimizer.step_boundaries)
-  if not bounds or any(not 0 < b < 1 for b in bounds) or bounds != sorted(
-      bounds):
-    errors.append(
-        f'config.optimizer.step_boundaries: {tuple(bounds)} with multigrid '
-        '(at least one increasing fraction in (0, 1))')
-  if config.model.head != 'classifier':
-    errors.append(f'config.model.head: {config.model.head!r} with multigrid, '
-                  "which varies the frame size ('classifier')")
-  if config.train.stream or config.train.update_every:
-    key = 'stream' if config.train.stream else 'update_every'
-    errors.append(f'config.train.{key}: a stream cannot carry its buffers '
-                  'across the shape changes of multigrid (off: False and 0)')
-  if config.multigrid.lr_scaling not in ('linear', 'sqrt', 'none'):
-    errors.append(f'config.multigrid.lr_scaling: unknown '
-                  f"{config.multigrid.lr_scaling!r} ('linear', 'sqrt' or "
-                  "'none')")
-  start_lr = config.optimizer.get('warmup_start_lr', 0.0)
-  if not start_lr >= 0:
-    errors.append(f'config.optimizer.warmup_start_lr: got {start_lr} (a '
-                  'number >= 0)')
-  errors += _norm_errors(config)
-  return errors
-
-
-def _norm_errors(config) -> list[str]:
-  """A base batch per device that sub-batch norm cannot keep at
-  ``norm_base_size`` clips in every bucket (convbn stages only)."""
-  kinds = [item.strip().split(':')[0]
-           for item in config.model.stages.split(',')]
-  base = config.model.get('norm_base_size', 8)
-  batch, data = config.data.batch_size, config.mesh.data
-  per_device = batch // data
-  if 'convbn' not in kinds or base < 1 or per_device % base == 0:
-    return []
-  return [
-      f'config.model.norm_base_size: {base} with multigrid, but the base batch '
-      f'per device is {per_device} clips (config.data.batch_size={batch} / '
-      f'config.mesh.data={data}), not a multiple of {base}, so some buckets '
-      f'would not split into whole groups of {base} clips (those with fewer '
-      'per device would take statistics over fewer clips than the others). '
-      'For fewer clips per device than the base (its Charades/SSv2 configs: '
-      '2 per GPU, base 8) the reference (SlowFast, MULTIGRID.BN_BASE_SIZE) '
-      'switches the norm at each long-cycle stage: sub-batch BN above the '
-      'base, plain BN at it, BN synchronized over base/clips GPUs below it. '
-      'Norm stages here take statistics within a device only, so this layout '
-      f'is not supported. Give each device a multiple of {base} clips: '
-      'fewer data-parallel devices (config.mesh.data; the devices of '
-      'config.mesh.stage share their batch), a larger config.data.batch_size,'
-      f' or a config.model.norm_base_size dividing {per_device} (statistics '
-      'over fewer clips in every bucket)']
 
 
 PIPELINED_MODES = ('pipelined_bp', 'sideways')
@@ -608,7 +502,8 @@ def depth_errors(schedule: Schedule, depth: int, mode: str) -> list[str]:
 
 def schedule_from_config(config, num_examples: int,
                          frame_side: int | None = None) -> Schedule:
-  """The ``Schedule`` of a training config (see ``get_config``).
+  """The ``Schedule`` of a training config (``config.multigrid``, its keys
+  in ``config.defaults``).
 
   Args:
     config: the full training config.

@@ -182,7 +182,7 @@ class Options:
 
   @classmethod
   def from_config(cls, c) -> 'Options':
-    """From ``config.progressive`` (see ``experiments/configs/default.py``)."""
+    """From ``config.progressive`` (keys and defaults: ``config.defaults``)."""
     return cls(fragment_frames=int(c.fragment_frames), overlap=int(c.overlap),
                cache_policy=c.cache_policy, momentum=float(c.momentum),
                step_per=c.step_per,

@@ -1,8 +1,8 @@
 """The training loop: steps on an engine, checkpoints, evaluation, faults.
 
 One trainer for every mode and dataset (big_vision style): everything comes
-from an ``ml_collections.ConfigDict`` (see ``experiments/configs/default.py``
-for every key) and a workdir, and a run resumes from its workdir.
+from an ``ml_collections.ConfigDict`` (every key and its default:
+``config.defaults``) and a workdir, and a run resumes from its workdir.
 
 The workdir holds::
 
@@ -312,9 +312,8 @@ class _Run:
 
 
 def _write_config(config, workdir: str, restart: bool, is_main: bool):
-  """Validates ``config`` and claims ``workdir`` for it, before anything
-  is written (``config.json`` describes the checkpoints)."""
-  config_lib.validate_config(config)
+  """Claims ``workdir`` for the validated ``config`` before anything is
+  written (``config.json`` describes the checkpoints)."""
   checkpoints.prepare_workdir(config, workdir, restart=restart, move=is_main)
   if jax.process_count() > 1:  # Every process checked before main writes.
     multihost_utils.sync_global_devices('skipside_workdir_checked')
@@ -377,6 +376,9 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
   """Validates, claims the workdir, opens data, builds or restores the
   train state in the engine's layout and compiles what is compiled ahead;
   everything opened is closed by ``resources`` (an ``ExitStack``)."""
+  # First: most errors need no backend (starting one may print libtpu's
+  # start-up noise above the one-line error).
+  config_lib.validate_config(config)
   is_main = jax.process_index() == 0
   _write_config(config, workdir, restart, is_main)
   mesh = config_lib.run_mesh(config)
