@@ -697,11 +697,42 @@ def _idle_sideways(plan: _Plan):
 
 # -- The clip on the mesh. ---------------------------------------------------
 
+def _const_key(c) -> tuple:
+  try:
+    a = np.asarray(c)
+    return (a.shape, str(a.dtype), a.tobytes())
+  except Exception:  # pylint: disable=broad-except
+    return ('object', id(c))  # A traced constant: equal only to itself.
+
+
+def _switch(index, branches, *operands):
+  """``lax.switch(index, branches, *operands)`` with equal branches merged.
+
+  Every device's program holds every branch of a switch (SPMD: one program
+  for all devices), so XLA compiles each branch and every device carries its
+  code. Branches whose jaxprs are equal -- same text, same constants: e.g.
+  the middle stages of a homogeneous net, one stage per device -- are
+  compiled once and chosen through a table (``make_jaxpr`` traces each
+  branch here; ``lax.switch`` traces only the distinct ones again).
+  """
+  ids, distinct, which = {}, [], []
+  for branch in branches:
+    closed = jax.make_jaxpr(branch)(*operands)
+    key = (str(closed.jaxpr), tuple(_const_key(c) for c in closed.consts))
+    if key not in ids:
+      ids[key] = len(distinct)
+      distinct.append(branch)
+    which.append(ids[key])
+  if len(distinct) == len(branches):
+    return lax.switch(index, branches, *operands)
+  return lax.switch(jnp.asarray(which, jnp.int32)[index], distinct, *operands)
+
+
 def _on_device(plan: _Plan, g, make, *operands):
   """``make(device)(*operands)`` on the traced device index ``g``: a switch
   over static branches (once per clip, at the ends of the tick scan)."""
-  return lax.switch(g, [lambda *ops, i=i: _varying(make(i)(*ops))
-                        for i in range(len(plan.mspec.groups))], *operands)
+  return _switch(g, [lambda *ops, i=i: _varying(make(i)(*ops))
+                     for i in range(len(plan.mspec.groups))], *operands)
 
 
 def _gather_ups(plan: _Plan, own: jax.Array, g) -> tuple:
@@ -832,11 +863,11 @@ def _device_clip(plan: _Plan, *, mode: str, length: int, per_frame: bool,
       if mode == 'bp':
         own, st, m = sync_tick(pflat, own, st, x, target, w, m, g)
       elif not sideways:
-        own, ups, st, m = lax.switch(
+        own, ups, st, m = _switch(
             g, branches, (pflat, _send(plan, ups, down=False), own, st, x,
                           target, w, m))
       else:
-        own, ups, local, sends, st, gtick, m = lax.switch(
+        own, ups, local, sends, st, gtick, m = _switch(
             g, branches, (pflat, _send(plan, ups, down=False), own, local,
                           got, st, x, target, w, tick0 + i, m))
         got = _send(plan, sends, down=True)
