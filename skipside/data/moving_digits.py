@@ -17,9 +17,34 @@ Labels (one field each; the pipeline's `task` picks one):
 |             |               | 1 if the digit class shown at the start equals  |
 |             |               | the one shown at the end (50/50); the segments  |
 |             |               | between show random distractor digits           |
+| `majority`  | `majority`    | the whole video: the class shown in the most    |
+|             |               | segments (below); every segment is evidence     |
 | (frames)    | `next_frame`  | the frames themselves (`transforms.next_frame_targets`) |
 
-`long_range` fields exist only in configs with `long_range=True`.
+`long_range` fields exist only in configs with `long_range=True`, `majority`
+fields (`majority`, `segment_digits`) only in configs with `majority_classes`.
+
+The majority task (configs `majority`, 128 frames, and `majority_512`): the
+video is a sequence of segments of 8 frames, each one digit of one of
+``majority_classes`` (digits 0, 1, 2) moving in its own random direction;
+the label is the class shown in the most segments, ahead of the second by
+exactly ``majority_margin`` segments (2 of 16 at 128 frames, 8 of 64 at 512:
+1/8 of the segments either way), so there are no ties. The segments' classes
+are i.i.d. uniform conditioned on that margin (drawn exactly: a count vector
+by its multinomial weight, then a random order), so every segment carries
+the same, small, amount of evidence. Bayes accuracy of an observer who
+recognises every digit (`majority_bayes_accuracy`, exact, from this
+distribution; chance 1/3):
+
+| segments seen  | 1 or 2 (an aligned 16-frame clip) | 3 | half | all |
+| -------------- | ----- | ----- | ----- | ---- |
+| `majority`     | 45.1% | 49.9% | 64.1% | 100% |
+| `majority_512` | 43.2% | 46.9% | 84.3% | 100% |
+
+A 16-frame clip at a uniformly random start sees 2 segments at the aligned
+starts (15 of 113 at 128 frames, 63 of 497 at 512) and 3 otherwise: 49.2%
+(`majority`) and 46.5% (`majority_512`). So one clip decides the label
+little better than chance, and the whole video decides it always.
 
 Train and test use disjoint digit instances (every 5th sklearn digit is a test
 instance), so test accuracy measures generalisation to unseen handwriting.
@@ -41,7 +66,9 @@ Read:
 
 Configs (`moving_digits/<name>`): `default` (16 frames, 32x32, 2000/500
 videos), `small` (8 frames, 32x32, 256/128; tests), `long_range` (128 frames,
-segments of 8, 1000/200), `long_range_512` (512 frames, 500/100). Any size is a
+segments of 8, 1000/200), `long_range_512` (512 frames, 500/100), `majority`
+(128 frames, 16 segments of 8, margin 2, 1000/200), `majority_512` (512
+frames, 64 segments, margin 8, 500/100). Any size is a
 `MovingDigitsConfig(name=..., ...)` passed as `config=`.
 """
 
@@ -49,6 +76,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -77,7 +106,11 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
     num_test: videos in the `test` split.
     seed: generation seed (same seed, same bytes).
     long_range: adds the `same`/`last_digit` fields (cue, distractors, query).
-    segment_frames: frames per digit segment in long-range videos.
+    segment_frames: frames per digit segment in long-range and majority
+      videos.
+    majority_classes: digit classes of a majority video (empty: not one);
+      adds the `majority` (index into these) and `segment_digits` fields.
+    majority_margin: segments by which the majority class leads the second.
   """
   num_frames: int = 16
   canvas_size: int = 32
@@ -89,6 +122,8 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
   seed: int = 0
   long_range: bool = False
   segment_frames: int = 8
+  majority_classes: tuple[int, ...] = ()
+  majority_margin: int = 2
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,6 +168,85 @@ def _moving(rng: np.random.Generator, image: np.ndarray, cfg: MovingDigitsConfig
   return _render(image, cfg.canvas_size, y0 + dy * t, x0 + dx * t), direction
 
 
+def _majority_geometry(cfg: MovingDigitsConfig) -> tuple[int, int, int]:
+  """``(segments, classes, margin)`` of a majority config; errors if invalid."""
+  seg, k, margin = (cfg.segment_frames, len(cfg.majority_classes),
+                    cfg.majority_margin)
+  if cfg.long_range:
+    raise ValueError('majority_classes and long_range exclude each other.')
+  if k < 2 or len(set(cfg.majority_classes)) != k or not all(
+      0 <= c <= 9 for c in cfg.majority_classes):
+    raise ValueError(f'majority_classes needs >= 2 distinct digits, got '
+                     f'{cfg.majority_classes}.')
+  if cfg.num_frames % seg:
+    raise ValueError(f'majority needs num_frames divisible by segment_frames,'
+                     f' got {cfg.num_frames} and {seg}.')
+  num = cfg.num_frames // seg
+  if not 1 <= margin <= num:
+    raise ValueError(f'majority_margin must be in [1, {num}] (the number of '
+                     f'segments), got {margin}.')
+  return num, k, margin
+
+
+@functools.lru_cache(maxsize=16)
+def _majority_counts(geometry: tuple[int, int, int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Every count vector of a majority video and its probability.
+
+  The segments' classes are i.i.d. uniform conditioned on the top count
+  leading the second by exactly ``margin``: a count vector's probability is
+  its multinomial coefficient, renormalised over the vectors that qualify.
+
+  Returns:
+    ``(counts int64 (V, K), probabilities float64 (V,))``, in a fixed order.
+  """
+  num, k, margin = geometry
+  vectors, weights = [], []
+  for head in itertools.product(range(num + 1), repeat=k - 1):
+    if sum(head) > num:
+      continue
+    n = (*head, num - sum(head))
+    top = sorted(n, reverse=True)
+    if top[0] - top[1] != margin:
+      continue
+    w = math.factorial(num)
+    for a in n:
+      w //= math.factorial(a)
+    vectors.append(n)
+    weights.append(w)
+  if not vectors:
+    raise ValueError(f'no count vector of {num} segments over {k} classes has '
+                     f'a margin of {margin}.')
+  total = sum(weights)
+  return (np.asarray(vectors, np.int64),
+          np.asarray([w / total for w in weights], np.float64))
+
+
+def majority_bayes_accuracy(cfg: MovingDigitsConfig, seen: int) -> float:
+  """Bayes accuracy on a majority config from ``seen`` of its segments.
+
+  The best possible accuracy of an observer who recognises the digit of
+  each of ``seen`` segments (a random subset: the segments are in random
+  order, so which ones does not matter) and knows the generator's
+  distribution. Exact: sums over every count vector and every multiset seen.
+  """
+  num, k, _ = _majority_geometry(cfg)
+  if not 0 <= seen <= num:
+    raise ValueError(f'seen must be in [0, {num}], got {seen}.')
+  counts, probs = _majority_counts(_majority_geometry(cfg))
+  label = counts.argmax(1)
+  acc = 0.0
+  for head in itertools.product(range(seen + 1), repeat=k - 1):
+    if sum(head) > seen:
+      continue
+    s = (*head, seen - sum(head))
+    like = np.prod([[math.comb(int(n[a]), s[a]) for a in range(k)]
+                    for n in counts], axis=1) / math.comb(num, seen)
+    joint = np.bincount(label, weights=probs * like, minlength=k)
+    acc += joint.max()
+  return float(acc)
+
+
 def generate_example(cfg: MovingDigitsConfig, split: str,
                      index: int) -> dict[str, Any]:
   """Generates video `index` of `split`, independent of any other example.
@@ -146,12 +260,27 @@ def generate_example(cfg: MovingDigitsConfig, split: str,
   Returns:
     {'video': uint8 (T, H, W, 1), 'digit': class of the (first) digit,
      'direction': motion class of the (first) digit} and, with `long_range`,
-    'last_digit' and 'same' = int(last_digit == digit).
+    'last_digit' and 'same' = int(last_digit == digit); with
+    `majority_classes`, 'majority' (index into `majority_classes` of the
+    class shown in the most segments) and 'segment_digits' (int64 (T / 8,):
+    each segment's digit class).
   """
   rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
   images, labels = _instances(cfg.digit_size, split)
   pick = lambda: int(rng.integers(len(labels)))
-  if not cfg.long_range:
+  if cfg.majority_classes:
+    seg = cfg.segment_frames
+    classes = np.asarray(cfg.majority_classes, np.int64)
+    counts, probs = _majority_counts(_majority_geometry(cfg))
+    n = counts[int(rng.choice(len(counts), p=probs))]
+    order = rng.permutation(np.repeat(np.arange(len(classes)), n))
+    digits = classes[order]
+    by_class = lambda c: int(rng.choice(np.flatnonzero(labels == c)))
+    parts = [_moving(rng, images[by_class(d)], cfg, seg) for d in digits]
+    frames = np.concatenate([p[0] for p in parts])
+    example = {'digit': int(digits[0]), 'direction': parts[0][1],
+               'majority': int(np.argmax(n)), 'segment_digits': digits}
+  elif not cfg.long_range:
     i = pick()
     frames, direction = _moving(rng, images[i], cfg, cfg.num_frames)
     example = {'digit': int(labels[i]), 'direction': direction}
@@ -197,6 +326,16 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
       MovingDigitsConfig(name='long_range_512', description='512 frames.',
                          num_frames=512, num_train=500, num_test=100,
                          long_range=True),
+      MovingDigitsConfig(name='majority', description='128 frames: the '
+                         'majority class of 16 segments of 8 (digits 0-2, '
+                         'margin 2).', num_frames=128, num_train=1000,
+                         num_test=200, majority_classes=(0, 1, 2),
+                         majority_margin=2),
+      MovingDigitsConfig(name='majority_512', description='512 frames: the '
+                         'majority class of 64 segments of 8 (digits 0-2, '
+                         'margin 8).', num_frames=512, num_train=500,
+                         num_test=100, majority_classes=(0, 1, 2),
+                         majority_margin=8),
   ]
   DEFAULT_CONFIG_NAME = 'default'
   # Nothing to download; also skips tfds' checksum-file lookup, which needs
@@ -221,6 +360,12 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
     if cfg.long_range:
       features['last_digit'] = tfds.features.ClassLabel(num_classes=10)
       features['same'] = tfds.features.ClassLabel(num_classes=2)
+    if cfg.majority_classes:
+      num, _, _ = _majority_geometry(cfg)
+      features['majority'] = tfds.features.ClassLabel(
+          names=[str(c) for c in cfg.majority_classes])
+      features['segment_digits'] = tfds.features.Tensor(
+          shape=(num,), dtype=np.int64)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split('\n\n')[0],
@@ -265,7 +410,8 @@ def build(config: str | MovingDigitsConfig = 'default',
 # The label each task trains on ('multi_label': every one of these, as one
 # multi-hot vector over the digits then the directions).
 TASK_LABELS = {'appearance': 'digit', 'motion': 'direction',
-               'long_range': 'same', 'next_frame': 'digit',
+               'long_range': 'same', 'majority': 'majority',
+               'next_frame': 'digit',
                'multi_label': ('digit', 'direction')}
 
 
@@ -298,7 +444,7 @@ def make_source(config, split: str) -> sources.Source:
     raise ValueError(f'Unknown MovingDigits task {config.task!r}; one of '
                      f'{sorted(TASK_LABELS)}.')
   name = config.dataset_config or (
-      'long_range' if config.task == 'long_range' else 'default')
+      config.task if config.task in ('long_range', 'majority') else 'default')
   make = build if config.prepare else builder
   try:
     b = make(name, data_dir=config.data_dir)
@@ -318,7 +464,7 @@ def make_source(config, split: str) -> sources.Source:
     names = [f'{k}={n}' for k in key for n in features[k].names]
     num_classes = sum(sizes)
   elif key not in features:
-    raise ValueError(f'Task {config.task!r} needs a long_range config of '
+    raise ValueError(f'Task {config.task!r} needs a {config.task} config of '
                      f'MovingDigits, got {name!r}.')
   else:
     label, names = sources.label_of(key), features[key].names
