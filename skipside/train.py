@@ -42,6 +42,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -480,22 +481,32 @@ def _meta(config, run: _Run) -> dict:
   return m
 
 
-def _check_loss(config, run: _Run, summary: dict, step: int,
-                loss: jax.Array) -> float:
-  """``loss`` of training step ``step`` on the host; a non-finite one stops
-  the run (``'stop'``) or is counted (``'skip'``: its update was dropped on
-  the device, ``optim.finish_step``)."""
-  value = float(loss)
-  if np.isfinite(value):
-    return value
+@jax.jit
+def _tally(tally: tuple, loss: jax.Array, step: int) -> tuple:
+  """``(non-finite losses so far, the first such step or -1)`` updated with
+  training step ``step``'s ``loss``, on the device: the loop reads it only
+  at its boundaries (no host sync per step)."""
+  count, first = tally
+  bad = ~jnp.isfinite(loss)
+  return count + bad, jnp.where(bad & (first < 0), step, first)
+
+
+def _read_tally(config, run: _Run, summary: dict, tally: tuple) -> None:
+  """At a boundary: a non-finite loss since the start stops the run
+  (``'stop'``: nothing was saved after it) or is counted (``'skip'``: its
+  update was dropped on the device, ``optim.finish_step``)."""
+  count, first = (int(v) for v in tally)
+  if not count:
+    return
   if config.train.on_nonfinite == 'stop':
     raise NonFiniteLossError(
-        f'non-finite loss {value} at step {step}; stopping. The last good '
+        f'non-finite loss at step {first}; stopping. The last good '
         f'checkpoint in {run.workdir}/checkpoints is kept '
         "(set config.train.on_nonfinite='skip' to skip such steps)")
-  logging.warning('non-finite loss at step %d: update skipped', step)
-  summary['skipped_steps'] = summary.get('skipped_steps', 0) + 1
-  return value
+  if count > summary.get('skipped_steps', 0):
+    logging.warning('non-finite loss at %d steps (the first at step %d): '
+                    'updates skipped', count, first)
+  summary['skipped_steps'] = count
 
 
 def _next_batch(config, run: _Run) -> tuple:
@@ -526,7 +537,7 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
   if run.probe is not None and run.state.step < total:
     _log_fidelity(config, run)  # At the start (compiled before the loop counts).
   every = config.train
-  unread = None  # (step, loss) of the last step, not yet read on the host.
+  tally = (jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
   train_metrics, eval_metrics = {}, {}
   clips, t0, t_log = 0, time.time(), time.time()
   bar = _progress(total, run.state.step)
@@ -541,11 +552,9 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
       state = run.state
       params, opt_state, out = run.step_fn(state.params, state.opt_state,
                                            clip, targets, state.carry)
-      # The step before's loss is read now, while this one is queued: a
-      # host read of this step's would stall the device every step.
-      if unread is not None:
-        _check_loss(config, run, summary, *unread)
-      unread = (state.step + 1, out.metrics['loss'])
+      # Non-finite losses are counted on the device; the host reads the
+      # count at boundaries only, so steps queue without waiting.
+      tally = _tally(tally, out.metrics['loss'], state.step + 1)
       run.state = state = dataclasses.replace(
           state, step=state.step + 1, params=params, opt_state=opt_state,
           carry=out.carry if config.train.stream else None)
@@ -558,7 +567,7 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
                                         every.checkpoint_every,
                                         every.eval_every))
       if boundary:  # Nothing is logged or saved past an unread loss.
-        loss, unread = _check_loss(config, run, summary, *unread), None
+        _read_tally(config, run, summary, tally)
       if state.step % every.log_every == 0 or state.step == total:
         now = time.time()
         train_metrics = {f'train/{k}': float(v)
@@ -572,7 +581,7 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
               run.schedule.phase_index(state.step - 1))
         train_metrics.update(run.train_iter.stats.metrics())
         clips, t_log = 0, now
-        bar.set_postfix(loss=f'{loss:.4f}',
+        bar.set_postfix(loss=f'{train_metrics["train/loss"]:.4f}',
                         clips_s=f'{train_metrics["train/clips_per_s"]:.1f}')
         run.writer.write(state.step, train_metrics)
       if state.step % every.checkpoint_every == 0 or state.step == total:

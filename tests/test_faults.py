@@ -193,3 +193,29 @@ def test_compile_clock_counts_a_recompilation():
     assert clock.recompilations == 0 and clock.seconds > 0
     f(np.zeros(4, np.float32))  # Another shape: compiled again.
   assert clock.recompilations == 1
+
+
+def test_nonfinite_loss_between_boundaries_is_found_and_nothing_saved_after(
+    tmp_path, data_dir):
+  """The loop counts non-finite losses on the device and reads the count
+  only at its boundaries (log, checkpoint, evaluation): a loss that blows up
+  between them still stops the run at the next boundary, naming the first
+  bad step, before anything is saved; 'skip' counts every skipped step."""
+  c = _tiny(data_dir, **{'optimizer.name': 'sgd',
+                         'optimizer.schedule': 'constant',
+                         'optimizer.learning_rate': 1e36,
+                         'optimizer.grad_clip_norm': 0.0,
+                         'train.log_every': 4, 'train.checkpoint_every': 4,
+                         'train.eval_every': 6, 'train.num_steps': 6})
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'non-finite loss at step [23]\b') as e:
+    train.train_and_evaluate(c, str(tmp_path / 'stop'))
+  first = int(str(e.value).split('at step ')[1].split(';')[0])
+  assert not os.path.exists(tmp_path / 'stop' / 'checkpoints' / '4')
+  c.train.on_nonfinite = 'skip'
+  summary = train.train_and_evaluate(c, str(tmp_path / 'skip'))
+  # Every update is dropped from the first bad step on (the same step: same
+  # seed and data): the params stay at their exploded values, so every later
+  # loss is non-finite too.
+  assert summary['step'] == 6
+  assert summary['skipped_steps'] == 6 - first + 1
