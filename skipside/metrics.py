@@ -4,6 +4,8 @@ import json
 import os
 
 import numpy as np
+import sklearn.metrics
+import tensorboardX  # Light: no TensorFlow needed.
 
 
 class MetricWriter:
@@ -19,8 +21,7 @@ class MetricWriter:
     if not self.enabled:
       return
     if self._tb is None:
-      from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
-      self._tb = SummaryWriter(self.workdir, flush_secs=10)
+      self._tb = tensorboardX.SummaryWriter(self.workdir, flush_secs=10)
       self._jsonl = open(os.path.join(self.workdir, 'metrics.jsonl'), 'a')
     clean = {k: float(v) for k, v in scalars.items()}
     for k, v in clean.items():
@@ -52,7 +53,6 @@ def last_metrics(workdir: str) -> dict:
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
   """Mean over classes (with positives) of sklearn's average precision."""
-  from sklearn.metrics import average_precision_score
   keep = labels.sum(axis=0) > 0
-  return float(average_precision_score(labels[:, keep], scores[:, keep],
-                                       average='macro'))
+  return float(sklearn.metrics.average_precision_score(
+      labels[:, keep], scores[:, keep], average='macro'))

@@ -44,6 +44,7 @@ import jax
 import ml_collections
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -211,9 +212,9 @@ def _vote_program() -> tuple:
 
 
 def _progress(total: int, initial: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-              mininterval=1.0, disable=jax.process_index() != 0)
+  return tqdm.tqdm(total=total, initial=initial, unit='step',
+                   dynamic_ncols=True, mininterval=1.0,
+                   disable=jax.process_index() != 0)
 
 
 def starved_stages_warning(config: ml_collections.ConfigDict,

@@ -83,6 +83,7 @@ from typing import Any, Iterator, Sequence
 from absl import flags
 from absl import logging
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -548,7 +549,6 @@ def shard_of(config) -> tuple[int, int]:
   if config.shard_index is not None and config.shard_count is not None:
     index, count = config.shard_index, config.shard_count
   else:
-    import jax  # pylint: disable=g-import-not-at-top
     index, count = jax.process_index(), jax.process_count()
   if not 0 <= index < count:
     raise ValueError(f'shard_index {index} not in [0, {count}).')
@@ -561,7 +561,6 @@ def describe_process(info: DataInfo, mesh=None) -> str:
   E.g. "process 1 of 2: local devices [2, 3] (cpu), mesh {'data': 4,
   'stage': 1}, rows 2:4 of each global batch of 4".
   """
-  import jax  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()
   layout = dict(mesh.shape) if mesh is not None else 'none (one device)'
   rows, total = info.rows, info.batch_size * info.shard_count
