@@ -92,6 +92,8 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
+from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from skipside import checkpoints, engine, multigrid
@@ -200,7 +202,6 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
 
   Needs ``libtpu`` (the ``tpu`` extra); no TPU.
   """
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip = chip_of(topology)
   silence_libtpu(chip)
   dims = [int(d) for d in topology.partition(':')[2].split('x')]
@@ -238,7 +239,6 @@ def target_mesh(devices: Sequence, data: int, stage: int,
   one slice, on neighbouring chips; 'data' across slices."""
   if num_slices == 1:
     return mesh_lib.make_mesh(data, stage, devices=devices)
-  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   grid = mesh_utils.create_hybrid_device_mesh(
       (data // num_slices, stage), (num_slices, 1), devices=devices)
   return Mesh(grid, mesh_lib.AXES,

@@ -81,6 +81,7 @@ import math
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from skipside.data import sources
@@ -129,7 +130,8 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
 @functools.lru_cache(maxsize=8)
 def _digits(digit_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Returns sklearn digits upscaled: images float32 (N, S, S) in [0, 1], (N,)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  # sklearn's datasets module takes about a second to import: only when
+  # digits are rendered (building MovingDigits), not to read it.
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   images = digits.images.astype(np.float32) / 16.0

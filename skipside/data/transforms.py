@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+from PIL import Image
 
 SHORT_VIDEO_POLICIES = ('loop', 'pad', 'skip')
 
@@ -118,7 +119,6 @@ def resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
 
 def _pil_resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   """PIL bilinear resize of one uint8 (H, W, C) image, C in (1, 3)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   gray = image.shape[-1] == 1
   out = Image.fromarray(image[..., 0] if gray else image).resize(
       (hw[1], hw[0]), Image.BILINEAR)

@@ -33,6 +33,7 @@ import io
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 from skipside.data import sources, video_folder
 
@@ -44,7 +45,6 @@ def _decode_png(frame: Any) -> np.ndarray:
   """One frame: already decoded (H, W, 3) array, or encoded PNG bytes."""
   if isinstance(frame, np.ndarray) and frame.ndim == 3:
     return frame
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   data = frame.item() if isinstance(frame, np.ndarray) else frame
   return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
 
