@@ -755,11 +755,13 @@ def test_gradient_ticks_are_when_messages_first_land(name):
   """Stage l's Sideways gradient is zero until tick depth + d_l and not
   after it (d_l: the fewest edges up to the top; 2L-2-l on a chain)."""
   spec, params = NETS[name]
-  frames = 12
-  clip, targets = _data(spec, frames=frames)
   dist = engine.message_distances(spec)
   if name == 'conv_temporal_chain':
     assert dist == tuple(range(spec.depth, -1, -1))
+  # Two ticks past the last stage's first gradient (one compilation per
+  # clip length below): every stage seen before and after its tick.
+  frames = spec.depth + max(dist) + 2
+  clip, targets = _data(spec, frames=frames)
   sums = [_summed_sideways(spec, params, clip, targets, n)
           for n in range(frames + 1)]
   for l in range(spec.num_stages):
