@@ -339,6 +339,7 @@ def _open_data(config, mesh, is_main: bool, resources) -> tuple:
   # Batch shapes and LR follow a schedule.
   aot.enable_compile_cache(config.multigrid.compile_cache_dir)
   source = data_lib.make_source(data_config, data_config.split)
+  resources.callback(source.close)  # Its record files.
   try:
     schedule = multigrid.schedule_from_config(
         config, len(source.data), (source.frame_shape or (None,))[0])

@@ -14,9 +14,10 @@ existed just before it; one passing run goes first, so that process-wide
 pools (XLA's, orbax's, grain's) already exist and are not counted as a
 run's own.
 
-Found here: the training source's record file stays open as long as the
-exception lives (``test_the_dataset_records_are_closed_with_the_run``,
-expected to fail until the loop closes its sources).
+The exception is held while the run is checked (as its caller, pytest or a
+notebook's ``sys.last_value`` holds it): its traceback keeps the run's
+frames alive, so nothing may rely on garbage collection to be closed (the
+training source's record files once did).
 """
 
 import gc
@@ -177,7 +178,7 @@ def failed_run(request, tmp_path_factory, data_dir, warmed_up):
   del raised  # The frames of the traceback: the run's locals.
   gc.collect()
   dropped = _left(threads_before, fds_before)
-  return {'workdir': str(tmp / 'run'), 'data_dir': data_dir,
+  return {'workdir': str(tmp / 'run'),
           'held': held, 'dropped': dropped}
 
 
@@ -198,21 +199,10 @@ def test_every_thread_the_run_started_has_stopped(failed_run):
 
 
 def test_every_file_the_run_opened_is_closed(failed_run):
-  """The checkpointer's, the metric writers' and the loaders' files, while
-  the exception is still held (dataset records aside: see below), and all
-  of them once it is dropped."""
+  """The checkpointer's, the metric writers', the loaders' and the data
+  sources' files, while the exception is still held, and once it is
+  dropped."""
   _, fds = failed_run['held']
-  fds = [(fd, path) for fd, path in fds
-         if not path.startswith(failed_run['data_dir'])]
   assert not fds, f'descriptors still open after the failed run: {fds}'
   _, fds = failed_run['dropped']
   assert not fds, f'descriptors open after the exception was dropped: {fds}'
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "the training source's record file (TFDS ArrayRecord readers) is not "
-    'closed by the loop: it stays open while the exception (its traceback '
-    "holds the run's frames) lives"))
-def test_the_dataset_records_are_closed_with_the_run(failed_run):
-  _, fds = failed_run['held']
-  assert not fds, f'descriptors still open after the failed run: {fds}'

@@ -751,10 +751,12 @@ class DataIterator(Iterator[Batch]):
     it.set_state(json.loads(saved))  # continues with the very next batch
   """
 
-  def __init__(self, dataset: grain.IterDataset, info: DataInfo):
+  def __init__(self, dataset: grain.IterDataset, info: DataInfo,
+               owned: Source | None = None):
     self.info = info
     self.stats = DecodeStats()
     self._it = iter(dataset)
+    self._owned = owned  # A source this iterator opened: closed with it.
 
   def __iter__(self) -> DataIterator:
     return self
@@ -775,8 +777,11 @@ class DataIterator(Iterator[Batch]):
     self.stats = DecodeStats(**state['stats'])
 
   def close(self) -> None:
-    if hasattr(self._it, 'close'):
-      self._it.close()
+    """Stops grain's threads and workers; closes the source's files if
+    this iterator opened it."""
+    self._it.close()
+    if self._owned is not None:
+      self._owned.close()
 
 
 def make_iterator(config: ml_collections.ConfigDict, train: bool = True,
@@ -786,7 +791,11 @@ def make_iterator(config: ml_collections.ConfigDict, train: bool = True,
   Train: endless (or `num_epochs`) shuffled, augmented full batches. Eval: one
   pass, last batch padded, `mask` marks real, readable clips.
   """
-  return DataIterator(*make_dataset(config, train, source))
+  owned = None
+  if source is None:  # Opened here: closed with the iterator.
+    split = config.split if train else config.eval_split
+    source = owned = make_source(config, split)
+  return DataIterator(*make_dataset(config, train, source), owned=owned)
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict,

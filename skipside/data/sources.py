@@ -63,6 +63,16 @@ class Source:
   name: str = ''
   key: str | None = None
 
+  def close(self) -> None:
+    """Closes the files ``data`` holds open: array_record's data source
+    (TFDS's ``ArrayRecordDataSource`` wraps one as ``data_source``) keeps a
+    reader per record file and closes them when used as a context manager
+    exits; other sources hold none. Reading again reopens them."""
+    for obj in (self.data, getattr(self.data, 'data_source', None)):
+      if hasattr(obj, '__exit__'):
+        obj.__exit__(None, None, None)
+        return
+
 
 def read_array(record: dict[str, Any], select, key: str = 'video'):
   """Reader of records that hold the whole video as an array (TFDS)."""
