@@ -40,12 +40,7 @@ def _run(module, *flags, timeout=300):
 
 def _tiny(**overrides):
   c = default.get_config('tiny')
-  for key, value in overrides.items():
-    *path, last = key.split('.')
-    node = c
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)  # Dotted keys: 'train.num_steps'.
   return c
 
 
@@ -136,10 +131,11 @@ def test_eval_launcher_prints_one_line_naming_the_key(tmp_path):
     ('mesh.stage', 16, 'config.mesh: 1 data x 16 stage = 16 devices (at most '
      'the 8 devices present)'),
     ('data.task', 'colour', "config.data.task: unknown task 'colour' (one of "
-     "'appearance', 'motion', 'long_range', 'next_frame', 'multi_label')"),
+     "'appearance', 'motion', 'long_range', 'majority', 'next_frame', "
+     "'multi_label')"),
     ('data.dataset_config', 'huge', "config.data.dataset_config: unknown "
      "MovingDigits config 'huge' (one of 'default', 'smooth', 'small', "
-     "'long_range', 'long_range_512')"),
+     "'long_range', 'long_range_512', 'majority', 'majority_512')"),
     ('train.fill', 'mask', "config.train.fill: unknown fill rule 'mask' (one "
      "of 'mask_loss', 'gate_stages', 'none')"),
     # Issue 15's values (the launcher prints these lines after 'config

@@ -111,12 +111,7 @@ def _tiny(data_dir, **overrides):
   c.data.dataset = _FAILING
   c.data.prefetch = 4
   c.train.num_steps = 8
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)  # Dotted keys: 'train.num_steps'.
   return c
 
 

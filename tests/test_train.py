@@ -30,12 +30,7 @@ def data_dir(tmp_path_factory):
 def _tiny(data_dir, **overrides):
   c = default.get_config('tiny')
   c.data.data_dir = data_dir
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)  # Dotted keys: 'train.num_steps'.
   return c
 
 
