@@ -58,8 +58,13 @@ and ablations, 2-core CPU):
   instead of 23 (sideways; pipelined_bp 2,608 vs 3,736 lines, 11 vs 31);
   the default net has no equal branches; the Kinetics-shaped 16-stage plan
   (experiments/configs/kinetics_plan.py) 12 distinct tick branches of 16.
-  Compile time of these small programs did not move measurably (1-3 s,
-  noise of a shared CPU). What one SPMD program cannot do is give each
+  Compile time did not move measurably: 1-3 s for these small programs
+  (noise of a shared CPU); the Kinetics-shaped sideways train step for
+  v5e:16x16 at T=32 took 127 CPU-seconds to compile merged against 131
+  plain, and its planned peak per chip fell from 0.32 to 0.28 GiB
+  (/tmp-free command: ``scale.compile_row`` on that config with
+  ``mesh._switch`` replaced by ``lax.switch``, 2026-12-06, loaded 2-core
+  CPU). What one SPMD program cannot do is give each
   device only its own branch: that needs per-device programs (MPMD, e.g.
   one jitted program per stage and host-driven transfers), not measured.
 - The per-tick transport was a gather of each round's payload on the traced
