@@ -62,7 +62,7 @@ and ablations, 2-core CPU):
   (noise of a shared CPU); the Kinetics-shaped sideways train step for
   v5e:16x16 at T=32 took 127 CPU-seconds to compile merged against 131
   plain, and its planned peak per chip fell from 0.32 to 0.28 GiB
-  (/tmp-free command: ``scale.compile_row`` on that config with
+  (measured with ``scale.compile_row`` on that config, once with
   ``mesh._switch`` replaced by ``lax.switch``, 2026-12-06, loaded 2-core
   CPU). What one SPMD program cannot do is give each
   device only its own branch: that needs per-device programs (MPMD, e.g.
