@@ -488,7 +488,7 @@ def validate_config(config: ml_collections.ConfigDict,
         'config.train.flush', f'got {config.train.flush}',
         '>= 0, and 0 with config.train.update_every or config.train.stream: '
         'a flush ends a stream')
-  for error in _multigrid_config_errors(config):
+  for error in _multigrid_config_errors(config, items):
     raise error
   if config.get('progressive') and config.progressive.enabled:
     try:  # Here, before the workdir is written (the loop checks it again).
@@ -643,8 +643,10 @@ def _norm_config_errors(config) -> list[ConfigError]:
   return errors
 
 
-def _multigrid_config_errors(config) -> list[ConfigError]:
-  """What a multigrid run cannot use (``config.multigrid`` on)."""
+def _multigrid_config_errors(config, items: list[StageItem]
+                             ) -> list[ConfigError]:
+  """What a multigrid run cannot use (``config.multigrid`` on); ``items``:
+  ``parse_stages(config.model.stages)``."""
   if not multigrid.enabled(config):
     return []
   errors = []
@@ -678,7 +680,6 @@ def _multigrid_config_errors(config) -> list[ConfigError]:
   if not start_lr >= 0:
     errors.append(ConfigError('config.optimizer.warmup_start_lr',
                               f'got {start_lr}', 'a number >= 0'))
-  items = parse_stages(config.model.stages)
   base = config.model.get('norm_base_size', 8)
   batch, data = config.data.batch_size, config.mesh.data
   per_device = batch // data

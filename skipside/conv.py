@@ -81,6 +81,9 @@ def _conv_fwd(x, w, strides, pads, dilation, precision):
   return _conv(x, w, strides, pads, dilation, precision), (x, w)
 
 
+# ``_conv_bwd`` depends only on the static arguments, which the forward's
+# jaxpr prints too, and on the residuals: ``mesh._switch`` may merge branches
+# whose jaxprs hold it (``RULES_DECIDED_BY_TEXT``).
 def _conv_bwd(strides, pads, dilation, precision, res, dy):
   """Both gradients as canonical channels-last convolutions.
 
@@ -143,3 +146,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   lhs, rhs = _same_variance(lhs, rhs)
   return _conv(lhs, rhs, tuple(window_strides), pads, dilation, precision)
+
+
+# Backward rules whose result a jaxpr's text decides (``mesh._switch``).
+RULES_DECIDED_BY_TEXT = (_conv_bwd,)

@@ -86,6 +86,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from skipside import engine
 from skipside import placement
 from skipside import tick as tick_lib
+from skipside import conv
 from skipside.conv import varying_axes
 from skipside.network import NetworkSpec
 
@@ -705,20 +706,52 @@ def _const_key(c) -> tuple:
     return ('object', id(c))  # A traced constant: equal only to itself.
 
 
+def _printable(jaxpr) -> bool:
+  """Whether ``jaxpr``'s text says all it computes, at any depth.
+
+  A Python callable in an equation's parameters (a ``custom_vjp``'s backward
+  rule, a ``custom_jvp``'s, a host callback) prints by name only, so two
+  different rules would look equal; only the rules of
+  ``conv.RULES_DECIDED_BY_TEXT`` (decided by what the forward prints) and
+  meshes (printed) pass.
+  """
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'custom_vjp_call':
+      bwd = eqn.params.get('bwd')
+      if getattr(bwd, 'f', None) not in conv.RULES_DECIDED_BY_TEXT:
+        return False
+      params = {'call_jaxpr': eqn.params['call_jaxpr']}
+    else:
+      params = eqn.params
+    for value in params.values():
+      for v in (value if isinstance(value, (tuple, list)) else (value,)):
+        inner = getattr(v, 'jaxpr', v)
+        if hasattr(inner, 'eqns'):
+          if not _printable(inner):
+            return False
+        elif callable(v) and not isinstance(
+            v, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+          return False
+  return True
+
+
 def _switch(index, branches, *operands):
   """``lax.switch(index, branches, *operands)`` with equal branches merged.
 
   Every device's program holds every branch of a switch (SPMD: one program
   for all devices), so XLA compiles each branch and every device carries its
-  code. Branches whose jaxprs are equal -- same text, same constants: e.g.
-  the middle stages of a homogeneous net, one stage per device -- are
-  compiled once and chosen through a table (``make_jaxpr`` traces each
-  branch here; ``lax.switch`` traces only the distinct ones again).
+  code. Branches whose jaxprs are equal -- same text, same constants, and
+  nothing the text leaves out (``_printable``): e.g. the middle stages of a
+  homogeneous net, one stage per device -- are compiled once and chosen
+  through a table (``make_jaxpr`` traces each branch here; ``lax.switch``
+  traces only the distinct ones again).
   """
   ids, distinct, which = {}, [], []
-  for branch in branches:
+  for i, branch in enumerate(branches):
     closed = jax.make_jaxpr(branch)(*operands)
     key = (str(closed.jaxpr), tuple(_const_key(c) for c in closed.consts))
+    if not _printable(closed.jaxpr):
+      key = ('unmerged', i)
     if key not in ids:
       ids[key] = len(distinct)
       distinct.append(branch)

@@ -65,6 +65,7 @@ def train_step(eng, optimizer, params, opt_state, clip, targets, carry, *,
 
 
 def is_progressive(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trains videos as PGT's serial fragments."""
   return bool(config.get('progressive') and config.progressive.enabled)
 
 
@@ -135,20 +136,30 @@ def engine_at(eng, tree_params: PyTree, frame_shape):
                                                tuple(frame_shape)))
 
 
-def batch_like(eng, clip_shape, shard_count: int = 1) -> tuple:
+def _what(config) -> str:
+  """Names a clip shape in errors: a multigrid bucket's, or the run's."""
+  return 'multigrid bucket of ' if multigrid.enabled(config) else ''
+
+
+def batch_like(eng, config: ml_collections.ConfigDict, clip_shape,
+               shard_count: int = 1) -> tuple:
   """Abstract ``(clip, targets)`` as the loop passes a batch of global
   shape ``clip_shape`` to ``eng`` (``eng.put_batch`` of each process's
   ``1/shard_count`` of the rows). Targets are the next frames for an
-  ``'mse'`` head, else labels."""
+  ``'mse'`` head, multi-hot ``(b, K)`` labels for ``'sigmoid_xent'``,
+  else ``(b,)`` labels."""
   local = (clip_shape[0] // shard_count, *clip_shape[1:])
   clip = jax.ShapeDtypeStruct(local, jnp.float32)
+  labels = {'xent': local[:1],
+            'sigmoid_xent': (local[0], *eng.spec.prediction_shape)}
   targets = (clip if eng.spec.loss == 'mse' else
-             jax.ShapeDtypeStruct(local[:1], jnp.int32))
+             jax.ShapeDtypeStruct(labels[eng.spec.loss], jnp.int32))
   try:
     return eng.batch_like((clip, targets), clip_shape[0])
   except ValueError as e:  # The batch does not split over 'data'.
     raise config_lib.ConfigError(
-        f'clip shape {tuple(clip_shape)}: {e} (config.mesh.data)') from e
+        f'{_what(config)}clip shape {tuple(clip_shape)}: {e} '
+        '(config.mesh.data)') from e
 
 
 def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
@@ -165,19 +176,19 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
   """
   if name == NORMS:  # On host batches, one device: the pytree's params.
     return batchnorm.jitted_clip_moments.lower(
-        eng.spec, tree_params,
+        eng.spec, jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree_params),
         jax.ShapeDtypeStruct(tuple(clip_shape), jnp.float32))
   eng = engine_at(eng, tree_params, clip_shape[2:])
-  clip, targets = batch_like(eng, clip_shape, shard_count)
+  clip, targets = batch_like(eng, config, clip_shape, shard_count)
   if name == TRAIN_PGT:  # Fragments must tile this bucket's clips.
     try:
       progressive.Options.from_config(config.progressive).num_fragments(
           clip_shape[1])
     except ValueError as e:
-      what = 'multigrid bucket of ' if multigrid.enabled(config) else ''
       raise config_lib.ConfigError(
-          f'{what}clip shape {tuple(clip_shape)}: config.progressive: {e}'
-      ) from e
+          f'{_what(config)}clip shape {tuple(clip_shape)}: '
+          f'config.progressive: {e}') from e
   if name in (TRAIN, TRAIN_PGT):
     return lowered(train_step_for(config, eng, optimizer), params, opt_state,
                    clip, targets, carry)
@@ -207,7 +218,7 @@ def compile_ahead(config: ml_collections.ConfigDict, eng, optimizer,
     if name == NORMS:
       return shape
     at = engine_at(eng, tree_params, shape[2:])
-    return tuple(batch_like(at, shape, info.shard_count)[0].shape)
+    return tuple(batch_like(at, config, shape, info.shard_count)[0].shape)
 
   def table(names, key_fn, title, threads=None):
     chosen = {key(i): i for i in items if i[0] in names}
@@ -223,6 +234,7 @@ def compile_ahead(config: ml_collections.ConfigDict, eng, optimizer,
   evals = table((EVAL,), lambda p, clip, t: tuple(clip.shape), 'eval forward')
   moments = (table((NORMS,), lambda p, clip: tuple(clip.shape),
                    'norm statistics') if norms else None)
-  logging.info('compiled ahead: %d train shapes + eval in %.1fs',
-               len(steps.executables), steps.wall_seconds + evals.wall_seconds)
+  logging.info('compiled ahead: %d train shapes, eval%s in %.1fs',
+               len(steps.executables), ' and norm statistics' if norms else '',
+               sum(t.wall_seconds for t in (steps, evals, moments) if t))
   return steps, evals, moments

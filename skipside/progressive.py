@@ -85,7 +85,7 @@ With multigrid buckets ``(b, t, s)`` the fragment length stays the
 configured one and each bucket's ``t`` must split into fragments
 (``Options.num_fragments``; the error names the bucket); the training loop
 compiles ``make_train_step`` per bucket ahead of time
-(``train._compile_multigrid``). PGT's own multigrid also changes the fragment
+(``programs.compile_ahead``). PGT's own multigrid also changes the fragment
 length per long-cycle stage; here it is fixed.
 """
 

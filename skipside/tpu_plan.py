@@ -909,7 +909,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   def lower(name, shape):
     carry = None
     if config.train.stream:  # The engine-layout carry, replicated (as in train).
-      clip, targets = programs_lib.batch_like(eng, shape)
+      clip, targets = programs_lib.batch_like(eng, config, shape)
       carry = _abstract(jax.eval_shape(
           lambda: engine.init_carry(spec, params, clip, targets, config.mode,
                                     compute_dtype)), replicated)

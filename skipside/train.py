@@ -33,6 +33,7 @@ Example::
     summary = train.train_and_evaluate(default.get_config('tiny'), '/tmp/run')
 """
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -86,6 +87,9 @@ def _data_shard(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
   return rows.start // n, batch_size // n
 
 
+# Steps the loop queues ahead of the device (``_loop``).
+STEPS_AHEAD = 3
+
 # sysexits.h's EX_TEMPFAIL: the run stopped early but cleanly, rerun it (with
 # the same --workdir) to resume. Non-zero, so that a scheduler does not take
 # a preempted job for a finished one.
@@ -104,11 +108,10 @@ class _Preemption:
   times) or a failed save is seen by one process. So ``poll`` sends this
   process's vote (its signal, whether its save failed) to every process in
   one tiny all-gather over all devices, queued behind the step already
-  running, and ``stop`` reads the votes after the next step is queued, when
-  the loop has just waited for the step before to read its loss: all
+  running, and ``stop`` reads the votes after the next step is queued: all
   processes read the same votes, so they save and stop (or raise
-  ``CheckpointSaveError``) after the same step, and the device never
-  waits for the host. (JAX's preemption sync manager,
+  ``CheckpointSaveError``) after the same step, and the device does not
+  wait for the host (the one host sync per step of a multi-process run). (JAX's preemption sync manager,
   ``multihost_utils.reached_preemption_sync_point``, hears only SIGTERM,
   through a C++ handler that this class's own replaces, and neither Ctrl-C
   nor a failed save.) A single process reads its flag: no sync.
@@ -539,7 +542,11 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
   if run.probe is not None and run.state.step < total:
     _log_fidelity(config, run)  # At the start (compiled before the loop counts).
   every = config.train
-  tally = (jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
+  # Placed as the losses are (global on a mesh): _tally compiles once.
+  tally = (np.zeros((), np.int32), np.full((), -1, np.int32))
+  tally = (_replicated(run.mesh, tally) if run.mesh is not None
+           else jax.device_put(tally, jax.devices()[0]))
+  queued = collections.deque()  # Losses of the steps not known finished.
   train_metrics, eval_metrics = {}, {}
   clips, t0, t_log = 0, time.time(), time.time()
   bar = _progress(total, run.state.step)
@@ -557,6 +564,11 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
       # Non-finite losses are counted on the device; the host reads the
       # count at boundaries only, so steps queue without waiting.
       tally = _tally(tally, out.metrics['loss'], state.step + 1)
+      # At most STEPS_AHEAD steps queued: each holds its batch on the
+      # device, and a preemption's final save waits for all of them.
+      queued.append(out.metrics['loss'])
+      if len(queued) > STEPS_AHEAD:
+        queued.popleft().block_until_ready()
       run.state = state = dataclasses.replace(
           state, step=state.step + 1, params=params, opt_state=opt_state,
           carry=out.carry if config.train.stream else None)
@@ -565,9 +577,9 @@ def _loop(config, run: _Run, clock: aot.CompileClock, resources) -> dict:
       # Multi-process: every process's votes, so all stop at this step.
       stopping = preemption.stop() and state.step < total
       boundary = state.step == total or stopping or any(
-          state.step % k == 0 for k in (every.log_every,
-                                        every.checkpoint_every,
-                                        every.eval_every))
+          k and state.step % k == 0 for k in (
+              every.log_every, every.checkpoint_every, every.eval_every,
+              every.fidelity_every if run.probe is not None else 0))
       if boundary:  # Nothing is logged or saved past an unread loss.
         _read_tally(config, run, summary, tally)
       if state.step % every.log_every == 0 or state.step == total:

@@ -76,3 +76,30 @@ def test_unequal_branches_are_all_kept():
   jaxpr = jax.make_jaxpr(lambda p: mesh.loss_and_grads(
       mspec, p, clip, jnp.array([0, 1]), mode='sideways'))(params).jaxpr
   assert max(len(e.params['branches']) for e in _conds(jaxpr)) == 4
+
+
+def _scaled_grad(scale):
+  """Identity whose gradient is ``scale`` times the cotangent: a backward
+  rule the forward's jaxpr text does not show."""
+  @jax.custom_vjp
+  def f(x):
+    return x
+
+  def fwd(x):
+    return x, None
+
+  def bwd(_, g):
+    return (scale * g,)
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def test_branches_equal_in_text_but_not_in_their_rules_stay_apart():
+  """Two branches print the same jaxpr but their custom_vjp rules differ
+  (one doubles the gradient): merging them would be wrong."""
+  branches = [_scaled_grad(1.0), _scaled_grad(2.0)]
+
+  def f(x, i):
+    return mesh._switch(i, branches, x)  # pylint: disable=protected-access
+  assert float(jax.grad(f)(1.0, 0)) == 1.0
+  assert float(jax.grad(f)(1.0, 1)) == 2.0
