@@ -108,8 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
       UCF101: 'ucf101_1_256', ...).
     data_dir: TFDS data dir (None: TFDS default) or the video folder's root.
     prepare: build MovingDigits into data_dir if it is missing.
-    task: 'appearance' | 'motion' | 'long_range' | 'next_frame' |
-      'multi_label' (MovingDigits: digit and direction as one multi-hot
+    task: 'appearance' | 'motion' | 'long_range' | 'majority' |
+      'next_frame' | 'multi_label' (MovingDigits: digit and direction as one multi-hot
       label (B, 10 + directions), trained with a sigmoid loss and evaluated
       by mAP; other datasets have one label, use 'appearance').
     split, eval_split: split names (video folders: subfolder names).
