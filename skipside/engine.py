@@ -431,6 +431,39 @@ def update_metrics(spec, m, weight, losses, pred, target):
   return m
 
 
+def init_window_sums(spec: NetworkSpec, batch: int) -> dict:
+  """Zero sums of several windows' metrics (``add_window``)."""
+  acc = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()),
+         'valid_ticks': jnp.zeros((), jnp.int32)}
+  if spec.loss != 'mse':
+    acc['predictions'] = jnp.zeros((batch, *spec.prediction_shape))
+  return acc
+
+
+def add_window(acc: dict, out: ClipOutput) -> dict:
+  """Adds one window's metrics, weighted by its valid ticks."""
+  n = out.metrics['valid_ticks']
+  w = n.astype(jnp.float32)
+  acc = dict(acc, loss=acc['loss'] + w * out.metrics['loss'],
+             valid_ticks=acc['valid_ticks'] + n)
+  if 'accuracy' in out.metrics:
+    acc['accuracy'] = acc['accuracy'] + w * out.metrics['accuracy']
+  if 'predictions' in acc:
+    acc['predictions'] = acc['predictions'] + w * out.predictions.astype(
+        jnp.float32)
+  return acc
+
+
+def finish_windows(spec: NetworkSpec, acc: dict, carry) -> ClipOutput:
+  """Several windows' output: tick-weighted means (= one pass over them)."""
+  n = jnp.maximum(acc['valid_ticks'], 1).astype(jnp.float32)
+  metrics = {'loss': acc['loss'] / n, 'valid_ticks': acc['valid_ticks']}
+  if spec.loss == 'xent':
+    metrics['accuracy'] = acc['accuracy'] / n
+  preds = acc['predictions'] / n if 'predictions' in acc else None
+  return ClipOutput(carry=carry, metrics=metrics, predictions=preds)
+
+
 def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,
          targets: jax.Array, carry: StreamCarry, *, mode: str, start,
          length: int, mask_fill: bool | str, compute_dtype, collect: bool = False,

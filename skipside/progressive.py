@@ -472,42 +472,6 @@ def _initial_caches(b, params, carry) -> tuple:
       for l, s in enumerate(states))
 
 
-# -- Metrics over fragments. --------------------------------------------------
-
-def _acc_init(spec: NetworkSpec, batch: int) -> dict:
-  acc = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()),
-         'valid_ticks': jnp.zeros((), jnp.int32)}
-  if spec.loss != 'mse':
-    acc['predictions'] = jnp.zeros((batch, *spec.prediction_shape))
-  return acc
-
-
-def _acc_add(acc: dict, out: engine.ClipOutput) -> dict:
-  """Adds one fragment's metrics, weighted by its valid ticks."""
-  n = out.metrics['valid_ticks']
-  w = n.astype(jnp.float32)
-  acc = dict(acc, loss=acc['loss'] + w * out.metrics['loss'],
-             valid_ticks=acc['valid_ticks'] + n)
-  if 'accuracy' in out.metrics:
-    acc['accuracy'] = acc['accuracy'] + w * out.metrics['accuracy']
-  if 'predictions' in acc:
-    acc['predictions'] = acc['predictions'] + w * out.predictions.astype(
-        jnp.float32)
-  return acc
-
-
-def _acc_finish(spec: NetworkSpec, acc: dict, carry, num: int
-                ) -> engine.ClipOutput:
-  """The video's metrics: tick-weighted means (= one pass over the video)."""
-  n = jnp.maximum(acc['valid_ticks'], 1).astype(jnp.float32)
-  metrics = {'loss': acc['loss'] / n, 'valid_ticks': acc['valid_ticks'],
-             'fragments': jnp.asarray(num, jnp.int32)}
-  if spec.loss == 'xent':
-    metrics['accuracy'] = acc['accuracy'] / n
-  preds = acc['predictions'] / n if 'predictions' in acc else None
-  return engine.ClipOutput(carry=carry, metrics=metrics, predictions=preds)
-
-
 def _total(spec: NetworkSpec, v: _Video, opts: Options, carry, mode: str):
   """The valid ticks of the whole video: every tick's loss weight under
   ``'mean'`` is one over this (``engine.tick_weights``'s ``total``), so a
@@ -519,6 +483,14 @@ def _total(spec: NetworkSpec, v: _Video, opts: Options, carry, mode: str):
   ticks = _video_ticks(v, opts)
   return engine.tick_weights(carry, 0, ticks, ticks, engine.delay(spec, mode),
                              opts.mask_fill)[1]
+
+
+def _finish(spec: NetworkSpec, acc: dict, carry, num: int
+            ) -> engine.ClipOutput:
+  """The video's output (``engine.finish_windows``) with its fragments."""
+  out = engine.finish_windows(spec, acc, carry)
+  return out._replace(metrics=dict(out.metrics,
+                                   fragments=jnp.asarray(num, jnp.int32)))
 
 
 def _add(a, b):
@@ -553,13 +525,13 @@ def _truncated(b, optimizer, params, opt_state, v: _Video,
                                     out.metrics['valid_ticks'])
     else:  # 'sum': fragments' means; 'mean': every tick weighted by total.
       g, obj = _add(g, grads), obj + loss
-    return p, o, out.carry, caches, g, obj, _acc_add(acc, out)
+    return p, o, out.carry, caches, g, obj, engine.add_window(acc, out)
 
   init = (params, opt_state, carry, caches, None if update else zero,
-          jnp.zeros(()), _acc_init(b.spec, carry.targets.shape[0]))
+          jnp.zeros(()), engine.init_window_sums(b.spec, carry.targets.shape[0]))
   params, opt_state, carry, _, grads, obj, acc = _fragments(step, init, v,
                                                             opts)
-  out = _acc_finish(b.spec, acc, carry, v.num_fragments)
+  out = _finish(b.spec, acc, carry, v.num_fragments)
   return params, opt_state, obj, grads, out
 
 
@@ -578,19 +550,19 @@ def _untruncated(b, params, v: _Video, opts: Options, carry,
       clip, targets, start, length = _window(v, opts, f, first)
       loss, out = b.run(p, clip, targets, c, start=start, length=length, **kw)
       return (out.carry, caches, obj + loss,
-              _acc_add(acc, lax.stop_gradient(out)))
+              engine.add_window(acc, lax.stop_gradient(out)))
 
     def remat(state, f, first):
       return jax.checkpoint(functools.partial(step, first=first))(state, f)
 
     init = (carry, caches, jnp.zeros(()),
-            _acc_init(b.spec, carry.targets.shape[0]))
+            engine.init_window_sums(b.spec, carry.targets.shape[0]))
     c, _, obj, acc = _fragments(remat, init, v, opts)
     return obj, (lax.stop_gradient(c), acc)
 
   (obj, (carry, acc)), grads = jax.value_and_grad(objective, has_aux=True)(
       params)
-  return obj, grads, _acc_finish(b.spec, acc, carry, v.num_fragments)
+  return obj, grads, _finish(b.spec, acc, carry, v.num_fragments)
 
 
 def _grads(spec, params, video, targets, *, mode, options, carry,
@@ -721,14 +693,14 @@ def predict(spec, params: PyTree, video: jax.Array, targets: jax.Array, *,
     total, best, count, last = ens
     ens = (total + jnp.where(valid, pred, 0), jnp.where(valid, jnp.maximum(
         best, pred), best), count + valid, jnp.where(valid, pred, last))
-    return out.carry, caches, _acc_add(acc, out), ens
+    return out.carry, caches, engine.add_window(acc, out), ens
 
   ens = (zeros, jnp.full_like(zeros, -jnp.inf), jnp.zeros((), jnp.int32),
          zeros)
-  init = (carry, caches, _acc_init(b.spec, batch), ens)
+  init = (carry, caches, engine.init_window_sums(b.spec, batch), ens)
   carry, _, acc, (total, best, count, last) = _fragments(step, init, v,
                                                          options)
-  out = _acc_finish(b.spec, acc, carry, v.num_fragments)
+  out = _finish(b.spec, acc, carry, v.num_fragments)
   return Predictions(mean=total / jnp.maximum(count, 1).astype(jnp.float32),
                      max=jnp.where(count > 0, best, 0.0), last=last,
                      ticks=out.predictions, output=out)

@@ -1,0 +1,126 @@
+"""Long clips in chunks (``skipside.streaming``) against the whole clip.
+
+Oracle: ``engine.train_step`` on the whole clip, one device. The chunked
+step (one program call per chunk, the carry passed on, gradients summed,
+one update) must give the same params, optimizer state, metrics and final
+carry: on one device and on meshes (1x4, 2x2), with a flush, with every
+fill rule, clip and per-frame targets, a continued stream, a temporal
+stage and a skip edge in the net.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from skipside import engine, mesh, network, stages, streaming
+
+
+def _close(a, b, rtol=2e-5, atol=2e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def _net():
+  """Conv -> temporal -> conv (skip from 0) -> conv; 8x8 frames."""
+  rngs = nnx.Rngs(0)
+  net = network.Network(
+      [stages.Conv(1, 4, stride=2, rngs=rngs),
+       stages.TemporalConv(4, rngs=rngs),
+       stages.Conv(4, 8, stride=2, rngs=rngs),
+       stages.Conv(8, 8, rngs=rngs)],
+      stages.ClassifierHead(8, 3, rngs=rngs), frame_shape=(8, 8, 1),
+      skips=[(0, 2)], rngs=rngs)
+  return network.split(net)
+
+
+SPEC, PARAMS = _net()
+VIDEO = np.asarray(jax.random.normal(jax.random.key(1), (4, 16, 8, 8, 1)))
+LABELS = np.array([0, 2, 1, 2], np.int32)
+FRAME_LABELS = np.asarray(jax.random.randint(jax.random.key(2), (4, 16), 0,
+                                             3), np.int32)
+OPTIMIZER = optax.adam(1e-2)
+
+
+def _whole(targets, *, carry=None, flush=0, mask_fill=True):
+  return engine.train_step(SPEC, OPTIMIZER, PARAMS, OPTIMIZER.init(PARAMS),
+                           jnp.asarray(VIDEO), jnp.asarray(targets),
+                           mode='sideways', carry=carry, flush=flush,
+                           mask_fill=mask_fill)
+
+
+def _copy(tree):  # The chunked step donates its params and state.
+  return jax.tree.map(jnp.array, tree)
+
+
+@pytest.mark.parametrize('mask_fill,flush,per_frame', [
+    (True, 0, False), (True, 3, True), ('stages', 2, False),
+    (False, 0, True)])
+def test_chunked_equals_whole_clip(mask_fill, flush, per_frame):
+  targets = FRAME_LABELS if per_frame else LABELS
+  want = _whole(targets, flush=flush, mask_fill=mask_fill)
+  step = streaming.ChunkedStep(engine.LocalEngine(SPEC), OPTIMIZER,
+                               mode='sideways', chunk_frames=4, flush=flush,
+                               mask_fill=mask_fill)
+  got = step(_copy(PARAMS), OPTIMIZER.init(PARAMS), VIDEO, targets)
+  _close(got[0], want[0], rtol=1e-4, atol=1e-6)  # Params after Adam.
+  _close(got[1], want[1], rtol=1e-4, atol=1e-6)
+  for key in ('loss', 'accuracy', 'valid_ticks'):
+    _close(got[2].metrics[key], want[2].metrics[key])
+  _close(got[2].predictions, want[2].predictions)
+  _close(got[2].carry, want[2].carry)  # In-flight messages too.
+
+
+def test_a_continued_stream_is_the_same():
+  """A second clip continues the first one's carry, chunked or whole."""
+  first = _whole(LABELS)
+  want = _whole(LABELS, carry=first[2].carry)
+  step = streaming.ChunkedStep(engine.LocalEngine(SPEC), OPTIMIZER,
+                               mode='sideways', chunk_frames=8)
+  got = step(_copy(PARAMS), OPTIMIZER.init(PARAMS), VIDEO, LABELS,
+             first[2].carry)
+  _close(got[0], want[0], rtol=1e-4, atol=1e-6)
+  _close(got[2].carry, want[2].carry)
+  _close(got[2].metrics['loss'], want[2].metrics['loss'])
+
+
+@pytest.mark.parametrize('shape', [(1, 4), (2, 2)])
+def test_chunked_on_a_mesh_equals_one_device(shape):
+  m = mesh.make_mesh(*shape, devices=jax.devices()[:4])
+  eng = mesh.MeshEngine(mesh.place(SPEC, m, params=PARAMS))
+  want = _whole(LABELS, flush=1)
+  step = streaming.ChunkedStep(eng, OPTIMIZER, mode='sideways',
+                               chunk_frames=4, flush=1)
+  params, opt_state, out = step(eng.to_state(PARAMS),
+                                eng.to_state(OPTIMIZER.init(PARAMS)), VIDEO,
+                                LABELS)
+  _close(eng.to_tree(params), want[0], rtol=1e-4, atol=1e-6)
+  _close(out.metrics['loss'], want[2].metrics['loss'])
+  _close(out.carry, want[2].carry)
+
+
+def test_chunks_are_refused_by_name():
+  step = streaming.ChunkedStep(engine.LocalEngine(SPEC), OPTIMIZER,
+                               mode='bp', chunk_frames=4)
+  with pytest.raises(ValueError, match="not 'bp'"):
+    step(PARAMS, OPTIMIZER.init(PARAMS), VIDEO, LABELS)
+  step = streaming.ChunkedStep(engine.LocalEngine(SPEC), OPTIMIZER,
+                               mode='sideways', chunk_frames=5)
+  with pytest.raises(ValueError, match='16 frames does not split into '
+                     'chunks of 5'):
+    step(PARAMS, OPTIMIZER.init(PARAMS), VIDEO, LABELS)
+
+
+def test_device_arguments_do_not_grow_with_the_clip():
+  """The chunk program is the same for 16 and 64 frames: one compile, the
+  chunk its only frames (a chunk length no other test uses)."""
+  eng = engine.LocalEngine(SPEC)
+  step = streaming.ChunkedStep(eng, OPTIMIZER, mode='sideways',
+                               chunk_frames=2)
+  before = streaming.chunk_grads._cache_size()
+  long_video = np.concatenate([VIDEO] * 4, axis=1)
+  step(_copy(PARAMS), OPTIMIZER.init(PARAMS), VIDEO, LABELS)
+  step(_copy(PARAMS), OPTIMIZER.init(PARAMS), long_video, LABELS)
+  assert streaming.chunk_grads._cache_size() - before == 1
