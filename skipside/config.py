@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from skipside import engine, multigrid, network, optim, placement, progressive
+from skipside import streaming
 from skipside import stages
 from skipside import mesh as mesh_lib
 from skipside import data as data_lib
@@ -134,6 +135,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.update_every = 0  # >0: online mode, an optimizer step every k ticks.
   c.train.stream = False  # Carry the pipeline across batches (a stream).
   c.train.flush = 0  # Ticks repeating the last frame so messages land.
+  # >0 (sideways): each clip trains as chunks of this many frames, one
+  # program call each, the carry passed on and gradients summed (the same
+  # gradient; device memory flat in the clip's length: skipside/streaming.py).
+  c.train.chunk_frames = 0
   c.train.on_nonfinite = 'stop'  # 'stop' | 'skip' the update.
   # The pipeline fill of a fresh stream (DESIGN.md's conventions): 'mask_loss'
   # masks its ticks out of the loss; 'gate_stages' (sideways) scores them but
@@ -498,12 +503,38 @@ def validate_config(config: ml_collections.ConfigDict,
   if any(item.kind == 'convbn' for item in items):
     for error in _norm_config_errors(config):
       raise error
+  for error in _chunk_config_errors(config):
+    raise error
   every, frames = config.train.update_every, config.data.num_frames
   if every and frames % every:
     raise ConfigError(
         'config.train.update_every',
         f'{every} does not divide config.data.num_frames={frames}',
         'a divisor of config.data.num_frames, or 0')
+
+
+def _chunk_config_errors(config) -> list[ConfigError]:
+  """``config.train.chunk_frames``: sideways clips split into chunks."""
+  chunk = config.train.get('chunk_frames', 0)
+  if not chunk:
+    return []
+  key = 'config.train.chunk_frames'
+  if chunk < 0 or config.data.num_frames % chunk:
+    return [ConfigError(key, f'{chunk} does not divide config.data.num_frames'
+                        f'={config.data.num_frames}',
+                        'a divisor of config.data.num_frames, or 0')]
+  if config.mode not in streaming.MODES:
+    return [ConfigError(key, f'{chunk} in mode {config.mode!r}: an exact '
+                        "mode's gradient would stop at each chunk",
+                        "0, or mode 'sideways'")]
+  for other, on in (('config.train.update_every', config.train.update_every),
+                    ('config.progressive.enabled', config.get(
+                        'progressive') and config.progressive.enabled),
+                    ('config.multigrid.enabled', config.get('multigrid') and
+                     config.multigrid.enabled)):
+    if on:
+      return [ConfigError(key, f'{chunk} with {other}', f'0 with {other}')]
+  return []
 
 
 def _keyed(section: str, message: str) -> ConfigError:

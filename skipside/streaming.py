@@ -34,7 +34,7 @@ Example::
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,54 +57,74 @@ def check_chunking(num_frames: int, chunk_frames: int, mode: str) -> None:
                      f'chunks of {chunk_frames} frames')
 
 
-@functools.partial(jax.jit, static_argnames=('eng', 'mode', 'length',
-                                             'flush', 'mask_fill',
-                                             'compute_dtype'))
-def start(eng, params, chunk, targets, carry, *, mode, length, flush,
-          mask_fill, compute_dtype):
-  """A clip's start: ``(carry, total, zero grads, zero sums)``.
+class Accumulated(NamedTuple):
+  """What passes from one chunk's program to the next (on the devices)."""
+  grads: PyTree  # The clip's gradient so far, in the engine's state layout.
+  sums: dict  # Metric sums (``engine.add_window``).
+  carry: Any  # The stream carry, in the engine's layout.
+  total: jax.Array  # int32: the clip's valid ticks (every tick's weight).
 
-  ``carry``: a stream carry to continue (``engine.StreamCarry``), or None
-  for a fresh stream; ``total``: the clip's valid ticks, over which every
-  tick's loss is weighed; ``length``: the clip's frames.
-  """
+
+def valid_ticks(tick, num_frames, depth: int, mask_fill):
+  """The loss ticks of a clip of ``num_frames`` (traced) frames entering a
+  stream at tick ``tick``: ``engine.tick_weights``'s count over the whole
+  clip (flush ticks never count), without a window of static length."""
+  if not engine.masks_loss(mask_fill):
+    return jnp.asarray(num_frames, jnp.int32)
+  masked = jnp.clip(depth - tick, 0, num_frames)  # Fill ticks in the clip.
+  return (num_frames - masked).astype(jnp.int32)
+
+
+def _start(eng, params, chunk, targets, carry, *, mode, clip_frames,
+           mask_fill, compute_dtype) -> Accumulated:
+  """Before the first chunk: the carry (fresh if None), zero sums."""
   if carry is None:
     carry = eng.init_carry(params, chunk, targets, mode, compute_dtype)
   else:
     carry = eng.from_stream_carry(carry)
-  total = engine.tick_weights(
-      eng.to_stream_carry(carry), 0, length + flush, length,
-      engine.delay(eng.spec, mode), mask_fill)[1]
-  zero = jax.tree.map(jnp.zeros_like, params)
-  return carry, total, zero, engine.init_window_sums(eng.spec,
-                                                     chunk.shape[0])
+  total = valid_ticks(eng.to_stream_carry(carry).tick, clip_frames,
+                      engine.delay(eng.spec, mode), mask_fill)
+  return Accumulated(None, engine.init_window_sums(eng.spec, chunk.shape[0]),
+                     carry, total)
 
 
-@functools.partial(jax.jit, static_argnames=('eng', 'mode', 'length',
-                                             'mask_fill', 'compute_dtype'),
-                   donate_argnames=('grads', 'sums', 'carry'))
-def chunk_grads(eng, params, grads, sums, chunk, targets, carry, total, *,
-                mode, length, mask_fill, compute_dtype):
-  """One chunk: ``length`` ticks from its first frame (``length`` past the
-  chunk's frames: the flush). Returns ``(grads, sums, carry)`` with the
-  chunk's gradient and metrics added; the accumulators and carry are
-  donated."""
-  _, g, out = eng.window_grads(params, chunk, targets, carry, mode=mode,
+@functools.partial(jax.jit, static_argnames=(
+    'eng', 'mode', 'length', 'first', 'mask_fill', 'compute_dtype'),
+                   donate_argnames=('acc',))
+def chunk_grads(eng, params, chunk, targets, acc, clip_frames, *, mode,
+                length, first, mask_fill, compute_dtype) -> Accumulated:
+  """One chunk: ``length`` ticks from its first frame (past the chunk's
+  frames: the flush), its gradient and metrics added to ``acc``.
+
+  ``first`` (static): ``acc`` is the stream carry to continue, or None for
+  a fresh stream, and the accumulators start here, inside the program, so
+  that they come out in the engine's layout (on a mesh, stage-sharded like
+  the gradient). Else ``acc`` is the previous chunk's ``Accumulated``
+  (donated). ``clip_frames``: the whole clip's frames (an int32 array: one
+  program for every clip length).
+  """
+  if first:
+    acc = _start(eng, params, chunk, targets, acc, mode=mode,
+                 clip_frames=clip_frames, mask_fill=mask_fill,
+                 compute_dtype=compute_dtype)
+  _, g, out = eng.window_grads(params, chunk, targets, acc.carry, mode=mode,
                                start=0, length=length, mask_fill=mask_fill,
-                               compute_dtype=compute_dtype, total=total)
-  return (jax.tree.map(jnp.add, grads, g), engine.add_window(sums, out),
-          out.carry)
+                               compute_dtype=compute_dtype, total=acc.total)
+  grads = g if first else jax.tree.map(jnp.add, acc.grads, g)
+  return Accumulated(grads, engine.add_window(acc.sums, out), out.carry,
+                     acc.total)
 
 
 @functools.partial(jax.jit, static_argnames=('eng', 'optimizer',
                                              'skip_nonfinite'),
                    donate_argnames=('params', 'opt_state'))
-def update(eng, optimizer, params, opt_state, grads, sums, carry, *,
+def update(eng, optimizer, params, opt_state, acc: Accumulated, *,
            skip_nonfinite=False):
   """The clip's optimizer step on the summed gradient: ``(params,
   opt_state, ClipOutput)`` (the carry as an ``engine.StreamCarry``)."""
-  out = engine.finish_windows(eng.spec, sums, eng.to_stream_carry(carry))
-  new = engine.apply_gradients(optimizer, params, opt_state, grads,
+  out = engine.finish_windows(eng.spec, acc.sums,
+                              eng.to_stream_carry(acc.carry))
+  new = engine.apply_gradients(optimizer, params, opt_state, acc.grads,
                                out.metrics['valid_ticks'])
   new = new[0], optim.advance(new[1])
   params, opt_state = optim.finish_step((params, opt_state), new,
@@ -152,18 +172,15 @@ class ChunkedStep:
     num = frames // self.chunk_frames
     kw = dict(mode=self.mode, mask_fill=self.mask_fill,
               compute_dtype=self.compute_dtype)
-    chunk, tgt = self._put((video[:, :self.chunk_frames],
-                            _split(targets, 0, self.chunk_frames, per_frame)))
-    carry, total, grads, sums = start(self.eng, params, chunk, tgt, carry,
-                                      length=frames, flush=self.flush, **kw)
+    clip_frames = np.int32(frames)
+    acc = carry
     for i in range(num):
-      if i:
-        chunk, tgt = self._put((
-            video[:, i * self.chunk_frames:(i + 1) * self.chunk_frames],
-            _split(targets, i, self.chunk_frames, per_frame)))
+      chunk, tgt = self._put((
+          video[:, i * self.chunk_frames:(i + 1) * self.chunk_frames],
+          _split(targets, i, self.chunk_frames, per_frame)))
       last = i == num - 1
-      grads, sums, carry = chunk_grads(
-          self.eng, params, grads, sums, chunk, tgt, carry, total,
+      acc = chunk_grads(
+          self.eng, params, chunk, tgt, acc, clip_frames, first=i == 0,
           length=self.chunk_frames + (self.flush if last else 0), **kw)
-    return update(self.eng, self.optimizer, params, opt_state, grads, sums,
-                  carry, skip_nonfinite=self.skip_nonfinite)
+    return update(self.eng, self.optimizer, params, opt_state, acc,
+                  skip_nonfinite=self.skip_nonfinite)
