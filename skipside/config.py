@@ -530,8 +530,7 @@ def _chunk_config_errors(config) -> list[ConfigError]:
   for other, on in (('config.train.update_every', config.train.update_every),
                     ('config.progressive.enabled', config.get(
                         'progressive') and config.progressive.enabled),
-                    ('config.multigrid.enabled', config.get('multigrid') and
-                     config.multigrid.enabled)):
+                    ('config.multigrid', multigrid.enabled(config))):
     if on:
       return [ConfigError(key, f'{chunk} with {other}', f'0 with {other}')]
   return []

@@ -31,13 +31,20 @@ import ml_collections
 from absl import logging
 
 from skipside import aot, batchnorm, evaluation, multigrid, network, optim
-from skipside import progressive
+from skipside import progressive, streaming
 from skipside import config as config_lib
 
 PyTree = Any
 
 TRAIN, TRAIN_PGT, EVAL, NORMS = ('train', 'train progressive', 'eval',
                                  'norm statistics')
+# A chunked clip's programs (``streaming``): the first chunk's, every later
+# chunk's, the flush's (with ``train.flush``) and the update; each a part of
+# a train step (``TRAIN_PARTS``).
+CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE = (
+    'train first chunk', 'train chunk', 'train flush', 'train update')
+TRAIN_PARTS = (TRAIN, TRAIN_PGT, CHUNK_FIRST, CHUNK, CHUNK_FLUSH,
+               CHUNK_UPDATE)
 
 
 @functools.partial(jax.jit, static_argnames=('eng', 'optimizer', 'mode',
@@ -69,15 +76,29 @@ def is_progressive(config: ml_collections.ConfigDict) -> bool:
   return bool(config.get('progressive') and config.progressive.enabled)
 
 
+def is_chunked(config: ml_collections.ConfigDict) -> bool:
+  """Whether each clip trains as chunks (``streaming``): the loop then
+  passes host batches to the step, which sends the devices one chunk at a
+  time."""
+  return bool(config.train.get('chunk_frames'))
+
+
 def train_step_for(config: ml_collections.ConfigDict, eng, optimizer
                    ) -> Callable:
   """The loop's ``step(params, opt_state, clip, targets, carry) -> (params,
   opt_state, ClipOutput)`` for ``config`` on engine ``eng``: PGT's
   (``progressive.make_train_step``) when ``config.progressive.enabled``,
-  else ``train_step`` with the config's options. Params and optimizer state
-  are donated."""
+  ``streaming.ChunkedStep`` (host ``clip`` and ``targets``) with
+  ``config.train.chunk_frames``, else ``train_step`` with the config's
+  options. Params and optimizer state are donated."""
   compute_dtype = config_lib.PRECISIONS[config.precision]
   skip_nonfinite = config.train.on_nonfinite == 'skip'
+  if is_chunked(config):
+    return streaming.ChunkedStep(
+        eng, optimizer, mode=config.mode,
+        chunk_frames=config.train.chunk_frames, flush=config.train.flush,
+        mask_fill=config_lib.mask_fill(config), compute_dtype=compute_dtype,
+        skip_nonfinite=skip_nonfinite, global_size=config.data.batch_size)
   if is_progressive(config):
     return progressive.make_train_step(eng, optimizer, config,
                                        compute_dtype=compute_dtype,
@@ -125,6 +146,12 @@ def listing(config: ml_collections.ConfigDict, info, schedule=None, *,
               for s in schedule.buckets()]
   else:
     shapes = [base]
+  if is_chunked(config):  # Only a chunk of frames reaches the devices.
+    chunk = (base[0], config.train.chunk_frames, *base[2:])
+    parts = [CHUNK_FIRST] + [CHUNK] * (base[1] > chunk[1]) + [
+        CHUNK_FLUSH] * bool(config.train.flush) + [CHUNK_UPDATE]
+    return [(name, chunk) for name in parts] + [(EVAL, base)] + (
+        [(NORMS, base)] if norms else [])
   out = [(train, s) for s in dict.fromkeys(shapes)] + [(EVAL, base)]
   return out + [(NORMS, base)] if norms else out
 
@@ -192,49 +219,38 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
   if name in (TRAIN, TRAIN_PGT):
     return lowered(train_step_for(config, eng, optimizer), params, opt_state,
                    clip, targets, carry)
+  if name in (CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE):
+    return _lower_chunked(name, config, eng, optimizer, params, opt_state,
+                          clip, targets, carry)
   if name == EVAL:
     return lowered(eval_step_for(config, eng), params, clip, targets)
   raise ValueError(f'unknown program {name!r} (one of '
-                   f'{(TRAIN, TRAIN_PGT, EVAL, NORMS)})')
+                   f'{(*TRAIN_PARTS, EVAL, NORMS)})')
 
 
-def compile_ahead(config: ml_collections.ConfigDict, eng, optimizer,
-                  params: PyTree, opt_state: PyTree, info, schedule, *,
-                  tree_params: PyTree, norms: bool = False) -> tuple:
-  """Every program of a multigrid run compiled before the first step.
-
-  Returns ``(train step, eval forward, norm statistics or None)``, each an
-  ``aot.BucketTable`` keyed by the clip shape the loop passes (its
-  ``eng.put_batch``: per process on one device, global on a mesh) and
-  called like ``train_step_for`` / ``eval_step_for`` /
-  ``batchnorm.clip_moments``'s functions. ``params``, ``opt_state``:
-  abstract, in the engine's layout; ``info``: the training data's
-  ``DataInfo`` (this process's rows: ``info.shard_count``).
-  """
-  items = listing(config, info, schedule, norms=norms)
-
-  def key(item):  # The clip shape the loop passes.
-    name, shape = item
-    if name == NORMS:
-      return shape
-    at = engine_at(eng, tree_params, shape[2:])
-    return tuple(batch_like(at, config, shape, info.shard_count)[0].shape)
-
-  def table(names, key_fn, title, threads=None):
-    chosen = {key(i): i for i in items if i[0] in names}
-    return aot.compile_buckets(
-        lambda k: lower(*chosen[k], config, eng, optimizer, params, opt_state,
-                        tree_params=tree_params,
-                        shard_count=info.shard_count),
-        list(chosen), key_fn=key_fn, name=title, num_threads=threads)
-
-  steps = table((TRAIN, TRAIN_PGT),
-                lambda p, o, clip, t, c=None: tuple(clip.shape), 'train step',
-                config.multigrid.compile_threads or None)
-  evals = table((EVAL,), lambda p, clip, t: tuple(clip.shape), 'eval forward')
-  moments = (table((NORMS,), lambda p, clip: tuple(clip.shape),
-                   'norm statistics') if norms else None)
-  logging.info('compiled ahead: %d train shapes, eval%s in %.1fs',
-               len(steps.executables), ' and norm statistics' if norms else '',
-               sum(t.wall_seconds for t in (steps, evals, moments) if t))
-  return steps, evals, moments
+def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
+                   targets, carry) -> jax.stages.Lowered:
+  """A chunked clip's program (``streaming``) lowered from shapes. The
+  later chunks, the flush and the update take the accumulators in the
+  layout the first chunk's program gives them: read from its compiled
+  outputs (one more compile of it)."""
+  step = train_step_for(config, eng, optimizer)
+  kw = dict(mode=step.mode, mask_fill=step.mask_fill,
+            compute_dtype=step.compute_dtype)
+  frames = jax.ShapeDtypeStruct((), jnp.int32)
+  first = streaming.first_chunk.lower(eng, params, clip, targets, carry,
+                                      frames, **kw)
+  if name == CHUNK_FIRST:
+    return first
+  acc = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(functools.partial(streaming.first_chunk, eng, **kw),
+                     params, clip, targets, carry, frames),
+      first.compile().output_shardings)
+  if name == CHUNK:
+    return streaming.next_chunk.lower(eng, params, clip, targets, acc, **kw)
+  if name == CHUNK_FLUSH:
+    return streaming.flush_ticks.lower(eng, params, clip, targets, acc,
+                                       flush=step.flush, **kw)
+  return streaming.update.lower(eng, optimizer, params, opt_state, acc,
+                                skip_nonfinite=step.skip_nonfinite)

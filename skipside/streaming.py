@@ -88,31 +88,59 @@ def _start(eng, params, chunk, targets, carry, *, mode, clip_frames,
                      carry, total)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'eng', 'mode', 'length', 'first', 'mask_fill', 'compute_dtype'),
-                   donate_argnames=('acc',))
-def chunk_grads(eng, params, chunk, targets, acc, clip_frames, *, mode,
-                length, first, mask_fill, compute_dtype) -> Accumulated:
-  """One chunk: ``length`` ticks from its first frame (past the chunk's
-  frames: the flush), its gradient and metrics added to ``acc``.
-
-  ``first`` (static): ``acc`` is the stream carry to continue, or None for
-  a fresh stream, and the accumulators start here, inside the program, so
-  that they come out in the engine's layout (on a mesh, stage-sharded like
-  the gradient). Else ``acc`` is the previous chunk's ``Accumulated``
-  (donated). ``clip_frames``: the whole clip's frames (an int32 array: one
-  program for every clip length).
-  """
-  if first:
-    acc = _start(eng, params, chunk, targets, acc, mode=mode,
-                 clip_frames=clip_frames, mask_fill=mask_fill,
-                 compute_dtype=compute_dtype)
+def _window(eng, params, chunk, targets, acc: Accumulated, *, start, length,
+            mode, mask_fill, compute_dtype) -> Accumulated:
+  """``length`` ticks of ``chunk`` from frame ``start`` added to ``acc``."""
   _, g, out = eng.window_grads(params, chunk, targets, acc.carry, mode=mode,
-                               start=0, length=length, mask_fill=mask_fill,
+                               start=start, length=length,
+                               mask_fill=mask_fill,
                                compute_dtype=compute_dtype, total=acc.total)
-  grads = g if first else jax.tree.map(jnp.add, acc.grads, g)
+  grads = g if acc.grads is None else jax.tree.map(jnp.add, acc.grads, g)
   return Accumulated(grads, engine.add_window(acc.sums, out), out.carry,
                      acc.total)
+
+
+_STATIC = ('eng', 'mode', 'mask_fill', 'compute_dtype')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def first_chunk(eng, params, chunk, targets, carry, clip_frames, *, mode,
+                mask_fill, compute_dtype) -> Accumulated:
+  """The clip's first chunk: its ticks' gradient and metrics.
+
+  ``carry``: the stream carry to continue, or None for a fresh stream;
+  ``clip_frames``: the whole clip's frames (an int32 array: one program for
+  every clip length). The accumulators start here, inside the program, so
+  that they come out in the engine's layout (on a mesh, stage-sharded like
+  the gradient).
+  """
+  acc = _start(eng, params, chunk, targets, carry, mode=mode,
+               clip_frames=clip_frames, mask_fill=mask_fill,
+               compute_dtype=compute_dtype)
+  return _window(eng, params, chunk, targets, acc, start=0,
+                 length=chunk.shape[1], mode=mode, mask_fill=mask_fill,
+                 compute_dtype=compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC,
+                   donate_argnames=('acc',))
+def next_chunk(eng, params, chunk, targets, acc: Accumulated, *, mode,
+               mask_fill, compute_dtype) -> Accumulated:
+  """A later chunk added to the previous one's ``acc`` (donated)."""
+  return _window(eng, params, chunk, targets, acc, start=0,
+                 length=chunk.shape[1], mode=mode, mask_fill=mask_fill,
+                 compute_dtype=compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, 'flush'),
+                   donate_argnames=('acc',))
+def flush_ticks(eng, params, chunk, targets, acc: Accumulated, *, flush,
+                mode, mask_fill, compute_dtype) -> Accumulated:
+  """``flush`` ticks past the last chunk (repeating its last frame, no
+  loss), so that the messages in flight land, as a whole clip's flush."""
+  return _window(eng, params, chunk, targets, acc, start=chunk.shape[1],
+                 length=flush, mode=mode, mask_fill=mask_fill,
+                 compute_dtype=compute_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=('eng', 'optimizer',
@@ -172,15 +200,18 @@ class ChunkedStep:
     num = frames // self.chunk_frames
     kw = dict(mode=self.mode, mask_fill=self.mask_fill,
               compute_dtype=self.compute_dtype)
-    clip_frames = np.int32(frames)
     acc = carry
     for i in range(num):
       chunk, tgt = self._put((
           video[:, i * self.chunk_frames:(i + 1) * self.chunk_frames],
           _split(targets, i, self.chunk_frames, per_frame)))
-      last = i == num - 1
-      acc = chunk_grads(
-          self.eng, params, chunk, tgt, acc, clip_frames, first=i == 0,
-          length=self.chunk_frames + (self.flush if last else 0), **kw)
+      if i == 0:
+        acc = first_chunk(self.eng, params, chunk, tgt, acc,
+                          np.int32(frames), **kw)
+      else:
+        acc = next_chunk(self.eng, params, chunk, tgt, acc, **kw)
+    if self.flush:
+      acc = flush_ticks(self.eng, params, chunk, tgt, acc, flush=self.flush,
+                        **kw)
     return update(self.eng, self.optimizer, params, opt_state, acc,
                   skip_nonfinite=self.skip_nonfinite)

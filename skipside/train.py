@@ -305,6 +305,7 @@ class _Run:
   ckpt: checkpoints.Checkpointer
   writer: metrics_lib.MetricWriter
   step_fn: Any  # (params, opt_state, clip, targets, carry) -> (..., out)
+  host_batches: bool = False  # step_fn takes host arrays (chunked clips).
   eval_forward: Any = None  # aot.BucketTable (multigrid), else None.
   norm_moments: Any = None  # aot.BucketTable (multigrid), else None.
   probe: tuple | None = None  # Gradient fidelity's fixed (clip, targets).
@@ -432,7 +433,8 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
              optimizer=optimizer, state=state, tree_params=tree_params,
              schedule=schedule, data_config=data_config,
              train_iter=train_iter, ckpt=ckpt, writer=writer,
-             step_fn=programs.train_step_for(config, eng, optimizer))
+             step_fn=programs.train_step_for(config, eng, optimizer),
+             host_batches=programs.is_chunked(config))
   if schedule is not None:  # Every shape compiled before the first step.
     run.step_fn, run.eval_forward, run.norm_moments = programs.compile_ahead(
         config, eng, optimizer, aot.abstract(state.params),
@@ -524,6 +526,8 @@ def _next_batch(config, run: _Run) -> tuple:
   except ValueError as e:
     raise ValueError(f'training batch {run.state.step + 1} of '
                      f'{config.data.dataset!r}: {e}') from e
+  if run.host_batches:  # The step sends the devices one chunk at a time.
+    return (clip, targets), len(clip)
   # This process's rows -> the engine's arrays (multigrid: the bucket's).
   return run.eng.put_batch((clip, targets),
                            len(clip) * run.train_iter.info.shard_count), len(

@@ -8,14 +8,19 @@ fill rule, clip and per-frame targets, a continued stream, a temporal
 stage and a skip edge in the net.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from experiments.configs import default
 from flax import nnx
 
-from skipside import engine, mesh, network, stages, streaming
+from skipside import config as config_lib
+from skipside import engine, mesh, network, stages, streaming, train
 
 
 def _close(a, b, rtol=2e-5, atol=2e-6):
@@ -120,8 +125,61 @@ def test_device_arguments_do_not_grow_with_the_clip():
   eng = engine.LocalEngine(SPEC)
   step = streaming.ChunkedStep(eng, OPTIMIZER, mode='sideways',
                                chunk_frames=2)
-  before = streaming.chunk_grads._cache_size()
+  programs = (streaming.first_chunk, streaming.next_chunk)
+  before = [p._cache_size() for p in programs]
   long_video = np.concatenate([VIDEO] * 4, axis=1)
   step(_copy(PARAMS), OPTIMIZER.init(PARAMS), VIDEO, LABELS)
   step(_copy(PARAMS), OPTIMIZER.init(PARAMS), long_video, LABELS)
-  assert streaming.chunk_grads._cache_size() - before == 2
+  assert [p._cache_size() for p in programs] == [n + 1 for n in before]
+
+
+# -- In the training loop (config.train.chunk_frames). ------------------------
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _tiny(data_dir, **overrides):
+  c = default.get_config('tiny')
+  c.data.data_dir = data_dir
+  c.train.flush = 2
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  got = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  mngr.close()
+  return got.state['params']
+
+
+@pytest.mark.parametrize('overrides', [
+    {'train.chunk_frames': 3},
+    {'train.chunk_frames': 2, 'mesh.stage': 2}])
+def test_training_loop_in_chunks_equals_whole_clips(tmp_path, data_dir,
+                                                     overrides):
+  want = train.train_and_evaluate(_tiny(data_dir), str(tmp_path / 'whole'))
+  got = train.train_and_evaluate(_tiny(data_dir, **overrides),
+                                 str(tmp_path / 'chunked'))
+  assert got['step'] == want['step'] == 6
+  _close(_params(str(tmp_path / 'chunked')), _params(str(tmp_path / 'whole')),
+         rtol=1e-4, atol=1e-6)
+  for key in ('train/loss', 'eval/loss', 'eval/accuracy'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4)
+  assert got['compilations_in_loop'] == 0
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'train.chunk_frames': 4}, 'config.train.chunk_frames: 4 does not divide '
+     'config.data.num_frames=6'),
+    ({'train.chunk_frames': 3, 'mode': 'bp'},
+     "config.train.chunk_frames: 3 in mode 'bp'"),
+    ({'train.chunk_frames': 3, 'train.update_every': 3, 'train.flush': 0},
+     'config.train.chunk_frames: 3 with config.train.update_every'),
+])
+def test_chunk_config_errors_name_the_key(data_dir, overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate_config(_tiny(data_dir, **overrides))
