@@ -254,3 +254,45 @@ def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
                                        flush=step.flush, **kw)
   return streaming.update.lower(eng, optimizer, params, opt_state, acc,
                                 skip_nonfinite=step.skip_nonfinite)
+
+
+def compile_ahead(config: ml_collections.ConfigDict, eng, optimizer,
+                  params: PyTree, opt_state: PyTree, info, schedule, *,
+                  tree_params: PyTree, norms: bool = False) -> tuple:
+  """Every program of a multigrid run compiled before the first step.
+
+  Returns ``(train step, eval forward, norm statistics or None)``, each an
+  ``aot.BucketTable`` keyed by the clip shape the loop passes (its
+  ``eng.put_batch``: per process on one device, global on a mesh) and
+  called like ``train_step_for`` / ``eval_step_for`` /
+  ``batchnorm.clip_moments``'s functions. ``params``, ``opt_state``:
+  abstract, in the engine's layout; ``info``: the training data's
+  ``DataInfo`` (this process's rows: ``info.shard_count``).
+  """
+  items = listing(config, info, schedule, norms=norms)
+
+  def key(item):  # The clip shape the loop passes.
+    name, shape = item
+    if name == NORMS:
+      return shape
+    at = engine_at(eng, tree_params, shape[2:])
+    return tuple(batch_like(at, config, shape, info.shard_count)[0].shape)
+
+  def table(names, key_fn, title, threads=None):
+    chosen = {key(i): i for i in items if i[0] in names}
+    return aot.compile_buckets(
+        lambda k: lower(*chosen[k], config, eng, optimizer, params, opt_state,
+                        tree_params=tree_params,
+                        shard_count=info.shard_count),
+        list(chosen), key_fn=key_fn, name=title, num_threads=threads)
+
+  steps = table((TRAIN, TRAIN_PGT),
+                lambda p, o, clip, t, c=None: tuple(clip.shape), 'train step',
+                config.multigrid.compile_threads or None)
+  evals = table((EVAL,), lambda p, clip, t: tuple(clip.shape), 'eval forward')
+  moments = (table((NORMS,), lambda p, clip: tuple(clip.shape),
+                   'norm statistics') if norms else None)
+  logging.info('compiled ahead: %d train shapes, eval%s in %.1fs',
+               len(steps.executables), ' and norm statistics' if norms else '',
+               sum(t.wall_seconds for t in (steps, evals, moments) if t))
+  return steps, evals, moments
