@@ -431,10 +431,14 @@ def update_metrics(spec, m, weight, losses, pred, target):
   return m
 
 
-def init_window_sums(spec: NetworkSpec, batch: int) -> dict:
-  """Zero sums of several windows' metrics (``add_window``)."""
+def init_window_sums(spec: NetworkSpec, batch: int,
+                     per_example: bool = False) -> dict:
+  """Zero sums of several windows' metrics (``add_window``), with each
+  clip's loss if ``per_example``."""
   acc = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()),
          'valid_ticks': jnp.zeros((), jnp.int32)}
+  if per_example:
+    acc['example_loss'] = jnp.zeros((batch,))
   if spec.loss != 'mse':
     acc['predictions'] = jnp.zeros((batch, *spec.prediction_shape))
   return acc
@@ -448,6 +452,8 @@ def add_window(acc: dict, out: ClipOutput) -> dict:
              valid_ticks=acc['valid_ticks'] + n)
   if 'accuracy' in out.metrics:
     acc['accuracy'] = acc['accuracy'] + w * out.metrics['accuracy']
+  if 'example_loss' in acc:
+    acc['example_loss'] = acc['example_loss'] + w * out.example_loss
   if 'predictions' in acc:
     acc['predictions'] = acc['predictions'] + w * out.predictions.astype(
         jnp.float32)
@@ -461,7 +467,9 @@ def finish_windows(spec: NetworkSpec, acc: dict, carry) -> ClipOutput:
   if spec.loss == 'xent':
     metrics['accuracy'] = acc['accuracy'] / n
   preds = acc['predictions'] / n if 'predictions' in acc else None
-  return ClipOutput(carry=carry, metrics=metrics, predictions=preds)
+  losses = acc['example_loss'] / n if 'example_loss' in acc else None
+  return ClipOutput(carry=carry, metrics=metrics, predictions=preds,
+                    example_loss=losses)
 
 
 def run_ticks(spec: NetworkSpec, params: PyTree, clip: jax.Array,

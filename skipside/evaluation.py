@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from skipside import batchnorm, engine, network
+from skipside import batchnorm, engine, network, streaming
 from skipside import checkpoints
 from skipside import config as config_lib
 from skipside import data as data_lib
@@ -52,16 +52,17 @@ def eval_step(eng, params, clip, targets, *, mode, compute_dtype):
 
 
 def eval_feed(eng, batches, batch_size: int, *, mode: str, compute_dtype,
-               compiled=None):
+              compiled=None, host_batches: bool = False):
   """``(batches, forward)`` for ``evaluate`` on engine ``eng`` (params in its
   state layout): every array of a batch as the engine takes it
   (``eng.put_batch``: global arrays on a mesh), outputs as host arrays.
   ``compiled(params, clip, targets)`` replaces ``eval_step`` (multigrid:
-  compiled ahead of time)."""
+  compiled ahead of time; ``streaming.ChunkedForward``, which takes host
+  arrays: ``host_batches``)."""
   def feed():
     for batch in batches:
-      yield {k: eng.put_batch(np.asarray(v), batch_size)
-             for k, v in batch.items()
+      yield {k: np.asarray(v) if host_batches else eng.put_batch(
+          np.asarray(v), batch_size) for k, v in batch.items()
              if k in ('video', 'target', 'label', 'mask')}
 
   def forward(params, clip, targets):
@@ -184,9 +185,16 @@ def evaluate_workdir(workdir: str,
           f'no readable checkpoint in {workdir}/checkpoints')
     state = restored[0]
     params = eval_params(config, spec, state.params, data_config)
+    compute_dtype = config_lib.PRECISIONS[config.precision]
+    forward = None
+    if config.train.get('chunk_frames'):  # As the run evaluated: in chunks.
+      forward = streaming.ChunkedForward(
+          engine.LocalEngine(spec), config.mode, config.train.chunk_frames,
+          compute_dtype=compute_dtype)
     metrics = evaluate(spec, params, it, mode=config.mode,
-                       compute_dtype=config_lib.PRECISIONS[config.precision],
-                       max_batches=config.eval.max_batches or None)
+                       compute_dtype=compute_dtype,
+                       max_batches=config.eval.max_batches or None,
+                       forward=forward)
   finally:
     it.close()
   return {'step': state.step, **metrics}

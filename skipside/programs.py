@@ -43,6 +43,7 @@ TRAIN, TRAIN_PGT, EVAL, NORMS = ('train', 'train progressive', 'eval',
 # a train step (``TRAIN_PARTS``).
 CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE = (
     'train first chunk', 'train chunk', 'train flush', 'train update')
+EVAL_FIRST_CHUNK, EVAL_CHUNK = 'eval first chunk', 'eval chunk'
 TRAIN_PARTS = (TRAIN, TRAIN_PGT, CHUNK_FIRST, CHUNK, CHUNK_FLUSH,
                CHUNK_UPDATE)
 
@@ -115,7 +116,14 @@ def train_step_for(config: ml_collections.ConfigDict, eng, optimizer
 
 def eval_step_for(config: ml_collections.ConfigDict, eng) -> Callable:
   """``forward(params, clip, targets) -> ClipOutput``: evaluation's forward
-  (``evaluation.eval_step``) for ``config`` on engine ``eng``."""
+  (``evaluation.eval_step``) for ``config`` on engine ``eng``; with
+  ``config.train.chunk_frames``, ``streaming.ChunkedForward`` (host
+  ``clip`` and ``targets``)."""
+  if is_chunked(config):
+    return streaming.ChunkedForward(
+        eng, config.mode, config.train.chunk_frames,
+        compute_dtype=config_lib.PRECISIONS[config.precision],
+        global_size=config.data.batch_size)
   return functools.partial(
       evaluation.eval_step, eng, mode=config.mode,
       compute_dtype=config_lib.PRECISIONS[config.precision])
@@ -150,7 +158,8 @@ def listing(config: ml_collections.ConfigDict, info, schedule=None, *,
     chunk = (base[0], config.train.chunk_frames, *base[2:])
     parts = [CHUNK_FIRST] + [CHUNK] * (base[1] > chunk[1]) + [
         CHUNK_FLUSH] * bool(config.train.flush) + [CHUNK_UPDATE]
-    return [(name, chunk) for name in parts] + [(EVAL, base)] + (
+    parts += [EVAL_FIRST_CHUNK] + [EVAL_CHUNK] * (base[1] > chunk[1])
+    return [(name, chunk) for name in parts] + (
         [(NORMS, base)] if norms else [])
   out = [(train, s) for s in dict.fromkeys(shapes)] + [(EVAL, base)]
   return out + [(NORMS, base)] if norms else out
@@ -219,13 +228,14 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
   if name in (TRAIN, TRAIN_PGT):
     return lowered(train_step_for(config, eng, optimizer), params, opt_state,
                    clip, targets, carry)
-  if name in (CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE):
+  if name in (CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE, EVAL_FIRST_CHUNK,
+              EVAL_CHUNK):
     return _lower_chunked(name, config, eng, optimizer, params, opt_state,
                           clip, targets, carry)
   if name == EVAL:
     return lowered(eval_step_for(config, eng), params, clip, targets)
   raise ValueError(f'unknown program {name!r} (one of '
-                   f'{(*TRAIN_PARTS, EVAL, NORMS)})')
+                   f'{(*TRAIN_PARTS, EVAL, EVAL_FIRST_CHUNK, EVAL_CHUNK, NORMS)})')
 
 
 def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
@@ -235,6 +245,15 @@ def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
   layout the first chunk's program gives them: read from its compiled
   outputs (one more compile of it)."""
   step = train_step_for(config, eng, optimizer)
+  if name in (EVAL_FIRST_CHUNK, EVAL_CHUNK):
+    kw = dict(mode=step.mode, compute_dtype=step.compute_dtype)
+    first = streaming.first_forward.lower(eng, params, clip, targets, **kw)
+    if name == EVAL_FIRST_CHUNK:
+      return first
+    carry, sums = _like_outputs(first, functools.partial(
+        streaming.first_forward, eng, **kw), params, clip, targets)
+    return streaming.next_forward.lower(eng, params, clip, targets, carry,
+                                        sums, **kw)
   kw = dict(mode=step.mode, mask_fill=step.mask_fill,
             compute_dtype=step.compute_dtype)
   frames = jax.ShapeDtypeStruct((), jnp.int32)
@@ -242,11 +261,9 @@ def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
                                       frames, **kw)
   if name == CHUNK_FIRST:
     return first
-  acc = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(functools.partial(streaming.first_chunk, eng, **kw),
-                     params, clip, targets, carry, frames),
-      first.compile().output_shardings)
+  acc = _like_outputs(first, functools.partial(streaming.first_chunk, eng,
+                                               **kw),
+                      params, clip, targets, carry, frames)
   if name == CHUNK:
     return streaming.next_chunk.lower(eng, params, clip, targets, acc, **kw)
   if name == CHUNK_FLUSH:
@@ -254,6 +271,14 @@ def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
                                        flush=step.flush, **kw)
   return streaming.update.lower(eng, optimizer, params, opt_state, acc,
                                 skip_nonfinite=step.skip_nonfinite)
+
+
+def _like_outputs(lowered_fn: jax.stages.Lowered, fn: Callable, *args):
+  """``ShapeDtypeStruct``s of ``fn(*args)``'s outputs with the shardings
+  its compiled program (``lowered_fn``, compiled here) gives them."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(fn, *args), lowered_fn.compile().output_shardings)
 
 
 def compile_ahead(config: ml_collections.ConfigDict, eng, optimizer,

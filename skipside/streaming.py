@@ -161,8 +161,52 @@ def update(eng, optimizer, params, opt_state, acc: Accumulated, *,
   return params, opt_state, out
 
 
-def _split(x: np.ndarray, i: int, chunk_frames: int, per_frame: bool):
-  return x[:, i * chunk_frames:(i + 1) * chunk_frames] if per_frame else x
+# -- Evaluation: the pipelined forward, chunk by chunk. -----------------------
+
+def _forward_window(eng, params, chunk, targets, carry, sums, *, mode,
+                    compute_dtype):
+  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  _, out = eng.run(params, chunk, targets, carry, mode=fwd_mode, start=0,
+                   length=chunk.shape[1], mask_fill=True,
+                   compute_dtype=compute_dtype)
+  return out.carry, engine.add_window(sums, out)
+
+
+@functools.partial(jax.jit, static_argnames=('eng', 'mode', 'compute_dtype'))
+def first_forward(eng, params, chunk, targets, *, mode, compute_dtype):
+  """Evaluation's first chunk of a clip (a fresh stream): ``(carry, sums)``
+  in the engine's layout."""
+  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  carry = eng.init_carry(params, chunk, targets, fwd_mode, compute_dtype)
+  sums = engine.init_window_sums(eng.spec, chunk.shape[0], per_example=True)
+  return _forward_window(eng, params, chunk, targets, carry, sums, mode=mode,
+                         compute_dtype=compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('eng', 'mode', 'compute_dtype'),
+                   donate_argnames=('carry', 'sums'))
+def next_forward(eng, params, chunk, targets, carry, sums, *, mode,
+                 compute_dtype):
+  """A later chunk of evaluation's forward: ``(carry, sums)``."""
+  return _forward_window(eng, params, chunk, targets, carry, sums, mode=mode,
+                         compute_dtype=compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('eng',))
+def finish_forward(eng, carry, sums) -> engine.ClipOutput:
+  return engine.finish_windows(eng.spec, sums, eng.to_stream_carry(carry))
+
+
+def chunks(eng, video: np.ndarray, targets: np.ndarray, chunk_frames: int,
+           global_size: int | None = None):
+  """Yields each chunk of a host clip and its targets as ``eng`` takes a
+  batch (``eng.put_batch``: this process's rows of ``global_size``)."""
+  per_frame = engine.is_per_frame(eng.spec, video, targets)
+  for i in range(video.shape[1] // chunk_frames):
+    frames = slice(i * chunk_frames, (i + 1) * chunk_frames)
+    yield eng.put_batch((video[:, frames],
+                         targets[:, frames] if per_frame else targets),
+                        global_size or len(video))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +229,6 @@ class ChunkedStep:
   skip_nonfinite: bool = False
   global_size: int | None = None  # Rows over all processes (None: local).
 
-  def _put(self, tree):
-    rows = jax.tree.leaves(tree)[0].shape[0]
-    return self.eng.put_batch(tree, self.global_size or rows)
-
   def __call__(self, params, opt_state, video, targets, carry=None):
     video, targets = np.asarray(video), np.asarray(targets)
     frames = video.shape[1]
@@ -196,15 +236,11 @@ class ChunkedStep:
     engine.check_inputs(self.eng.spec, video, targets, mode=self.mode,
                         carry=carry, flush=self.flush,
                         mask_fill=self.mask_fill)
-    per_frame = engine.is_per_frame(self.eng.spec, video, targets)
-    num = frames // self.chunk_frames
     kw = dict(mode=self.mode, mask_fill=self.mask_fill,
               compute_dtype=self.compute_dtype)
     acc = carry
-    for i in range(num):
-      chunk, tgt = self._put((
-          video[:, i * self.chunk_frames:(i + 1) * self.chunk_frames],
-          _split(targets, i, self.chunk_frames, per_frame)))
+    for i, (chunk, tgt) in enumerate(chunks(
+        self.eng, video, targets, self.chunk_frames, self.global_size)):
       if i == 0:
         acc = first_chunk(self.eng, params, chunk, tgt, acc,
                           np.int32(frames), **kw)
@@ -215,3 +251,35 @@ class ChunkedStep:
                         **kw)
     return update(self.eng, self.optimizer, params, opt_state, acc,
                   skip_nonfinite=self.skip_nonfinite)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedForward:
+  """Evaluation's forward of a long clip, chunk by chunk: ``(params, clip,
+  targets) -> ClipOutput`` as ``evaluation.eval_step`` (the clip-level
+  predictions, each clip's loss and the metrics over all valid ticks),
+  with ``clip`` and ``targets`` host arrays of this process's rows."""
+  eng: Any
+  mode: str
+  chunk_frames: int
+  compute_dtype: Any = jnp.float32
+  global_size: int | None = None  # Rows over all processes (None: local).
+
+  def __call__(self, params, video, targets):
+    video, targets = np.asarray(video), np.asarray(targets)
+    frames = video.shape[1]
+    if self.chunk_frames <= 0 or frames % self.chunk_frames:
+      raise ValueError(f'a clip of {frames} frames does not split into '
+                       f'chunks of {self.chunk_frames} frames')
+    engine.check_inputs(self.eng.spec, video, targets, mode=self.mode,
+                        carry=None, flush=0, mask_fill=True,
+                        needs_loss=False)
+    kw = dict(mode=self.mode, compute_dtype=self.compute_dtype)
+    for i, (chunk, tgt) in enumerate(chunks(
+        self.eng, video, targets, self.chunk_frames, self.global_size)):
+      if i == 0:
+        carry, sums = first_forward(self.eng, params, chunk, tgt, **kw)
+      else:
+        carry, sums = next_forward(self.eng, params, chunk, tgt, carry, sums,
+                                   **kw)
+    return finish_forward(self.eng, carry, sums)._replace(carry=None)

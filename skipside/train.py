@@ -306,7 +306,8 @@ class _Run:
   writer: metrics_lib.MetricWriter
   step_fn: Any  # (params, opt_state, clip, targets, carry) -> (..., out)
   host_batches: bool = False  # step_fn takes host arrays (chunked clips).
-  eval_forward: Any = None  # aot.BucketTable (multigrid), else None.
+  # aot.BucketTable (multigrid), streaming.ChunkedForward, else None.
+  eval_forward: Any = None
   norm_moments: Any = None  # aot.BucketTable (multigrid), else None.
   probe: tuple | None = None  # Gradient fidelity's fixed (clip, targets).
 
@@ -435,6 +436,8 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
              train_iter=train_iter, ckpt=ckpt, writer=writer,
              step_fn=programs.train_step_for(config, eng, optimizer),
              host_batches=programs.is_chunked(config))
+  if run.host_batches:  # Evaluation's forward in chunks too.
+    run.eval_forward = programs.eval_step_for(config, eng)
   if schedule is not None:  # Every shape compiled before the first step.
     run.step_fn, run.eval_forward, run.norm_moments = programs.compile_ahead(
         config, eng, optimizer, aot.abstract(state.params),
@@ -465,7 +468,8 @@ def _evaluate(config, run: _Run) -> dict:
   with contextlib.closing(data_lib.make_eval_iterator(run.data_config)) as it:
     batches, forward = evaluation.eval_feed(
         run.eng, it, config.data.batch_size, mode=config.mode,
-        compute_dtype=compute_dtype, compiled=run.eval_forward)
+        compute_dtype=compute_dtype, compiled=run.eval_forward,
+        host_batches=run.host_batches)
     return evaluation.evaluate(
         run.spec, params, batches, mode=config.mode,
         compute_dtype=compute_dtype,

@@ -20,7 +20,8 @@ from experiments.configs import default
 from flax import nnx
 
 from skipside import config as config_lib
-from skipside import engine, mesh, network, stages, streaming, train
+from skipside import engine, evaluation, mesh, network, stages, streaming
+from skipside import train
 
 
 def _close(a, b, rtol=2e-5, atol=2e-6):
@@ -170,6 +171,9 @@ def test_training_loop_in_chunks_equals_whole_clips(tmp_path, data_dir,
   for key in ('train/loss', 'eval/loss', 'eval/accuracy'):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-4)
   assert got['compilations_in_loop'] == 0
+  # launch.eval's path reloads the checkpoint and evaluates in chunks too.
+  again = evaluation.evaluate_workdir(str(tmp_path / 'chunked'))
+  np.testing.assert_allclose(again['eval/loss'], want['eval/loss'], rtol=1e-4)
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -183,3 +187,23 @@ def test_training_loop_in_chunks_equals_whole_clips(tmp_path, data_dir,
 def test_chunk_config_errors_name_the_key(data_dir, overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate_config(_tiny(data_dir, **overrides))
+
+
+@pytest.mark.parametrize('shape', [None, (1, 4)])
+def test_chunked_forward_equals_the_whole_clip(shape):
+  """Evaluation's forward in chunks: clip predictions, each clip's loss
+  and the metrics over every valid tick, as ``evaluation.eval_step``."""
+  eng = engine.LocalEngine(SPEC)
+  params = PARAMS
+  if shape:
+    m = mesh.make_mesh(*shape, devices=jax.devices()[:4])
+    eng = mesh.MeshEngine(mesh.place(SPEC, m, params=PARAMS))
+    params = eng.to_state(PARAMS)
+  want = evaluation.eval_step(engine.LocalEngine(SPEC), PARAMS,
+                              jnp.asarray(VIDEO), jnp.asarray(LABELS),
+                              mode='sideways', compute_dtype=jnp.float32)
+  got = streaming.ChunkedForward(eng, 'sideways', 4)(params, VIDEO, LABELS)
+  _close(got.predictions, want.predictions)
+  _close(got.example_loss, want.example_loss)
+  for key in ('loss', 'accuracy', 'valid_ticks'):
+    _close(got.metrics[key], want.metrics[key])

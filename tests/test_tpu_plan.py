@@ -349,3 +349,26 @@ def test_planning_env_does_not_look_like_a_tpu_vm(monkeypatch):
 def _no_tpu_devices():
   import glob
   return not (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def test_chunked_sideways_is_flat_in_the_clip_length(devices):
+  """config.train.chunk_frames: the planner compiles the chunk programs the
+  loop runs (skipside/streaming.py), and every chip's memory, stages > 0
+  included, is the same for a clip 4x longer; the whole clip's grows."""
+  def plan(frames, chunk):
+    c = _config('sideways')
+    c.data.num_frames, c.train.chunk_frames, c.train.flush = frames, chunk, 3
+    return {r.name: r for r in tpu_plan.plan(c, TOPOLOGY, devices=devices,
+                                            info=_info(frames), check=False)}
+  short, long = plan(4 * FRAMES, FRAMES), plan(16 * FRAMES, FRAMES)
+  assert list(long) == ['train first chunk', 'train chunk', 'train flush',
+                        'train update', 'eval first chunk', 'eval chunk']
+  for name in long:
+    assert long[name].shape == (BATCH, FRAMES, SIDE, SIDE, 1)
+    assert not long[name].error
+    assert (long[name].args, long[name].temp, long[name].peak) == (
+        short[name].args, short[name].temp, short[name].peak), name
+  whole = {r.name: r for r in tpu_plan.plan(
+      _config('sideways'), TOPOLOGY, devices=devices,
+      info=_info(16 * FRAMES), check=False, only=('train',))}['train']
+  assert whole.args > max(r.args for r in long.values())

@@ -18,6 +18,12 @@ the step-time model's prediction (``tpu_plan.step_cost``). Then:
   time-sharded; ``--quick`` skips it); the headline's ``max_frames_*`` is
   null unless a longer clip was refused (else it is only a lower bound;
   ``longest_clip_brackets`` has both ends and the probes);
+- ``sideways_chunked``: Sideways clips trained in chunks of ``--chunk``
+  frames (``config.train.chunk_frames``, ``skipside/streaming.py``: the
+  same gradient, one program call per chunk), so only a chunk of frames is
+  on the chips: per-chip memory is the chunk programs', whatever ``T``
+  (what bounds ``T`` then is host memory for the clip; the tick counter is
+  int32);
 - data-parallel backprop on the same chips with the same global batch
   (``dp_bp``: mesh ``min(batch, chips) x 1``; the rest of the chips idle,
   a batch of 16 cannot spread further) and the predicted ratio of Sideways'
@@ -29,7 +35,9 @@ the step-time model's prediction (``tpu_plan.step_cost``). Then:
 Writes ``experiments/results/scale.json`` (DESIGN.md §8: config, device,
 rows, headline): ``max_frames_sideways_v5e``, ``max_frames_bp_v5e``,
 ``max_compile_s``, ``predicted_sideways_over_dp_bp_clips_per_s``,
-``sideways_peak_T16384_over_T512``; a figure that was not measured is null.
+``sideways_peak_T16384_over_T512`` (16,384-frame clips in chunks over
+512-frame clips whole; ``sideways_whole_clip_peak_T16384_over_T512``: both
+whole); a figure that was not measured is null.
 """
 
 import argparse
@@ -45,13 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import common
-from skipside import tpu_plan
+from skipside import programs, tpu_plan
 
 GiB = 2 ** 30
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs',
                               'kinetics_plan.py')
 MODES = ('sideways', 'pipelined_bp', 'bp')
 LENGTHS = (32, 128, 512, 2048, 16384)
+CHUNK, CHUNKED_LENGTHS = 512, (16384,)
 QUICK_LENGTHS = {'sideways': (32, 512), 'pipelined_bp': (32,), 'bp': (32,)}
 
 
@@ -64,25 +73,44 @@ def load_config(path: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
-def with_shape(config, mode: str, frames: int, data=None, stage=None):
+def with_shape(config, mode: str, frames: int, data=None, stage=None,
+               chunk=0):
   c = config.copy_and_resolve_references()
   c.mode, c.data.num_frames = mode, frames
+  c.train.chunk_frames = chunk if chunk and frames > chunk else 0
   if data is not None:
     c.mesh.data, c.mesh.stage = data, stage
   return c
 
 
 def compile_row(config, topology, devices, mode, frames, *, label=None,
-                data=None, stage=None, log=print) -> dict:
-  """One compiled training step: its per-chip figures and prediction."""
-  c = with_shape(config, mode, frames, data, stage)
-  r, = tpu_plan.plan(c, topology, devices=devices, check=False,
-                     only=('train',))
+                data=None, stage=None, chunk=0, log=print) -> dict:
+  """One compiled training step: its per-chip figures and prediction.
+
+  ``chunk``: the clip trains in chunks of this many frames
+  (``config.train.chunk_frames``): the row is the step's programs together
+  (``streaming``): the peak of the largest, the summed compile time (each
+  later part's includes one more compile of the first chunk's, whose output
+  layout it reads), the step time of all chunks.
+  """
+  c = with_shape(config, mode, frames, data, stage, chunk)
+  parts = tpu_plan.plan(c, topology, devices=devices, check=False,
+                        only=programs.TRAIN_PARTS)
+  r = max(parts, key=lambda p: p.peak)
   chip = tpu_plan.chip_of(topology)
   row = dict(mode=label or mode, T=frames, mesh=[c.mesh.data, c.mesh.stage],
-             args=r.args, temp=r.temp, peak=r.peak, compile_s=r.compile_s,
-             fits=not tpu_plan.over_memory([r], chip), error=r.error)
-  if r.cost:
+             args=r.args, temp=r.temp, peak=r.peak,
+             compile_s=sum(p.compile_s for p in parts),
+             fits=not tpu_plan.over_memory(parts, chip),
+             error=next((p.error for p in parts if p.error), None))
+  if len(parts) > 1:  # Chunked: the step's time over all its calls.
+    row['programs'] = {p.name: dict(peak=p.peak, compile_s=p.compile_s)
+                       for p in parts}
+    calls = {programs.CHUNK: frames // chunk - 1}
+    if all(p.cost for p in parts):
+      row['step_s'] = sum(p.cost.step_s * calls.get(p.name, 1) for p in parts)
+      row['clips_per_s'] = c.data.batch_size / row['step_s']
+  elif r.cost:
     row.update(flops=r.cost.flops, ticks=r.cost.ticks, tick_s=r.cost.tick_s,
                step_s=r.cost.step_s, clips_per_s=r.clips_per_s,
                compute_s=r.cost.compute_s, memory_s=r.cost.memory_s,
@@ -225,6 +253,12 @@ def main():
                       '"sideways=32,512;bp=32" (default: '
                       f'{",".join(map(str, LENGTHS))})')
   parser.add_argument('--modes', default=','.join(MODES))
+  parser.add_argument('--chunk', type=int, default=CHUNK,
+                      help='sideways_chunked rows: clips trained in chunks '
+                      'of this many frames (config.train.chunk_frames); 0: '
+                      'none')
+  parser.add_argument('--chunked_lengths', default=','.join(
+      map(str, CHUNKED_LENGTHS)), help='T values of the chunked rows')
   parser.add_argument('--bisect', default=None,
                       help='modes to bisect (default: every mode; none with '
                       '--quick)')
@@ -281,6 +315,10 @@ def main():
   for mode in modes:
     for frames in lengths[mode]:
       run(mode, frames, data=data, stage=stage)
+  if 'sideways' in modes and args.chunk:  # Only a chunk reaches the chips.
+    for frames in (int(t) for t in args.chunked_lengths.split(',') if t):
+      run('sideways', frames, data=data, stage=stage, chunk=args.chunk,
+          label='sideways_chunked')
   # Data-parallel backprop on the same chips and global batch.
   dp = min(batch, len(devices))
   # On a slice of its own size: XLA's TPU compiler wants every device of a
@@ -341,6 +379,7 @@ def main():
 
   side, dpbp = row('sideways', 32), row('dp_bp', QUICK_LENGTHS['bp'][0])
   long, short = row('sideways', 16384), row('sideways', 512)
+  chunked = row('sideways_chunked', 16384)
   def closed(mode):  # The longest clip, once a longer one was refused.
     b = brackets.get(mode, {})
     return b.get('fits') if b.get('fails') else None
@@ -356,7 +395,11 @@ def main():
       predicted_sideways_over_pipelined_bp_clips_per_s=(
           side['clips_per_s'] / row('pipelined_bp', 32)['clips_per_s']
           if side and row('pipelined_bp', 32) else None),
+      # Training 16,384-frame clips (in chunks) over 512-frame ones (whole).
       sideways_peak_T16384_over_T512=(
+          chunked['peak'] / short['peak'] if chunked and short and not
+          chunked['error'] else None),
+      sideways_whole_clip_peak_T16384_over_T512=(
           long['peak'] / short['peak'] if long and short and not long['error']
           else None),
       host_compute_predicted_over_measured=host['compute_over_measured'],
@@ -370,7 +413,8 @@ def main():
       config=dict(config=os.path.relpath(args.config), topology=args.topology,
                   mesh=[data, stage], global_batch=batch, quick=args.quick,
                   chip=dataclasses.asdict(chip), modes=modes,
-                  lengths=lengths, bisect=bisect,
+                  lengths=lengths, bisect=bisect, chunk=args.chunk,
+                  chunked_lengths=args.chunked_lengths,
                   bisect_step=args.bisect_step or stage,
                   max_probes=args.max_probes),
       device=common.device_info(
