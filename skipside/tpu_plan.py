@@ -261,6 +261,9 @@ class ShapeReport:
   compile_s: float
   cost: 'StepCost | None' = None
   error: str | None = None  # XLA refused to compile it (e.g. out of HBM).
+  # How each argument and result is laid out over the mesh (``shardings``):
+  # ``{'in': {path: spec}, 'out': {path: spec}}``.
+  layout: dict | None = None
   # The executable itself (``plan(keep_compiled=True)``): to run it where
   # the devices are real, e.g. to check the model on this host.
   compiled: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -309,11 +312,25 @@ def report(name: str, shape: Sequence[int], lower,
     cost = step_cost(compiled.as_text(), chip.peak_flops,
                      chip.hbm_bytes_per_s, chip.ici_bytes_per_s)
   return ShapeReport(
+      layout=shardings(compiled),
       name=name, shape=tuple(shape), args=m.argument_size_in_bytes,
       out=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
       temp=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes,
       flops=_flops(compiled), compile_s=seconds, cost=cost,
       compiled=compiled if keep_compiled else None)
+
+
+def shardings(compiled) -> dict:
+  """Each argument's and result's sharding of a compiled program as text,
+  by pytree path: ``{'in': {"[0]['blocks'][0]...": "P('stage',)"},
+  'out': {...}}`` (a ``PartitionSpec``; ``replicated`` on one device)."""
+  def text(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): (
+        str(s.spec) if hasattr(s, 'spec') else 'replicated')
+            for path, s in leaves}
+  return {'in': text(compiled.input_shardings),
+          'out': text(compiled.output_shardings)}
 
 
 def over_memory(reports: Sequence[ShapeReport], chip: Chip,
@@ -351,15 +368,16 @@ def plan_json(reports: Sequence[ShapeReport], chip: Chip, *,
               topology: str = '', num_slices: int = 1,
               headroom: float = 0.0) -> dict:
   """The plan as JSON for scripts: ``fits`` (the whole run), and per
-  program and shape the per-chip bytes, ``is_oom`` and the model's
-  prediction (``step_s``, ``tick_s``, ``clips_per_s``)."""
+  program and shape the per-chip bytes, ``is_oom``, the model's
+  prediction (``step_s``, ``tick_s``, ``clips_per_s``) and the sharding of
+  every argument and result (``shardings``, MaxText's sharding dump)."""
   over = {id(r) for r in over_memory(reports, chip, headroom)}
   rows = []
   for r in reports:
     row = dict(program=r.name, shape=list(r.shape), args=r.args, out=r.out,
                alias=r.alias, temp=r.temp, code=r.code, peak=r.peak,
                flops_xla=r.flops, compile_s=round(r.compile_s, 3),
-               is_oom=id(r) in over, error=r.error)
+               is_oom=id(r) in over, error=r.error, shardings=r.layout)
     if r.cost:
       row.update(flops=r.cost.flops, hbm_bytes=r.cost.hbm_bytes,
                  wire_bytes=r.cost.wire_bytes, ticks=r.cost.ticks,

@@ -326,6 +326,12 @@ def test_launcher_compile_only_prints_the_table(tmp_path):
       ('train', True), ('eval', True)]
   assert all(r['clips_per_s'] > 0 and r['peak'] > 2 ** 20
              for r in got['programs'])
+  # The sharding dump: packed params split over 'stage', the clip's rows
+  # over 'data' and its 8 frames over the 2 'stage' devices.
+  layout = got['programs'][0]['shardings']
+  assert "P('stage',)" in layout['in'].values(), layout['in']
+  assert "P('data', 'stage')" in layout['in'].values(), layout['in']
+  assert layout['out']
   for noise in ('TPU_WORKER_HOSTNAMES', 'Failed to find host bounds',
                 'unexpected worker hostname'):  # libtpu kept quiet.
     assert noise not in proc.stderr, proc.stderr[-3000:]
