@@ -503,7 +503,7 @@ def validate_config(config: ml_collections.ConfigDict,
   if any(item.kind == 'convbn' for item in items):
     for error in _norm_config_errors(config):
       raise error
-  for error in _chunk_config_errors(config):
+  for error in _chunk_config_errors(config, items):
     raise error
   every, frames = config.train.update_every, config.data.num_frames
   if every and frames % every:
@@ -513,7 +513,7 @@ def validate_config(config: ml_collections.ConfigDict,
         'a divisor of config.data.num_frames, or 0')
 
 
-def _chunk_config_errors(config) -> list[ConfigError]:
+def _chunk_config_errors(config, items) -> list[ConfigError]:
   """``config.train.chunk_frames``: sideways clips split into chunks."""
   chunk = config.train.get('chunk_frames', 0)
   if not chunk:
@@ -528,6 +528,12 @@ def _chunk_config_errors(config) -> list[ConfigError]:
                         "mode's gradient would stop at each chunk",
                         "0, or mode 'sideways'")]
   for other, on in (('config.train.update_every', config.train.update_every),
+                    # Whole clips on the devices (an exact gradient, the
+                    # norm statistics pass): what chunking avoids.
+                    ('config.train.fidelity_every',
+                     config.train.get('fidelity_every', 0)),
+                    ('sub-batch norm stages (convbn) in config.model.stages',
+                     any(item.kind == 'convbn' for item in items)),
                     ('config.progressive.enabled', config.get(
                         'progressive') and config.progressive.enabled),
                     ('config.multigrid', multigrid.enabled(config))):

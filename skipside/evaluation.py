@@ -59,10 +59,13 @@ def eval_feed(eng, batches, batch_size: int, *, mode: str, compute_dtype,
   ``compiled(params, clip, targets)`` replaces ``eval_step`` (multigrid:
   compiled ahead of time; ``streaming.ChunkedForward``, which takes host
   arrays: ``host_batches``)."""
-  def feed():
+  def feed():  # With host_batches the clip stays on the host (the
+    # forward sends it in chunks); targets, labels and mask are scored as
+    # global arrays either way, like the forward's outputs.
     for batch in batches:
-      yield {k: np.asarray(v) if host_batches else eng.put_batch(
-          np.asarray(v), batch_size) for k, v in batch.items()
+      yield {k: np.asarray(v) if host_batches and k == 'video' else
+             eng.put_batch(np.asarray(v), batch_size)
+             for k, v in batch.items()
              if k in ('video', 'target', 'label', 'mask')}
 
   def forward(params, clip, targets):

@@ -44,6 +44,8 @@ TRAIN, TRAIN_PGT, EVAL, NORMS = ('train', 'train progressive', 'eval',
 CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE = (
     'train first chunk', 'train chunk', 'train flush', 'train update')
 EVAL_FIRST_CHUNK, EVAL_CHUNK = 'eval first chunk', 'eval chunk'
+CHUNK_PARTS = (CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE,
+               EVAL_FIRST_CHUNK, EVAL_CHUNK)
 TRAIN_PARTS = (TRAIN, TRAIN_PGT, CHUNK_FIRST, CHUNK, CHUNK_FLUSH,
                CHUNK_UPDATE)
 
@@ -200,15 +202,18 @@ def batch_like(eng, config: ml_collections.ConfigDict, clip_shape,
 
 def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
           optimizer, params: PyTree, opt_state: PyTree, *,
-          tree_params: PyTree, carry: PyTree = None, shard_count: int = 1
-          ) -> jax.stages.Lowered:
+          tree_params: PyTree, carry: PyTree = None, shard_count: int = 1,
+          memo: dict | None = None) -> jax.stages.Lowered:
   """Program ``name`` (``listing``) lowered at global ``clip_shape``.
 
   ``eng``: the run's engine at its base frame size (``engine_at`` moves it
   to ``clip_shape``); ``params``, ``opt_state``: abstract, in the engine's
   state layout (``eng.state_like``); ``tree_params``: the params pytree's
   shapes (for the network at other frame sizes and the statistics pass);
-  ``carry``: the abstract stream carry, if the run streams.
+  ``carry``: the abstract stream carry, if the run streams; ``memo``: a
+  dict kept across the calls of one plan, ``(name, clip shape) ->
+  output_shardings`` of the chunked parts compiled so far (each part takes
+  the layout of the part before it).
   """
   if name == NORMS:  # On host batches, one device: the pytree's params.
     return batchnorm.jitted_clip_moments.lower(
@@ -228,10 +233,10 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
   if name in (TRAIN, TRAIN_PGT):
     return lowered(train_step_for(config, eng, optimizer), params, opt_state,
                    clip, targets, carry)
-  if name in (CHUNK_FIRST, CHUNK, CHUNK_FLUSH, CHUNK_UPDATE, EVAL_FIRST_CHUNK,
-              EVAL_CHUNK):
+  if name in CHUNK_PARTS:
     return _lower_chunked(name, config, eng, optimizer, params, opt_state,
-                          clip, targets, carry)
+                          clip, targets, carry,
+                          {} if memo is None else memo)
   if name == EVAL:
     return lowered(eval_step_for(config, eng), params, clip, targets)
   raise ValueError(f'unknown program {name!r} (one of '
@@ -239,46 +244,54 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
 
 
 def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
-                   targets, carry) -> jax.stages.Lowered:
-  """A chunked clip's program (``streaming``) lowered from shapes. The
-  later chunks, the flush and the update take the accumulators in the
-  layout the first chunk's program gives them: read from its compiled
-  outputs (one more compile of it)."""
+                   targets, carry, memo: dict) -> jax.stages.Lowered:
+  """A chunked clip's program (``streaming``) lowered from shapes. Each
+  later part takes the accumulators in the layout the part before it in
+  the loop gives them (the first chunk's, or with more chunks the later
+  chunks'): that part's compiled ``output_shardings``, from ``memo[(name,
+  clip shape)]`` (a planner notes each part it compiles there), else
+  compiled here once per ``memo``."""
   step = train_step_for(config, eng, optimizer)
+  shape = tuple(clip.shape)
+
+  def like(key, lowering, fn, *args):  # Output layout of a compiled part.
+    if (key, shape) not in memo:  # (A planner notes the parts it compiled.)
+      memo[key, shape] = lowering().compile().output_shardings
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(fn, *args), memo[key, shape])
+
   if name in (EVAL_FIRST_CHUNK, EVAL_CHUNK):
     kw = dict(mode=step.mode, compute_dtype=step.compute_dtype)
-    first = streaming.first_forward.lower(eng, params, clip, targets, **kw)
+    first = functools.partial(streaming.first_forward.lower, eng, params,
+                              clip, targets, **kw)
     if name == EVAL_FIRST_CHUNK:
-      return first
-    carry, sums = _like_outputs(first, functools.partial(
+      return first()
+    carry, sums = like(EVAL_FIRST_CHUNK, first, functools.partial(
         streaming.first_forward, eng, **kw), params, clip, targets)
     return streaming.next_forward.lower(eng, params, clip, targets, carry,
                                         sums, **kw)
   kw = dict(mode=step.mode, mask_fill=step.mask_fill,
             compute_dtype=step.compute_dtype)
   frames = jax.ShapeDtypeStruct((), jnp.int32)
-  first = streaming.first_chunk.lower(eng, params, clip, targets, carry,
-                                      frames, **kw)
+  first = functools.partial(streaming.first_chunk.lower, eng, params, clip,
+                            targets, carry, frames, **kw)
   if name == CHUNK_FIRST:
-    return first
-  acc = _like_outputs(first, functools.partial(streaming.first_chunk, eng,
-                                               **kw),
-                      params, clip, targets, carry, frames)
+    return first()
+  acc = like(CHUNK_FIRST, first, functools.partial(
+      streaming.first_chunk, eng, **kw), params, clip, targets, carry, frames)
+  later = functools.partial(streaming.next_chunk.lower, eng, params, clip,
+                            targets, acc, **kw)
   if name == CHUNK:
-    return streaming.next_chunk.lower(eng, params, clip, targets, acc, **kw)
+    return later()
+  if config.data.num_frames > step.chunk_frames:  # After the later chunks.
+    acc = like(CHUNK, later, functools.partial(
+        streaming.next_chunk, eng, **kw), params, clip, targets, acc)
   if name == CHUNK_FLUSH:
     return streaming.flush_ticks.lower(eng, params, clip, targets, acc,
                                        flush=step.flush, **kw)
   return streaming.update.lower(eng, optimizer, params, opt_state, acc,
                                 skip_nonfinite=step.skip_nonfinite)
-
-
-def _like_outputs(lowered_fn: jax.stages.Lowered, fn: Callable, *args):
-  """``ShapeDtypeStruct``s of ``fn(*args)``'s outputs with the shardings
-  its compiled program (``lowered_fn``, compiled here) gives them."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(fn, *args), lowered_fn.compile().output_shardings)
 
 
 def compile_ahead(config: ml_collections.ConfigDict, eng, optimizer,

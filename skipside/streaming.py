@@ -47,9 +47,11 @@ PyTree = Any
 MODES = ('sideways',)
 
 
-def check_chunking(num_frames: int, chunk_frames: int, mode: str) -> None:
-  """Raises ``ValueError`` naming what does not fit."""
-  if mode not in MODES:
+def check_chunking(num_frames: int, chunk_frames: int,
+                   mode: str | None = None) -> None:
+  """Raises ``ValueError`` naming what does not fit (``mode``: a training
+  mode, which must be one of ``MODES``)."""
+  if mode is not None and mode not in MODES:
     raise ValueError(f'chunked clips train only in {MODES} (exact: its '
                      f'gradient is forward-propagated), not {mode!r}')
   if chunk_frames <= 0 or num_frames % chunk_frames:
@@ -82,7 +84,7 @@ def _start(eng, params, chunk, targets, carry, *, mode, clip_frames,
     carry = eng.init_carry(params, chunk, targets, mode, compute_dtype)
   else:
     carry = eng.from_stream_carry(carry)
-  total = valid_ticks(eng.to_stream_carry(carry).tick, clip_frames,
+  total = valid_ticks(carry.tick, clip_frames,
                       engine.delay(eng.spec, mode), mask_fill)
   return Accumulated(None, engine.init_window_sums(eng.spec, chunk.shape[0]),
                      carry, total)
@@ -197,6 +199,17 @@ def finish_forward(eng, carry, sums) -> engine.ClipOutput:
   return engine.finish_windows(eng.spec, sums, eng.to_stream_carry(carry))
 
 
+def _host_rows(x) -> np.ndarray:
+  """This process's rows of ``x``: a host array as it is, or a global
+  array's addressable row blocks in order (evaluation feeds targets as
+  global arrays, ``evaluation.eval_feed``)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {s.index[0].start or 0: np.asarray(s.data)
+            for s in x.addressable_shards}  # Replicas share a start.
+  return np.concatenate([blocks[k] for k in sorted(blocks)])
+
+
 def chunks(eng, video: np.ndarray, targets: np.ndarray, chunk_frames: int,
            global_size: int | None = None):
   """Yields each chunk of a host clip and its targets as ``eng`` takes a
@@ -246,6 +259,10 @@ class ChunkedStep:
                           np.int32(frames), **kw)
       else:
         acc = next_chunk(self.eng, params, chunk, tgt, acc, **kw)
+      # The next chunk's transfer overlaps this one's run (``chunks`` is
+      # lazy); waiting here keeps at most two chunks on the devices, which
+      # asynchronous dispatch would otherwise fill with the whole clip.
+      acc.sums['valid_ticks'].block_until_ready()
     if self.flush:
       acc = flush_ticks(self.eng, params, chunk, tgt, acc, flush=self.flush,
                         **kw)
@@ -266,11 +283,9 @@ class ChunkedForward:
   global_size: int | None = None  # Rows over all processes (None: local).
 
   def __call__(self, params, video, targets):
-    video, targets = np.asarray(video), np.asarray(targets)
+    video, targets = np.asarray(video), _host_rows(targets)
     frames = video.shape[1]
-    if self.chunk_frames <= 0 or frames % self.chunk_frames:
-      raise ValueError(f'a clip of {frames} frames does not split into '
-                       f'chunks of {self.chunk_frames} frames')
+    check_chunking(frames, self.chunk_frames)
     engine.check_inputs(self.eng.spec, video, targets, mode=self.mode,
                         carry=None, flush=0, mask_fill=True,
                         needs_loss=False)
@@ -282,4 +297,5 @@ class ChunkedForward:
       else:
         carry, sums = next_forward(self.eng, params, chunk, tgt, carry, sums,
                                    **kw)
+      sums['valid_ticks'].block_until_ready()  # Two chunks at most (above).
     return finish_forward(self.eng, carry, sums)._replace(carry=None)

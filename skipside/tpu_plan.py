@@ -275,8 +275,11 @@ class ShapeReport:
   @property
   def clips_per_s(self) -> float:
     """Predicted clips per second of the whole job (the step-time model;
-    ``shape[0]`` is the global batch)."""
-    return self.cost.clips_per_s(self.shape[0]) if self.cost else 0.0
+    ``shape[0]`` is the global batch); 0 for a part of a chunked clip's step
+    (``programs.CHUNK_PARTS``: a clip takes several calls)."""
+    if not self.cost or self.name in programs_lib.CHUNK_PARTS:
+      return 0.0
+    return self.cost.clips_per_s(self.shape[0])
 
 
 def _flops(compiled) -> float:
@@ -419,7 +422,7 @@ def table(reports: Sequence[ShapeReport], chip: Chip | None = None) -> str:
                  f'{(c.flops if c else r.flops):.3e}', f'{r.compile_s:.1f}',
                  f'{c.tick_s * 1e3:.3g}' if c else '-',
                  f'{c.step_s:.3g}' if c else '-',
-                 f'{r.clips_per_s:.4g}' if c else '-'))
+                 f'{r.clips_per_s:.4g}' if r.clips_per_s else '-'))
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))
@@ -924,6 +927,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   params = _abstract(state.params, replicated)
   compute_dtype = config_lib.PRECISIONS[config.precision]
 
+  memo = {}  # Chunked clips: layouts shared by the parts (programs.lower).
+
   def lower(name, shape):
     carry = None
     if config.train.stream:  # The engine-layout carry, replicated (as in train).
@@ -934,15 +939,20 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
     return programs_lib.lower(
         name, shape, config, eng, optimizer, eng.state_like(params),
         eng.state_like(_abstract(state.opt_state, replicated)),
-        tree_params=params, carry=carry)
+        tree_params=params, carry=carry, memo=memo)
 
   reports = []
   for name, shape in programs(config, info, schedule):
     if only is not None and name not in only:
       continue
-    reports.append(report(name, shape,
-                          lambda n=name, s=shape: lower(n, s), chip,
-                          keep_compiled))
+    chunked = name in programs_lib.CHUNK_PARTS
+    r = report(name, shape, lambda n=name, s=shape: lower(n, s), chip,
+               keep_compiled or chunked)
+    if chunked and r.compiled is not None:  # The next part's input layout.
+      memo[name, tuple(shape)] = r.compiled.output_shardings
+      if not keep_compiled:
+        r = dataclasses.replace(r, compiled=None)
+    reports.append(r)
     if log:
       r = reports[-1]
       log(f'compiled {name} {shape}: ' + (

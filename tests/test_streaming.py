@@ -157,13 +157,16 @@ def _params(workdir):
   return got.state['params']
 
 
-@pytest.mark.parametrize('overrides', [
-    {'train.chunk_frames': 3},
-    {'train.chunk_frames': 2, 'mesh.stage': 2}])
+@pytest.mark.parametrize('base, overrides', [
+    ({}, {'train.chunk_frames': 3}),
+    ({}, {'train.chunk_frames': 2, 'mesh.stage': 2}),
+    # A stream carried from clip to clip (and through the checkpoints).
+    ({'train.stream': True, 'train.flush': 0}, {'train.chunk_frames': 3})])
 def test_training_loop_in_chunks_equals_whole_clips(tmp_path, data_dir,
-                                                     overrides):
-  want = train.train_and_evaluate(_tiny(data_dir), str(tmp_path / 'whole'))
-  got = train.train_and_evaluate(_tiny(data_dir, **overrides),
+                                                     base, overrides):
+  want = train.train_and_evaluate(_tiny(data_dir, **base),
+                                  str(tmp_path / 'whole'))
+  got = train.train_and_evaluate(_tiny(data_dir, **base, **overrides),
                                  str(tmp_path / 'chunked'))
   assert got['step'] == want['step'] == 6
   _close(_params(str(tmp_path / 'chunked')), _params(str(tmp_path / 'whole')),
@@ -183,6 +186,10 @@ def test_training_loop_in_chunks_equals_whole_clips(tmp_path, data_dir,
      "config.train.chunk_frames: 3 in mode 'bp'"),
     ({'train.chunk_frames': 3, 'train.update_every': 3, 'train.flush': 0},
      'config.train.chunk_frames: 3 with config.train.update_every'),
+    ({'train.chunk_frames': 3, 'train.fidelity_every': 2},
+     'config.train.chunk_frames: 3 with config.train.fidelity_every'),
+    ({'train.chunk_frames': 3, 'model.stages': 'convbn:4:2,conv:8:2,res:8'},
+     r'config.train.chunk_frames: 3 with sub-batch norm stages \(convbn\)'),
 ])
 def test_chunk_config_errors_name_the_key(data_dir, overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):

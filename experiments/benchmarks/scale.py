@@ -89,9 +89,9 @@ def compile_row(config, topology, devices, mode, frames, *, label=None,
 
   ``chunk``: the clip trains in chunks of this many frames
   (``config.train.chunk_frames``): the row is the step's programs together
-  (``streaming``): the peak of the largest, the summed compile time (each
-  later part's includes one more compile of the first chunk's, whose output
-  layout it reads), the step time of all chunks.
+  (``streaming``): the peak of the largest, the slowest compile
+  (``compile_s``; all of them: ``compile_s_total``), the step time of all
+  chunks.
   """
   c = with_shape(config, mode, frames, data, stage, chunk)
   parts = tpu_plan.plan(c, topology, devices=devices, check=False,
@@ -100,7 +100,8 @@ def compile_row(config, topology, devices, mode, frames, *, label=None,
   chip = tpu_plan.chip_of(topology)
   row = dict(mode=label or mode, T=frames, mesh=[c.mesh.data, c.mesh.stage],
              args=r.args, temp=r.temp, peak=r.peak,
-             compile_s=sum(p.compile_s for p in parts),
+             compile_s=max(p.compile_s for p in parts),
+             compile_s_total=sum(p.compile_s for p in parts),
              fits=not tpu_plan.over_memory(parts, chip),
              error=next((p.error for p in parts if p.error), None))
   if len(parts) > 1:  # Chunked: the step's time over all its calls.
