@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from experiments import reproduce
 
 
@@ -34,3 +36,19 @@ def test_mesh_benchmark_peer_matches_skipside():
   from experiments.benchmarks import peer  # pylint: disable=g-import-not-at-top
   errors = peer.check(batch=4, frames=16)
   assert errors and max(errors.values()) <= 1e-5
+
+
+def test_fidelity_over_training_reads_the_loop_metrics(tmp_path):
+  """The fidelity benchmark (quick) trains with the loop's fidelity logging
+  and writes the per-stage curves, the staleness and the plot."""
+  from experiments.benchmarks import fidelity as fidelity_benchmark
+  out = tmp_path / 'fidelity.json'
+  fidelity_benchmark.main(['--quick', f'--out={out}'])
+  blob = json.load(open(out))
+  curves = blob['curves']
+  assert curves['steps'] == [0, 2, 4, 6]  # Logged at the start and every 2.
+  assert all(len(v) == 5 and all(-1 <= x <= 1 for x in v)
+             for v in curves['cosine_per_stage'])
+  assert curves['cosine_per_stage'][0][-1] == pytest.approx(1.0)  # Top stage.
+  assert blob['staleness_ticks'] == [4, 4, 2, 2, 0]  # 2 x message distance.
+  assert (tmp_path / 'plots' / 'fidelity_over_training.png').exists()
