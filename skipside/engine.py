@@ -400,6 +400,17 @@ def tick_weights(carry: StreamCarry, start, length: int, num_frames: int,
   return valid / jnp.maximum(denominator, 1), count
 
 
+def valid_ticks(tick, num_frames, depth: int, mask_fill) -> jax.Array:
+  """The loss ticks of a whole clip of ``num_frames`` frames (may be traced)
+  entering a stream at tick ``tick``: ``tick_weights``'s count over every
+  window of the clip (flush ticks never count), in closed form. Runners
+  whose objective spans several windows weigh each tick by one over it."""
+  if not masks_loss(mask_fill):
+    return jnp.asarray(num_frames, jnp.int32)
+  masked = jnp.clip(depth - tick, 0, num_frames)  # Fill ticks in the clip.
+  return (num_frames - masked).astype(jnp.int32)
+
+
 def window_means(m: dict, count, total) -> dict:
   """Metrics summed with ``tick_weights(..., total)`` as means over the
   window's own ``count`` valid ticks (unchanged when ``total`` is None)."""

@@ -480,9 +480,8 @@ def _total(spec: NetworkSpec, v: _Video, opts: Options, carry, mode: str):
   fragment its own mean)."""
   if opts.loss_weighting == 'sum':
     return None
-  ticks = _video_ticks(v, opts)
-  return engine.tick_weights(carry, 0, ticks, ticks, engine.delay(spec, mode),
-                             opts.mask_fill)[1]
+  return engine.valid_ticks(carry.tick, _video_ticks(v, opts),
+                            engine.delay(spec, mode), opts.mask_fill)
 
 
 def _finish(spec: NetworkSpec, acc: dict, carry, num: int

@@ -67,16 +67,6 @@ class Accumulated(NamedTuple):
   total: jax.Array  # int32: the clip's valid ticks (every tick's weight).
 
 
-def valid_ticks(tick, num_frames, depth: int, mask_fill):
-  """The loss ticks of a clip of ``num_frames`` (traced) frames entering a
-  stream at tick ``tick``: ``engine.tick_weights``'s count over the whole
-  clip (flush ticks never count), without a window of static length."""
-  if not engine.masks_loss(mask_fill):
-    return jnp.asarray(num_frames, jnp.int32)
-  masked = jnp.clip(depth - tick, 0, num_frames)  # Fill ticks in the clip.
-  return (num_frames - masked).astype(jnp.int32)
-
-
 def _start(eng, params, chunk, targets, carry, *, mode, clip_frames,
            mask_fill, compute_dtype) -> Accumulated:
   """Before the first chunk: the carry (fresh if None), zero sums."""
@@ -84,7 +74,7 @@ def _start(eng, params, chunk, targets, carry, *, mode, clip_frames,
     carry = eng.init_carry(params, chunk, targets, mode, compute_dtype)
   else:
     carry = eng.from_stream_carry(carry)
-  total = valid_ticks(carry.tick, clip_frames,
+  total = engine.valid_ticks(carry.tick, clip_frames,
                       engine.delay(eng.spec, mode), mask_fill)
   return Accumulated(None, engine.init_window_sums(eng.spec, chunk.shape[0]),
                      carry, total)
