@@ -519,7 +519,9 @@ def _chunk_config_errors(config, items) -> list[ConfigError]:
   if not chunk:
     return []
   key = 'config.train.chunk_frames'
-  if chunk < 0 or config.data.num_frames % chunk:
+  if chunk < 0:
+    return [ConfigError(key, f'got {chunk}', '>= 0 (0: whole clips)')]
+  if config.data.num_frames % chunk:
     return [ConfigError(key, f'{chunk} does not divide config.data.num_frames'
                         f'={config.data.num_frames}',
                         'a divisor of config.data.num_frames, or 0')]

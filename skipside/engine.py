@@ -145,6 +145,12 @@ def check_mode(mode: str) -> None:
     raise ValueError(f'mode {mode!r} is unknown; use one of {MODES}')
 
 
+def forward_mode(mode: str) -> str:
+  """The mode whose forward evaluates ``mode``: Sideways shares the
+  pipelined forward (its gradient is what differs)."""
+  return 'pipelined_bp' if mode == 'sideways' else mode
+
+
 def delay(spec: NetworkSpec, mode: str) -> int:
   """Ticks between a frame entering and its chain output reaching the loss."""
   return 0 if mode == 'bp' else spec.depth
@@ -650,7 +656,7 @@ def forward(spec: NetworkSpec, params: PyTree, clip: jax.Array,
   spec, carry = _prepare(spec, params, clip, targets, carry, mode,
                         compute_dtype, flush=flush, mask_fill=mask_fill,
                         needs_loss=False)
-  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  fwd_mode = forward_mode(mode)
   _, (carry, m, _, collected) = run_ticks(
       spec, params, clip, targets, carry, mode=fwd_mode, start=0,
       length=clip.shape[1] + flush, mask_fill=mask_fill,

@@ -1067,7 +1067,7 @@ def _forward(mspec, pstack, params, clip, targets, *, mode, carry, flush,
   carry = _prepare(mspec, params, clip, targets, carry, mode,
                    compute_dtype, flush=flush, mask_fill=mask_fill,
                    needs_loss=False)
-  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  fwd_mode = engine.forward_mode(mode)
   _, (carry, m, _) = _run_packed(
       mspec, pstack, clip, targets, carry, mode=fwd_mode, start=0,
       length=clip.shape[1] + flush, mask_fill=mask_fill,

@@ -243,6 +243,11 @@ def lower(name: str, clip_shape, config: ml_collections.ConfigDict, eng,
                    f'{(*TRAIN_PARTS, EVAL, EVAL_FIRST_CHUNK, EVAL_CHUNK, NORMS)})')
 
 
+def layout_key(name: str, clip_shape) -> tuple:
+  """The key of a chunked part's output layout in a plan's ``memo``."""
+  return name, tuple(clip_shape)
+
+
 def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
                    targets, carry, memo: dict) -> jax.stages.Lowered:
   """A chunked clip's program (``streaming``) lowered from shapes. Each
@@ -255,11 +260,11 @@ def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
   shape = tuple(clip.shape)
 
   def like(key, lowering, fn, *args):  # Output layout of a compiled part.
-    if (key, shape) not in memo:  # (A planner notes the parts it compiled.)
-      memo[key, shape] = lowering().compile().output_shardings
+    if layout_key(key, shape) not in memo:  # (A planner notes its parts.)
+      memo[layout_key(key, shape)] = lowering().compile().output_shardings
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(fn, *args), memo[key, shape])
+        jax.eval_shape(fn, *args), memo[layout_key(key, shape)])
 
   if name in (EVAL_FIRST_CHUNK, EVAL_CHUNK):
     kw = dict(mode=step.mode, compute_dtype=step.compute_dtype)
@@ -287,9 +292,14 @@ def _lower_chunked(name, config, eng, optimizer, params, opt_state, clip,
   if config.data.num_frames > step.chunk_frames:  # After the later chunks.
     acc = like(CHUNK, later, functools.partial(
         streaming.next_chunk, eng, **kw), params, clip, targets, acc)
+  flush = functools.partial(streaming.flush_ticks.lower, eng, params, clip,
+                            targets, acc, flush=step.flush, **kw)
   if name == CHUNK_FLUSH:
-    return streaming.flush_ticks.lower(eng, params, clip, targets, acc,
-                                       flush=step.flush, **kw)
+    return flush()
+  if step.flush:  # The update takes the flush's output.
+    acc = like(CHUNK_FLUSH, flush, functools.partial(
+        streaming.flush_ticks, eng, flush=step.flush, **kw), params, clip,
+               targets, acc)
   return streaming.update.lower(eng, optimizer, params, opt_state, acc,
                                 skip_nonfinite=step.skip_nonfinite)
 

@@ -669,7 +669,7 @@ def predict(spec, params: PyTree, video: jax.Array, targets: jax.Array, *,
   Classification losses only. Arguments as ``loss_and_grads``; ``targets``
   only feed the loss metric. ``sideways`` runs the pipelined forward.
   """
-  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  fwd_mode = engine.forward_mode(mode)
   if options.mask_fill == 'stages':  # A gradient rule: its loss scores all.
     options = dataclasses.replace(options, mask_fill=False)
   b, v, carry, caches = _setup(spec, params, video, targets, options, carry,

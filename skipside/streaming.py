@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from skipside import engine, optim
 
@@ -157,7 +158,7 @@ def update(eng, optimizer, params, opt_state, acc: Accumulated, *,
 
 def _forward_window(eng, params, chunk, targets, carry, sums, *, mode,
                     compute_dtype):
-  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  fwd_mode = engine.forward_mode(mode)
   _, out = eng.run(params, chunk, targets, carry, mode=fwd_mode, start=0,
                    length=chunk.shape[1], mask_fill=True,
                    compute_dtype=compute_dtype)
@@ -168,7 +169,7 @@ def _forward_window(eng, params, chunk, targets, carry, sums, *, mode,
 def first_forward(eng, params, chunk, targets, *, mode, compute_dtype):
   """Evaluation's first chunk of a clip (a fresh stream): ``(carry, sums)``
   in the engine's layout."""
-  fwd_mode = 'pipelined_bp' if mode == 'sideways' else mode
+  fwd_mode = engine.forward_mode(mode)
   carry = eng.init_carry(params, chunk, targets, fwd_mode, compute_dtype)
   sums = engine.init_window_sums(eng.spec, chunk.shape[0], per_example=True)
   return _forward_window(eng, params, chunk, targets, carry, sums, mode=mode,
@@ -190,14 +191,13 @@ def finish_forward(eng, carry, sums) -> engine.ClipOutput:
 
 
 def _host_rows(x) -> np.ndarray:
-  """This process's rows of ``x``: a host array as it is, or a global
-  array's addressable row blocks in order (evaluation feeds targets as
-  global arrays, ``evaluation.eval_feed``)."""
+  """This process's rows of ``x``: a host array as it is, or this process's
+  part of a global array (evaluation feeds targets as global arrays,
+  ``evaluation.eval_feed``; per-frame ones may be split over time too)."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
-  blocks = {s.index[0].start or 0: np.asarray(s.data)
-            for s in x.addressable_shards}  # Replicas share a start.
-  return np.concatenate([blocks[k] for k in sorted(blocks)])
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, x.sharding.mesh, x.sharding.spec))
 
 
 def chunks(eng, video: np.ndarray, targets: np.ndarray, chunk_frames: int,
@@ -210,6 +210,25 @@ def chunks(eng, video: np.ndarray, targets: np.ndarray, chunk_frames: int,
     yield eng.put_batch((video[:, frames],
                          targets[:, frames] if per_frame else targets),
                         global_size or len(video))
+
+
+def run_chunks(batches, step):
+  """``state = step(i, chunk, targets, state)`` over ``batches`` (``chunks``),
+  from ``state=None``; returns the last state and the last ``(chunk,
+  targets)``. Chunk ``i + 1`` is sent to
+  the devices while program ``i`` runs, then the host waits for program
+  ``i``: at most two chunks are on the devices (asynchronous dispatch
+  would otherwise queue the whole clip there).
+  """
+  batches = iter(batches)
+  state, upcoming, i = None, next(batches), 0
+  while upcoming is not None:
+    chunk, targets = upcoming
+    state = step(i, chunk, targets, state)
+    upcoming = next(batches, None)
+    jax.block_until_ready(state)
+    i += 1
+  return state, (chunk, targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,18 +260,14 @@ class ChunkedStep:
                         mask_fill=self.mask_fill)
     kw = dict(mode=self.mode, mask_fill=self.mask_fill,
               compute_dtype=self.compute_dtype)
-    acc = carry
-    for i, (chunk, tgt) in enumerate(chunks(
-        self.eng, video, targets, self.chunk_frames, self.global_size)):
+    def step(i, chunk, tgt, acc):
       if i == 0:
-        acc = first_chunk(self.eng, params, chunk, tgt, acc,
-                          np.int32(frames), **kw)
-      else:
-        acc = next_chunk(self.eng, params, chunk, tgt, acc, **kw)
-      # The next chunk's transfer overlaps this one's run (``chunks`` is
-      # lazy); waiting here keeps at most two chunks on the devices, which
-      # asynchronous dispatch would otherwise fill with the whole clip.
-      acc.sums['valid_ticks'].block_until_ready()
+        return first_chunk(self.eng, params, chunk, tgt, carry,
+                           np.int32(frames), **kw)
+      return next_chunk(self.eng, params, chunk, tgt, acc, **kw)
+
+    acc, (chunk, tgt) = run_chunks(chunks(
+        self.eng, video, targets, self.chunk_frames, self.global_size), step)
     if self.flush:
       acc = flush_ticks(self.eng, params, chunk, tgt, acc, flush=self.flush,
                         **kw)
@@ -280,12 +295,12 @@ class ChunkedForward:
                         carry=None, flush=0, mask_fill=True,
                         needs_loss=False)
     kw = dict(mode=self.mode, compute_dtype=self.compute_dtype)
-    for i, (chunk, tgt) in enumerate(chunks(
-        self.eng, video, targets, self.chunk_frames, self.global_size)):
+
+    def step(i, chunk, tgt, state):
       if i == 0:
-        carry, sums = first_forward(self.eng, params, chunk, tgt, **kw)
-      else:
-        carry, sums = next_forward(self.eng, params, chunk, tgt, carry, sums,
-                                   **kw)
-      sums['valid_ticks'].block_until_ready()  # Two chunks at most (above).
+        return first_forward(self.eng, params, chunk, tgt, **kw)
+      return next_forward(self.eng, params, chunk, tgt, *state, **kw)
+
+    (carry, sums), _ = run_chunks(chunks(
+        self.eng, video, targets, self.chunk_frames, self.global_size), step)
     return finish_forward(self.eng, carry, sums)._replace(carry=None)

@@ -325,12 +325,14 @@ def report(name: str, shape: Sequence[int], lower,
 
 def shardings(compiled) -> dict:
   """Each argument's and result's sharding of a compiled program as text,
-  by pytree path: ``{'in': {"[0]['blocks'][0]...": "P('stage',)"},
-  'out': {...}}`` (a ``PartitionSpec``; ``replicated`` on one device)."""
+  by pytree path: ``{'in': {"[0][0]": "P('stage',)", ...}, 'out': {...}}``:
+  a ``PartitionSpec`` over the mesh axes, or the sharding's type off a mesh
+  (``SingleDeviceSharding``). ``in`` paths count the program's array
+  arguments only (static ones, such as the engine, are not arguments)."""
   def text(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): (
-        str(s.spec) if hasattr(s, 'spec') else 'replicated')
+        str(s.spec) if hasattr(s, 'spec') else type(s).__name__)
             for path, s in leaves}
   return {'in': text(compiled.input_shardings),
           'out': text(compiled.output_shardings)}
@@ -949,7 +951,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
     r = report(name, shape, lambda n=name, s=shape: lower(n, s), chip,
                keep_compiled or chunked)
     if chunked and r.compiled is not None:  # The next part's input layout.
-      memo[name, tuple(shape)] = r.compiled.output_shardings
+      memo[programs_lib.layout_key(name, shape)] = (
+          r.compiled.output_shardings)
       if not keep_compiled:
         r = dataclasses.replace(r, compiled=None)
     reports.append(r)
