@@ -277,7 +277,8 @@ def read_benchmarks() -> dict:
   """Headlines of every benchmark JSON (CPU runs, and ``*_h100`` runs)."""
   out = {}
   results = os.path.join(HERE, 'results')
-  for name in ('conv', 'memory', 'mesh', 'multigrid', 'pgt', 'input'):
+  for name in ('conv', 'memory', 'mesh', 'multigrid', 'pgt', 'input',
+               'fidelity'):
     for suffix in ('', '_h100'):
       path = os.path.join(results, f'{name}{suffix}.json')
       if os.path.exists(path):
@@ -421,8 +422,49 @@ def write_report(out_path, args, results, next_frame, fid, bench, env):
     lines.append(f'| {r["speed"]} | ' + ' | '.join(
         f'{v:.3f}' for v in r['cosine_per_stage']) + ' |')
   lines += ['', f'![gradient fidelity]({rel}/gradient_fidelity.png)', '']
+  lines += _fidelity_over_training(rel)
   with open(out_path, 'w') as f:
     f.write('\n'.join(lines))
+
+
+def _fidelity_over_training(rel: str) -> list[str]:
+  """Section 5 from ``experiments/results/fidelity.json`` (its own
+  command: ``python -m experiments.benchmarks.fidelity``)."""
+  path = os.path.join(HERE, 'results', 'fidelity.json')
+  if not os.path.exists(path):
+    return ['## 5. Gradient fidelity during training', '',
+            'Not yet measured: run `python -m experiments.benchmarks.fidelity`.',
+            '']
+  with open(path) as f:
+    blob = json.load(f)
+  c, cfg = blob['curves'], blob['config']
+  stages = len(c['cosine_per_stage'][0])
+  lines = ['## 5. Gradient fidelity during training', '',
+           '```bash\npython -m experiments.benchmarks.fidelity\n```', '',
+           f'Skip-Sideways A on motion ({cfg["frames"]}-frame clips, batch '
+           f'{cfg["batch"]}, lr {cfg["lr"]:g}, {cfg["steps"]} steps, seed '
+           f'{cfg["seed"]}) trained by the training loop with '
+           f'`train.fidelity_every={cfg["every"]}`: per stage, the cosine '
+           'between the Sideways gradient and the exact gradient of the same '
+           'pipelined loss on a fixed probe batch (the first eval batch), as '
+           'the loop logs it (`fidelity/cosine_stage_<l>`). Staleness in '
+           'ticks per stage: ' + ', '.join(map(str, blob['staleness_ticks']))
+           + f'. Held-out accuracy at the end: '
+           f'{100 * blob["headline"]["eval_accuracy"]:.1f}%.', '',
+           '| step | ' + ' | '.join(f'stage {l}' for l in range(stages)) +
+           ' | train loss |', '| --- |' + ' --- |' * (stages + 1)]
+  loss = dict(zip(c['loss_steps'], c['loss']))
+  every = max(1, len(c['steps']) // 10)  # About ten rows of the curve.
+  for i, (step, cos) in enumerate(zip(c['steps'], c['cosine_per_stage'])):
+    if i % every and i != len(c['steps']) - 1:
+      continue
+    lines.append(f'| {step} | ' + ' | '.join(f'{v:.3f}' for v in cos) +
+                 f' | {loss[step]:.4f} |' if step in loss else
+                 f'| {step} | ' + ' | '.join(f'{v:.3f}' for v in cos) +
+                 ' | - |')
+  lines += ['', f'![fidelity over training]({rel}/{os.path.basename(blob["plot"])})',
+            '']
+  return lines
 
 
 def _strip(argv, names):
