@@ -143,14 +143,16 @@ def test_unwritable_checkpoint_directory_is_reported_at_the_failing_save(
 
 def test_ctrl_c_twice_aborts_at_once():
   """The first Ctrl-C asks for a save at the next step boundary; a second
-  one (real SIGINTs to this process) raises KeyboardInterrupt at once."""
+  one (real SIGINTs to this process) raises KeyboardInterrupt at once; the
+  handler before (Python's, or SIG_IGN in a background job) is restored."""
+  before = signal.getsignal(signal.SIGINT)
   with train._Preemption().installed() as preemption:  # pylint: disable=protected-access
     os.kill(os.getpid(), signal.SIGINT)
     assert preemption.requested == 'SIGINT'
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(1)  # Python runs the handler between bytecodes.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_rerun_of_a_finished_run_reports_its_final_metrics(tmp_path, data_dir,

@@ -378,3 +378,21 @@ def test_chunked_sideways_is_flat_in_the_clip_length(devices):
       _config('sideways'), TOPOLOGY, devices=devices,
       info=_info(16 * FRAMES), check=False, only=('train',))}['train']
   assert whole.args > max(r.args for r in long.values())
+
+
+def test_libtpu_flags_reach_the_planner(tmp_path):
+  """XLA/libtpu flags for planning go in LIBTPU_INIT_ARGS, as on a TPU VM:
+  the planner passes them through to the TPU compiler (an unknown flag is
+  named by libtpu and stops the plan)."""
+  cmd = [sys.executable, '-m', 'launch.train',
+         '--config=experiments/configs/default.py:tiny',
+         f'--config.data.data_dir={tmp_path / "none"}', '--compile_only',
+         '--topology=v5e:2x2']
+  env = dict(os.environ, XLA_FLAGS='',
+             LIBTPU_INIT_ARGS='--xla_no_such_flag_for_skipside=1')
+  env.pop('JAX_PLATFORMS', None)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "Unknown command line flag 'xla_no_such_flag_for_skipside'" in (
+      proc.stdout + proc.stderr), proc.stderr[-3000:]
