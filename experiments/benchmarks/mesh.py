@@ -65,8 +65,14 @@ and ablations, 2-core CPU):
   (measured with ``scale.compile_row`` on that config, once with
   ``mesh._switch`` replaced by ``lax.switch``, 2026-12-06, loaded 2-core
   CPU). What one SPMD program cannot do is give each
-  device only its own branch: that needs per-device programs (MPMD, e.g.
-  one jitted program per stage and host-driven transfers), not measured.
+  device only its own branch: that needs per-device programs (MPMD).
+  ``experiments/benchmarks/mpmd.py`` measures them (one jitted Sideways tick
+  per device, host-driven transfers, same gradients bit for bit): 3.3x
+  fewer convolutions in the most loaded device's program and no padding
+  (the SPMD devices hold 2.55x the parameter bytes) on the default net
+  (1x4), 1.14-1.19x the SPMD mesh's ticks/s there but 0.92x on the
+  homogeneous 1x8 net (host dispatch per device per tick); no whole-step
+  program to jit, plan or run across hosts, hence not the engine.
 - The per-tick transport was a gather of each round's payload on the traced
   device index before the upward ``ppermute`` and a scatter-add after the
   downward one (about 1-1.5 ms a tick, 10-15%). Each round's buffers are now
