@@ -423,6 +423,7 @@ def write_report(out_path, args, results, next_frame, fid, bench, env):
         f'{v:.3f}' for v in r['cosine_per_stage']) + ' |')
   lines += ['', f'![gradient fidelity]({rel}/gradient_fidelity.png)', '']
   lines += _fidelity_over_training(rel)
+  lines += _failing_seeds(rel)
   with open(out_path, 'w') as f:
     f.write('\n'.join(lines))
 
@@ -465,6 +466,88 @@ def _fidelity_over_training(rel: str) -> list[str]:
   lines += ['', f'![fidelity over training]({rel}/{os.path.basename(blob["plot"])})',
             '']
   return lines
+
+
+def _lowest_cosines(blob: dict, every: int) -> list[float]:
+  """Per stage, the lowest logged cosine at steps that are multiples of
+  ``every`` (curves logged at different rates compare on the same steps)."""
+  c = blob['curves']
+  rows = [v for s, v in zip(c['steps'], c['cosine_per_stage'])
+          if s % every == 0]
+  return [min(v[l] for v in rows) for l in range(len(rows[0]))]
+
+
+def _failing_seeds(rel: str) -> list[str]:
+  """Section 6 from ``results/fidelity_seed1.json`` (a seed where
+  Skip-Sideways does not learn motion) beside section 5's seed, and
+  ``results/fidelity_mean_gradients.json`` (the mean-gradient study), each
+  with its command; absent files are named, not invented."""
+  lines = ['## 6. Skip-Sideways on motion: seeds that do not learn', '']
+  path = os.path.join(HERE, 'results', 'fidelity_seed1.json')
+  learning = os.path.join(HERE, 'results', 'fidelity.json')
+  if os.path.exists(path) and os.path.exists(learning):
+    blobs = []
+    for p in (path, learning):
+      with open(p) as f:
+        blobs.append(json.load(f))
+    bad, good = blobs
+    every = max(b['config']['every'] for b in blobs)
+
+    def fmt(values):
+      return ', '.join(f'{x:.2f}' for x in values)
+    loss = bad['curves']['loss']
+    lines += [
+        '```bash\npython -m experiments.benchmarks.fidelity --seed 1 '
+        '--every 25 --out experiments/results/fidelity_seed1.json\n```', '',
+        f'Seed {bad["config"]["seed"]}, otherwise the run of section 5: '
+        f'held-out accuracy {100 * bad["headline"]["eval_accuracy"]:.1f}%, '
+        f'train loss between {min(loss):.3f} and {max(loss):.3f} at every '
+        f'logged step. Lowest per-batch cosine per stage over training (at '
+        f'steps that are multiples of {every}): '
+        f'{fmt(_lowest_cosines(bad, every))}; at the end '
+        f'{fmt(bad["curves"]["cosine_per_stage"][-1])}. Section 5\'s seed '
+        f'{good["config"]["seed"]} '
+        f'({100 * good["headline"]["eval_accuracy"]:.1f}%): lowest '
+        f'{fmt(_lowest_cosines(good, every))}.', '',
+        f'![fidelity, seed 1]({rel}/{os.path.basename(bad["plot"])})', '']
+  else:
+    lines += ['Not yet measured: `python -m experiments.benchmarks.fidelity '
+              '--seed 1 --every 25 --out '
+              'experiments/results/fidelity_seed1.json` (and section 5).', '']
+  path = os.path.join(HERE, 'results', 'fidelity_mean_gradients.json')
+  if not os.path.exists(path):
+    return lines + ['Mean-gradient study not yet measured: `python -m '
+                    'experiments.benchmarks.fidelity --mean_seeds '
+                    '0,1,2,3,4`.', '']
+  with open(path) as f:
+    blob = json.load(f)
+  cfg = blob['config']
+  k = cfg['probe_batches']
+  lines += [
+      '```bash\npython -m experiments.benchmarks.fidelity --mean_seeds '
+      f'{cfg["mean_seeds"]} --probe_batches {k} '
+      f'--after_steps {cfg["after_steps"]}\n```', '',
+      f'Per seed, on the same {k} held-out batches at each step of a '
+      f'{cfg["steps"]}-step Sideways run: `mean cos` is the cosine of the '
+      '*mean* Sideways gradient with the *mean* exact one (the direction '
+      'training follows on average), `batch cos` the mean of the per-batch '
+      'cosines (no flush, as training; the metric the loop logs flushes), '
+      '`consistency` |mean g| / mean |g| (1: every batch agrees; '
+      f'independent noise gives about 1/sqrt({k}) = {k ** -0.5:.2f}). Per '
+      'stage, bottom first. Final accuracy of each seed: section 1 '
+      '(Skip-Sideways A, motion).', '',
+      '| seed | step | train loss (last 50) | mean cos | batch cos | '
+      'consistency (exact) | consistency (sideways) |',
+      '| --- | --- | --- | --- | --- | --- | --- |']
+  for r in blob['rows']:
+    loss = r['train_loss_last_50']
+    lines.append(
+        f'| {r["seed"]} | {r["step"]} | '
+        + ('-' if loss is None else f'{loss:.3f}') + ' | ' + ' | '.join(
+            ' '.join(f'{v:.2f}' for v in r[key]) for key in (
+                'mean_gradient_cosine', 'per_batch_cosine_mean',
+                'consistency_pipelined_bp', 'consistency_sideways')) + ' |')
+  return lines + ['']
 
 
 def _strip(argv, names):

@@ -51,6 +51,21 @@ def eval_step(eng, params, clip, targets, *, mode, compute_dtype):
   return out._replace(carry=None)
 
 
+def forward_for(config: ml_collections.ConfigDict, eng):
+  """``forward(params, clip, targets) -> ClipOutput``: the evaluation forward
+  of ``config`` on engine ``eng`` (params in its layout): ``eval_step``, or
+  with ``config.train.chunk_frames`` ``streaming.ChunkedForward`` (host
+  ``clip`` and ``targets``, sent in chunks). The loop and
+  ``evaluate_workdir`` both take it from here."""
+  compute_dtype = config_lib.PRECISIONS[config.precision]
+  if config.train.get('chunk_frames'):
+    return streaming.ChunkedForward(
+        eng, config.mode, config.train.chunk_frames,
+        compute_dtype=compute_dtype, global_size=config.data.batch_size)
+  return functools.partial(eval_step, eng, mode=config.mode,
+                           compute_dtype=compute_dtype)
+
+
 def eval_feed(eng, batches, batch_size: int, *, mode: str, compute_dtype,
               compiled=None, host_batches: bool = False):
   """``(batches, forward)`` for ``evaluate`` on engine ``eng`` (params in its
@@ -188,16 +203,11 @@ def evaluate_workdir(workdir: str,
           f'no readable checkpoint in {workdir}/checkpoints')
     state = restored[0]
     params = eval_params(config, spec, state.params, data_config)
-    compute_dtype = config_lib.PRECISIONS[config.precision]
-    forward = None
-    if config.train.get('chunk_frames'):  # As the run evaluated: in chunks.
-      forward = streaming.ChunkedForward(
-          engine.LocalEngine(spec), config.mode, config.train.chunk_frames,
-          compute_dtype=compute_dtype)
+    # As the run evaluated (in chunks with train.chunk_frames).
     metrics = evaluate(spec, params, it, mode=config.mode,
-                       compute_dtype=compute_dtype,
+                       compute_dtype=config_lib.PRECISIONS[config.precision],
                        max_batches=config.eval.max_batches or None,
-                       forward=forward)
+                       forward=forward_for(config, engine.LocalEngine(spec)))
   finally:
     it.close()
   return {'step': state.step, **metrics}

@@ -37,11 +37,26 @@ def staleness_ticks(spec) -> tuple[int, ...]:
   return tuple(2 * d for d in engine.message_distances(spec))
 
 
-def _cosine(a: PyTree, b: PyTree) -> jax.Array:
+def cosine(a: PyTree, b: PyTree) -> jax.Array:
+  """cos(a, b) of two pytrees as flat vectors (0 if either is zero)."""
   dot = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
                                            jax.tree.leaves(b)))
   norms = optax.tree.norm(a) * optax.tree.norm(b)
   return jnp.where(norms > 0, dot / jnp.maximum(norms, 1e-30), 0.0)
+
+
+def stage_grads(eng, params, clip: jax.Array, targets: jax.Array, *,
+                flush: int, compute_dtype=jnp.float32) -> dict:
+  """``{'sideways': blocks, 'pipelined_bp': blocks}``: each stage's Sideways
+  and exact gradient of one clip (fresh stream, fill masked), as pytrees."""
+  grads = {}
+  for mode in ('sideways', 'pipelined_bp'):
+    carry = eng.init_carry(params, clip, targets, mode, compute_dtype)
+    _, g, _ = eng.window_grads(params, clip, targets, carry, mode=mode,
+                               start=0, length=clip.shape[1] + flush,
+                               mask_fill=True, compute_dtype=compute_dtype)
+    grads[mode] = eng.to_tree(g)['blocks']
+  return grads
 
 
 @functools.partial(jax.jit, static_argnames=('eng', 'flush', 'compute_dtype'))
@@ -61,12 +76,7 @@ def stage_cosines(eng, params, clip: jax.Array, targets: jax.Array, *,
   A stage with no gradient (its messages land after the flush) gets 0.
   """
   flush = eng.spec.depth if flush is None else flush
-  grads = {}
-  for mode in ('sideways', 'pipelined_bp'):
-    carry = eng.init_carry(params, clip, targets, mode, compute_dtype)
-    _, g, _ = eng.window_grads(params, clip, targets, carry, mode=mode,
-                               start=0, length=clip.shape[1] + flush,
-                               mask_fill=True, compute_dtype=compute_dtype)
-    grads[mode] = eng.to_tree(g)['blocks']
-  return jnp.stack([_cosine(s, e) for s, e in zip(grads['sideways'],
-                                                  grads['pipelined_bp'])])
+  grads = stage_grads(eng, params, clip, targets, flush=flush,
+                      compute_dtype=compute_dtype)
+  return jnp.stack([cosine(s, e) for s, e in zip(grads['sideways'],
+                                                 grads['pipelined_bp'])])

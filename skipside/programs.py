@@ -118,17 +118,9 @@ def train_step_for(config: ml_collections.ConfigDict, eng, optimizer
 
 def eval_step_for(config: ml_collections.ConfigDict, eng) -> Callable:
   """``forward(params, clip, targets) -> ClipOutput``: evaluation's forward
-  (``evaluation.eval_step``) for ``config`` on engine ``eng``; with
-  ``config.train.chunk_frames``, ``streaming.ChunkedForward`` (host
-  ``clip`` and ``targets``)."""
-  if is_chunked(config):
-    return streaming.ChunkedForward(
-        eng, config.mode, config.train.chunk_frames,
-        compute_dtype=config_lib.PRECISIONS[config.precision],
-        global_size=config.data.batch_size)
-  return functools.partial(
-      evaluation.eval_step, eng, mode=config.mode,
-      compute_dtype=config_lib.PRECISIONS[config.precision])
+  for ``config`` on engine ``eng`` (``evaluation.forward_for``: chunked
+  with ``config.train.chunk_frames``)."""
+  return evaluation.forward_for(config, eng)
 
 
 def lowered(fn: Callable, *args) -> jax.stages.Lowered:

@@ -134,7 +134,8 @@ def test_eval_launcher_prints_one_line_naming_the_key(tmp_path):
      "'appearance', 'motion', 'long_range', 'majority', 'next_frame', "
      "'multi_label')"),
     ('data.dataset_config', 'huge', "config.data.dataset_config: unknown "
-     "MovingDigits config 'huge' (one of 'default', 'smooth', 'small', "
+     "MovingDigits config 'huge' (one of 'default', 'smooth', 'large', "
+     "'small', "
      "'long_range', 'long_range_512', 'majority', 'majority_512')"),
     ('train.fill', 'mask', "config.train.fill: unknown fill rule 'mask' (one "
      "of 'mask_loss', 'gate_stages', 'none')"),

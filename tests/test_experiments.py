@@ -76,3 +76,22 @@ def test_mpmd_benchmark_per_device_programs_match_engine():
       row['spmd']['convolutions'])
   # Padding: every SPMD device holds the widest group's row of params.
   assert row['spmd_over_mpmd_param_bytes_all_devices'] > 1.5
+
+
+def test_fidelity_mean_gradients_study(tmp_path):
+  """The mean-gradient study (quick): per seed and step, the cosine of the
+  mean Sideways and exact gradients, the mean per-batch cosine and the
+  consistencies; the top stage's gradient is exact (cosine 1) and a
+  consistency is at most 1."""
+  from experiments.benchmarks import fidelity as fidelity_benchmark
+  fidelity_benchmark.main(['--quick', '--mean_seeds', '0',
+                           '--probe_batches', '2', '--after_steps', '0,2',
+                           f'--out={tmp_path / "fidelity.json"}'])
+  rows = json.load(open(tmp_path / 'fidelity_mean_gradients.json'))['rows']
+  assert [(r['seed'], r['step']) for r in rows] == [(0, 0), (0, 2)]
+  for r in rows:
+    assert r['mean_gradient_cosine'][-1] == pytest.approx(1.0, abs=1e-5)
+    assert r['per_batch_cosine_mean'][-1] == pytest.approx(1.0, abs=1e-5)
+    for mode in ('sideways', 'pipelined_bp'):
+      assert all(0 < c <= 1 + 1e-6 for c in r[f'consistency_{mode}'])
+  assert rows[1]['train_loss_last_50'] is not None

@@ -70,7 +70,7 @@ and ablations, 2-core CPU):
   per device, host-driven transfers, same gradients bit for bit): 3.3x
   fewer convolutions in the most loaded device's program and no padding
   (the SPMD devices hold 2.55x the parameter bytes) on the default net
-  (1x4), 1.14-1.19x the SPMD mesh's ticks/s there but 0.92x on the
+  (1x4), 1.04-1.10x the SPMD mesh's ticks/s there but 0.87x on the
   homogeneous 1x8 net (host dispatch per device per tick); no whole-step
   program to jit, plan or run across hosts, hence not the engine.
 - The per-tick transport was a gather of each round's payload on the traced

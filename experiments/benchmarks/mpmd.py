@@ -19,12 +19,16 @@ sideways, a fresh clip with clip labels:
 - the gradients of the per-device programs against
   ``engine.loss_and_grads`` (max relative difference: they compute the same
   thing);
-- per device: convolutions and HLO lines in the program it runs, its
-  params' bytes (no padding) and one tick's temporary bytes; for SPMD the
-  one program every device runs and each device's row of the packed
-  (padded) params;
-- ticks per second of one device, the SPMD mesh and the MPMD programs,
-  timed interleaved (medians).
+- per device: convolutions and HLO lines in the program it runs (one
+  tick), its params' bytes (no padding) and one tick's temporary bytes; for
+  SPMD the one program every device runs (the whole clip: the tick scan,
+  carry set-up and metrics; convolutions sit only in the ticks) and each
+  device's row of the packed (padded) params;
+- ticks per second of one device, the SPMD mesh and the MPMD programs, each
+  on its own layout placed before timing (the engines through
+  ``window_grads``, the mesh on its stage-sharded state), timed interleaved
+  (medians). The MPMD tick adds up the loss only; the engines also keep
+  accuracy and per-example sums.
 
 Headline: ``mpmd_over_spmd_ticks_per_s_<net>``,
 ``spmd_over_mpmd_convs_per_device_<net>`` (code: the convolutions the most
@@ -40,19 +44,20 @@ repeats each, ``experiments/results/mpmd.json`` the second):
   ``engine.loss_and_grads``'s bit for bit on both nets (max relative
   difference 0.0).
 - Code per device: default net on 1x4, the SPMD program every device runs
-  holds 20 convolutions (3,472 HLO lines); the per-device programs 3-6
-  (302-807 lines): 3.3x fewer on the most loaded device. Homogeneous net on
-  1x8 (equal branches already merged by ``mesh._switch``): 8 against 2-3
-  (2,111 against 186-503 lines), 2.7x.
+  holds 20 convolutions; the per-device programs 3-6: 3.3x fewer on the
+  most loaded device. Homogeneous net on 1x8 (equal branches already merged
+  by ``mesh._switch``): 8 against 2-3, 2.7x.
 - Params: every SPMD device holds the widest group's row of the packed
   state (stage 4 of the default net, 321,296 bytes), so the devices hold
   2.55x the bytes the per-device programs hold together; the most loaded
   device holds the same in both (1.0). Homogeneous: 1.03x.
-- Speed: default net 1x4, MPMD runs 1.14-1.19x the SPMD mesh's ticks/s
-  (0.84-0.86x one device; SPMD 0.73-0.74x): no padded packing per tick, no
-  switch. Homogeneous 1x8: 0.92x the SPMD mesh (1.11x one device; SPMD
-  1.20-1.25x): 8 dispatches and up to 14 transfers per tick from one Python
-  thread cost more than the SPMD program's overhead when stages are equal.
+- Speed: default net 1x4, MPMD 1.04-1.10x the SPMD mesh's ticks/s (0.87-0.88x
+  one device; SPMD 0.81-0.84x). Homogeneous 1x8: MPMD 0.87x the SPMD mesh
+  (1.10-1.14x one device; SPMD 1.27-1.31x): 8 dispatches and up to 14
+  transfers per tick from one Python thread cost more than the SPMD
+  program's switch and packing when the stages are equal. Where the
+  default net's difference comes from (padding, the switch, per-tick
+  packing, dispatch) is not separated here.
 - What MPMD costs, and why the mesh engine stays one SPMD program: a clip
   is a host loop of per-tick programs, not one jitted program, so the
   training step, ``tpu_plan``'s lowering and the ahead-of-time tables would
@@ -73,7 +78,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import statistics  # noqa: E402
+import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -94,12 +99,14 @@ BATCH, FRAMES = 8, 16
 class Layout:
   """Which device runs which stages and what moves between them.
 
-  ``groups[g]``: device ``g``'s consecutive stages; ``reads[g]``: the
-  stages on other devices whose outputs device ``g`` reads (last tick's);
-  ``hears[g]``: ``(device, stage)`` pairs: a message for ``stage`` (on
-  ``g``) that ``device`` (above) sends.
+  ``groups[g]``: device ``g``'s consecutive stages; ``device_of[l]``:
+  stage ``l``'s device; ``reads[g]``: the stages on other devices whose
+  outputs device ``g`` reads (last tick's); ``hears[g]``: ``(device,
+  stage)`` pairs: a message for ``stage`` (on ``g``) that ``device``
+  (above) sends.
   """
   groups: tuple
+  device_of: tuple
   reads: tuple
   hears: tuple
 
@@ -113,7 +120,9 @@ class Layout:
       hears.append(tuple(sorted({
           (device_of[l], k) for l in range(1, spec.num_stages)
           for k in spec.in_edges[l] if device_of[k] == g != device_of[l]})))
-    return cls(tuple(map(tuple, groups)), tuple(reads), tuple(hears))
+    return cls(tuple(map(tuple, groups)),
+               tuple(device_of[l] for l in range(spec.num_stages)),
+               tuple(reads), tuple(hears))
 
 
 def device_tick(spec, layout: Layout, g: int):
@@ -121,11 +130,12 @@ def device_tick(spec, layout: Layout, g: int):
 
   ``(params, outs, remote, local, heard, states, x, target, w, grads,
   loss) -> (outs, local, sends, states, grads, loss)``: ``params`` its
-  stages' (and the head's if it holds the top stage), ``outs`` its stages'
-  last outputs, ``remote`` the outputs it reads from other devices,
-  ``local`` the messages its stages sent each other last tick, ``heard``
-  those that came from above, ``sends`` stage -> the message for a stage on
-  a device below.
+  stages' (``{'blocks': {l: ...}}``, and ``'head'`` if it holds the top
+  stage), ``outs`` its stages' last outputs, ``remote`` the outputs it
+  reads from other devices, ``local`` the messages its stages sent each
+  other last tick, ``heard`` those that came from above, ``sends`` stage ->
+  the message for a stage on a device below; ``x`` (bottom device) and
+  ``target``, ``w`` (top device) are ``None`` where unused.
   """
   grp = layout.groups[g]
 
@@ -138,13 +148,10 @@ def device_tick(spec, layout: Layout, g: int):
         spec, grp, lambda l: params['blocks'][l],
         lambda k: outs[k] if k in outs else remote[k], lambda l: states[l],
         msg_of, x, params.get('head'), target, w)
+    pgrads = {'blocks': pgrads}
     if head is not None:
       pgrads['head'], losses, _ = head
       loss = loss + w * losses.mean()
-    head_grads = pgrads.pop('head', None)
-    pgrads = {'blocks': pgrads}
-    if head_grads is not None:
-      pgrads['head'] = head_grads
     grads = jax.tree.map(jnp.add, grads, pgrads)
     local = {l: sent.get(l, jnp.zeros_like(ys[l])) for l in grp}
     sends = {k: v for k, v in sent.items() if k not in grp}
@@ -153,29 +160,32 @@ def device_tick(spec, layout: Layout, g: int):
 
 
 class PerDevice:
-  """A clip of Sideways ticks, one program per device, driven by the host.
+  """A fresh clip of Sideways ticks with clip labels (no target FIFO, no
+  per-frame targets), one program per device, driven by the host.
 
   Example::
 
       run = PerDevice(spec, params, groups, jax.devices()[:4])
-      loss, grads = run(clip, labels)   # grads like params
+      states = spec.init_states(params, clip.shape[0], jnp.float32)
+      loss, grads = run.run(run.args(clip, labels, states))
+      grads = run.grads_tree(grads)   # like params
   """
 
   def __init__(self, spec, params, groups, devices):
     self.spec, self.layout = spec, Layout.of(spec, groups)
     self.devices = devices
-    top = spec.num_stages - 1
+    self.top = len(groups) - 1  # The device of the top stage and the head.
     self.params = []
     for g, grp in enumerate(self.layout.groups):
       p = {'blocks': {l: params['blocks'][l] for l in grp}}
-      if top in grp:
+      if g == self.top:
         p['head'] = params['head']
       self.params.append(jax.device_put(p, devices[g]))
     self.ticks = [device_tick(spec, self.layout, g)
                   for g in range(len(groups))]
 
   def _fresh(self, b: int):
-    """Per device: zero outputs, messages, states, gradients and loss."""
+    """Per device: zero outputs, messages, gradients and loss."""
     spec, out = self.spec, []
     for g, grp in enumerate(self.layout.groups):
       zeros = {l: jnp.zeros((b, *spec.out_shapes[l])) for l in grp}
@@ -190,71 +200,59 @@ class PerDevice:
     return out
 
   def args(self, clip, labels, states):
-    """Everything one clip needs, placed: frames on device 0, labels on the
-    top stage's device, per-tick weights on every device."""
+    """Everything one clip needs, placed: frames on the bottom device,
+    labels and per-tick loss weights on the top one, each device's states."""
     spec, t_len = self.spec, clip.shape[1]
     carry = engine.init_carry(spec, _tree(self.params), clip, labels,
                               'sideways')
     weights, _ = engine.tick_weights(carry, 0, t_len, t_len,
                                      engine.delay(spec, 'sideways'), True)
-    last = len(self.layout.groups) - 1
-    frames = [jax.device_put(clip[:, t], self.devices[0])
-              for t in range(t_len)]
+    top = self.devices[self.top]
     return dict(
-        frames=frames,
-        labels=jax.device_put(labels, self.devices[last]),
-        weights=[[jax.device_put(w, d) for w in weights]
-                 for d in self.devices[:len(self.layout.groups)]],
+        frames=[jax.device_put(clip[:, t], self.devices[0])
+                for t in range(t_len)],
+        labels=jax.device_put(labels, top),
+        weights=[jax.device_put(w, top) for w in weights],
         states=[jax.device_put({l: states[l] for l in grp}, self.devices[g])
                 for g, grp in enumerate(self.layout.groups)])
+
+  def _operands(self, g: int, d: dict, states, args, t: int) -> tuple:
+    """Device ``g``'s tick ``t`` operands (``device_tick``)."""
+    top = g == self.top
+    return (self.params[g], d['outs'], d['remote'], d['local'], d['heard'],
+            states, args['frames'][t] if g == 0 else None,
+            args['labels'] if top else None,
+            args['weights'][t] if top else None, d['grads'], d['loss'])
 
   def run(self, args):
     """``(loss, grads per device)`` of one fresh clip (asynchronous)."""
     lay, devs = self.layout, self.devices
-    last = len(lay.groups) - 1
-    b = args['frames'][0].shape[0]
-    dev = self._fresh(b)
+    dev = self._fresh(args['frames'][0].shape[0])
     states = list(args['states'])
-    for t, x in enumerate(args['frames']):
-      results = []
-      for g in range(len(lay.groups)):
-        d = dev[g]
-        results.append(self.ticks[g](
-            self.params[g], d['outs'], d['remote'], d['local'], d['heard'],
-            states[g], x if g == 0 else None,
-            args['labels'] if g == last else None, args['weights'][g][t],
-            d['grads'], d['loss']))
+    for t in range(len(args['frames'])):
+      results = [self.ticks[g](*self._operands(g, dev[g], states[g], args, t))
+                 for g in range(len(lay.groups))]
       for g, (ys, local, _, st, grads, loss) in enumerate(results):
         dev[g].update(outs=ys, local=local, grads=grads, loss=loss)
         states[g] = st
-      for g in range(len(lay.groups)):  # Route last tick's values.
+      for g in range(len(lay.groups)):  # Route this tick's values.
         dev[g]['remote'] = {
-            k: jax.device_put(results[_device(lay, k)][0][k], devs[g])
+            k: jax.device_put(results[lay.device_of[k]][0][k], devs[g])
             for k in lay.reads[g]}
         dev[g]['heard'] = {(h, k): jax.device_put(results[h][2][k], devs[g])
                            for h, k in lay.hears[g]}
-    return dev[last]['loss'], [d['grads'] for d in dev]
+    return dev[self.top]['loss'], [d['grads'] for d in dev]
 
   def grads_tree(self, grads):
     """Per-device gradients as one params-shaped pytree (on the host)."""
     return _tree(jax.device_get(grads))
 
   def programs(self, args):
-    """Each device's compiled tick (lowered with its real arguments)."""
-    lay = self.layout
-    last = len(lay.groups) - 1
+    """Each device's compiled tick (lowered with its real operands)."""
     dev = self._fresh(args['frames'][0].shape[0])
     return [self.ticks[g].lower(
-        self.params[g], dev[g]['outs'], dev[g]['remote'], dev[g]['local'],
-        dev[g]['heard'], args['states'][g],
-        args['frames'][0] if g == 0 else None,
-        args['labels'] if g == last else None, args['weights'][g][0],
-        dev[g]['grads'], dev[g]['loss']).compile()
-            for g in range(len(lay.groups))]
-
-
-def _device(layout: Layout, stage: int) -> int:
-  return next(g for g, grp in enumerate(layout.groups) if stage in grp)
+        *self._operands(g, dev[g], args['states'][g], args, 0)).compile()
+            for g in range(len(self.layout.groups))]
 
 
 def _tree(per_device_params):
@@ -272,15 +270,26 @@ def _rel(a, b) -> float:
 
 
 def check(spec, params, groups, clip, labels) -> float:
-  """Max relative difference, over gradient leaves, of the per-device
-  programs against ``engine.loss_and_grads`` (sideways)."""
+  """Max relative difference, over gradient leaves and the loss, of the
+  per-device programs against ``engine.loss_and_grads`` (sideways); NaN if
+  any is NaN."""
   run = PerDevice(spec, params, groups, jax.devices()[:len(groups)])
   states = spec.init_states(params, clip.shape[0], jnp.float32)
   loss, grads = run.run(run.args(clip, labels, states))
   want_loss, want, _ = engine.loss_and_grads(spec, params, clip, labels,
                                              mode='sideways')
   errors = jax.tree.leaves(jax.tree.map(_rel, run.grads_tree(grads), want))
-  return max(errors + [_rel(loss, want_loss)])
+  return float(np.max(errors + [_rel(loss, want_loss)]))  # (NaN wins.)
+
+
+@functools.partial(jax.jit, static_argnames=('eng',))
+def window_grads(eng, state, clip, labels):
+  """A fresh clip's Sideways loss and gradients on any engine, params in
+  its own state layout (the mesh's stage-sharded ``(S, P)``)."""
+  carry = eng.init_carry(state, clip, labels, 'sideways')
+  return eng.window_grads(state, clip, labels, carry, mode='sideways',
+                          start=0, length=clip.shape[1], mask_fill=True,
+                          compute_dtype=jnp.float32)
 
 
 def _lines(compiled) -> int:
@@ -288,58 +297,49 @@ def _lines(compiled) -> int:
 
 
 def compare(name, spec, params, groups, clip, labels, repeats) -> dict:
-  """Gradients, code, bytes and ticks/s: one device, SPMD, MPMD."""
+  """Gradients, code, bytes and ticks/s: one device, SPMD, MPMD.
+
+  Each runs on its own layout, placed before timing: the single-device and
+  mesh engines through ``window_grads`` (the mesh on its stage-sharded
+  state and a batch from ``put_batch``), the per-device programs on their
+  own params, frames and labels.
+  """
   devices = jax.devices()[:len(groups)]
   run = PerDevice(spec, params, groups, devices)
-  states = spec.init_states(params, clip.shape[0], jnp.float32)
-  args = run.args(clip, labels, states)
-  m = mesh.make_mesh(1, len(groups), devices=devices)
-  mspec = mesh.place(spec, m, groups=groups, params=params)
-  pstack = mesh.shard_tree(mspec, params)
-
-  spmd, spmd_compile = mesh_bench._compile(mesh.loss_and_grads, mspec,
-                                           params, clip, labels,
-                                           mode='sideways')
-  single, _ = mesh_bench._compile(engine.loss_and_grads, spec, params, clip,
-                                  labels, mode='sideways')
+  args = run.args(clip, labels,
+                  spec.init_states(params, clip.shape[0], jnp.float32))
+  mspec = mesh.place(spec, mesh.make_mesh(1, len(groups), devices=devices),
+                     groups=groups, params=params)
+  engines = {'single': engine.LocalEngine(spec), 'spmd': mesh.MeshEngine(mspec)}
+  operands = {k: (e.to_state(params), *e.put_batch((clip, labels),
+                                                   clip.shape[0]))
+              for k, e in engines.items()}
+  compiled = {k: mesh_bench._compile(window_grads, e, *operands[k])
+              for k, e in engines.items()}
   start = time.perf_counter()
   per_device = run.programs(args)
   mpmd_compile = time.perf_counter() - start
 
-  spmd_ops = mesh_bench.hlo_counts(spmd)
-  rows = []
-  for g, c in enumerate(per_device):
-    rows.append({
-        'device': g, 'stages': list(groups[g]),
-        'convolutions': mesh_bench.hlo_counts(c)['convolution'],
-        'hlo_lines': _lines(c),
-        'param_bytes': sum(x.nbytes for x in jax.tree.leaves(run.params[g])),
-        'tick_temp_bytes': c.memory_analysis().temp_size_in_bytes})
+  rows = [{'device': g, 'stages': list(groups[g]),
+           'convolutions': mesh_bench.hlo_counts(c)['convolution'],
+           'tick_hlo_lines': _lines(c),
+           'param_bytes': sum(x.nbytes
+                              for x in jax.tree.leaves(run.params[g])),
+           'tick_temp_bytes': c.memory_analysis().temp_size_in_bytes}
+          for g, c in enumerate(per_device)]
+  spmd, spmd_compile = compiled['spmd']
   spmd_row = {
-      'convolutions': spmd_ops['convolution'], 'hlo_lines': _lines(spmd),
-      'param_bytes': pstack.addressable_shards[0].data.nbytes,
+      'convolutions': mesh_bench.hlo_counts(spmd)['convolution'],
+      'clip_hlo_lines': _lines(spmd),
+      'param_bytes': operands['spmd'][0].addressable_shards[0].data.nbytes,
       'compile_s': spmd_compile}
 
-  def mpmd_step():
-    return run.run(args)
-
-  def timed(fn):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-  progs = {'single': lambda: single(params, clip, labels),
-           'spmd': lambda: spmd(params, clip, labels),
-           'mpmd': mpmd_step}
-  for fn in progs.values():
-    timed(fn)
-  times = {k: [] for k in progs}
-  for _ in range(repeats):
-    for k, fn in progs.items():
-      times[k].append(timed(fn))
-  t = {k: statistics.median(v) for k, v in times.items()}
-  ticks = clip.shape[1]
-  tps = {k: ticks / v for k, v in t.items()}
-  heaviest = max(rows, key=lambda r: r['param_bytes'])
+  t = mesh_bench._medians({
+      'single': (compiled['single'][0], operands['single']),
+      'spmd': (spmd, operands['spmd']),
+      'mpmd': (lambda: run.run(args), ())}, repeats)
+  tps = {k: clip.shape[1] / v for k, v in t.items()}
+  heaviest = max(r['param_bytes'] for r in rows)
   return {
       'net': name, 'mesh': f'1x{len(groups)}',
       'groups': [list(g) for g in groups],
@@ -354,7 +354,7 @@ def compare(name, spec, params, groups, clip, labels, repeats) -> dict:
       'spmd_over_mpmd_convs_per_device':
           spmd_row['convolutions'] / max(r['convolutions'] for r in rows),
       'spmd_over_mpmd_param_bytes_per_device':
-          spmd_row['param_bytes'] / heaviest['param_bytes'],
+          spmd_row['param_bytes'] / heaviest,
       'spmd_over_mpmd_param_bytes_all_devices':
           len(groups) * spmd_row['param_bytes'] /
           sum(r['param_bytes'] for r in rows),

@@ -324,6 +324,9 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
       MovingDigitsConfig(name='default', description='16 frames, 32x32.'),
       MovingDigitsConfig(name='smooth', description='16 frames, 32x32, '
                          '1 pixel per frame: smoother video.', speed=1),
+      MovingDigitsConfig(name='large', description='16 frames, 64x64: the '
+                         'default scaled by 2 (digits of 32, 4 pixels per '
+                         'frame).', canvas_size=64, digit_size=32, speed=4),
       MovingDigitsConfig(name='small', description='Tiny, for tests.',
                          num_frames=8, num_train=256, num_test=128),
       MovingDigitsConfig(name='long_range', description='128 frames.',
