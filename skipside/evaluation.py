@@ -58,7 +58,7 @@ def forward_for(config: ml_collections.ConfigDict, eng):
   ``clip`` and ``targets``, sent in chunks). The loop and
   ``evaluate_workdir`` both take it from here."""
   compute_dtype = config_lib.PRECISIONS[config.precision]
-  if config.train.get('chunk_frames'):
+  if streaming.is_chunked(config):
     return streaming.ChunkedForward(
         eng, config.mode, config.train.chunk_frames,
         compute_dtype=compute_dtype, global_size=config.data.batch_size)

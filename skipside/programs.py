@@ -79,13 +79,6 @@ def is_progressive(config: ml_collections.ConfigDict) -> bool:
   return bool(config.get('progressive') and config.progressive.enabled)
 
 
-def is_chunked(config: ml_collections.ConfigDict) -> bool:
-  """Whether each clip trains as chunks (``streaming``): the loop then
-  passes host batches to the step, which sends the devices one chunk at a
-  time."""
-  return bool(config.train.get('chunk_frames'))
-
-
 def train_step_for(config: ml_collections.ConfigDict, eng, optimizer
                    ) -> Callable:
   """The loop's ``step(params, opt_state, clip, targets, carry) -> (params,
@@ -96,7 +89,7 @@ def train_step_for(config: ml_collections.ConfigDict, eng, optimizer
   options. Params and optimizer state are donated."""
   compute_dtype = config_lib.PRECISIONS[config.precision]
   skip_nonfinite = config.train.on_nonfinite == 'skip'
-  if is_chunked(config):
+  if streaming.is_chunked(config):
     return streaming.ChunkedStep(
         eng, optimizer, mode=config.mode,
         chunk_frames=config.train.chunk_frames, flush=config.train.flush,
@@ -148,7 +141,7 @@ def listing(config: ml_collections.ConfigDict, info, schedule=None, *,
               for s in schedule.buckets()]
   else:
     shapes = [base]
-  if is_chunked(config):  # Only a chunk of frames reaches the devices.
+  if streaming.is_chunked(config):  # Only a chunk reaches the devices.
     chunk = (base[0], config.train.chunk_frames, *base[2:])
     parts = [CHUNK_FIRST] + [CHUNK] * (base[1] > chunk[1]) + [
         CHUNK_FLUSH] * bool(config.train.flush) + [CHUNK_UPDATE]

@@ -48,6 +48,13 @@ PyTree = Any
 MODES = ('sideways',)
 
 
+def is_chunked(config) -> bool:
+  """Whether ``config`` trains each clip as chunks
+  (``config.train.chunk_frames``): the loop then passes host batches to
+  the step and the evaluation forward, which send one chunk at a time."""
+  return bool(config.train.get('chunk_frames'))
+
+
 def check_chunking(num_frames: int, chunk_frames: int,
                    mode: str | None = None) -> None:
   """Raises ``ValueError`` naming what does not fit (``mode``: a training

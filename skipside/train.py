@@ -59,6 +59,7 @@ from skipside import fidelity
 from skipside import metrics as metrics_lib
 from skipside import mesh as mesh_lib
 from skipside import programs
+from skipside import streaming
 
 PyTree = Any
 
@@ -435,7 +436,7 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
              schedule=schedule, data_config=data_config,
              train_iter=train_iter, ckpt=ckpt, writer=writer,
              step_fn=programs.train_step_for(config, eng, optimizer),
-             host_batches=programs.is_chunked(config))
+             host_batches=streaming.is_chunked(config))
   if run.host_batches:  # Evaluation's forward in chunks too.
     run.eval_forward = programs.eval_step_for(config, eng)
   if schedule is not None:  # Every shape compiled before the first step.
