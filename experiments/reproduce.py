@@ -514,6 +514,7 @@ def _failing_seeds(rel: str) -> list[str]:
     lines += ['Not yet measured: `python -m experiments.benchmarks.fidelity '
               '--seed 1 --every 25 --out '
               'experiments/results/fidelity_seed1.json` (and section 5).', '']
+  lines += _motion_ablations()
   path = os.path.join(HERE, 'results', 'fidelity_mean_gradients.json')
   if not os.path.exists(path):
     return lines + ['Mean-gradient study not yet measured: `python -m '
@@ -550,6 +551,32 @@ def _failing_seeds(rel: str) -> list[str]:
   return lines + ['']
 
 
+def _motion_ablations() -> list[str]:
+  """Section 6's table from ``results/motion_seeds.json``."""
+  path = os.path.join(HERE, 'results', 'motion_seeds.json')
+  if not os.path.exists(path):
+    return ['Ablations not yet measured: `python -m '
+            'experiments.benchmarks.motion_seeds`.', '']
+  with open(path) as f:
+    blob = json.load(f)
+  lines = ['```bash\npython -m experiments.benchmarks.motion_seeds\n```', '',
+           'Each row changes one thing against section 1\'s Skip-Sideways A '
+           'on motion (2 pixels per frame, no flush), same settings '
+           'otherwise, over seeds ' + f'0-{blob["config"]["seeds"] - 1}:', '',
+           '| row | held-out accuracy, mean +- std | worst | seeds >= 95% | '
+           'per seed | final train loss | lowest train loss |',
+           '| --- | --- | --- | --- | --- | --- | --- |']
+  for r in blob['rows']:
+    runs = r['runs']
+    lines.append(
+        f'| {r["row"]} | {100 * r["mean"]:.1f} +- {100 * r["std"]:.1f} | '
+        f'{100 * r["worst"]:.1f} | {r["seeds_at_95"]} of {len(runs)} | '
+        + ', '.join(f'{100 * x["accuracy"]:.1f}' for x in runs) + ' | '
+        + ', '.join(f'{x["final_train_loss"]:.2f}' for x in runs) + ' | '
+        + ', '.join(f'{x["lowest_train_loss"]:.2f}' for x in runs) + ' |')
+  return lines + ['']
+
+
 def _strip(argv, names):
   """``argv`` without the flags ``names`` (``--f=v`` and ``--f v`` forms)."""
   out, skip = [], False
@@ -563,7 +590,9 @@ def _strip(argv, names):
   return out
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line (``argv``, default ``sys.argv[1:]``), ``--quick``
+  applied."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--seeds', type=int, default=5)
@@ -600,6 +629,11 @@ def main(argv=None):
     args.dataset_config, args.fidelity_frames = 'small', 8
     args.speeds = (0, 2)
   args.eval_batches = args.eval_batches or None
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   log = lambda s: print(s, flush=True)
 
   if args.job:  # A subprocess of run_all: one run, its result as JSON.

@@ -95,3 +95,21 @@ def test_fidelity_mean_gradients_study(tmp_path):
     for mode in ('sideways', 'pipelined_bp'):
       assert all(0 < c <= 1 + 1e-6 for c in r[f'consistency_{mode}'])
   assert rows[1]['train_loss_last_50'] is not None
+
+
+def test_motion_seed_ablations_write_what_the_report_reads(tmp_path):
+  """The motion ablations (quick, one row) train through reproduce's own
+  runner with the row's change applied, and write the per-seed figures
+  section 6 of the report tabulates."""
+  from experiments.benchmarks import motion_seeds
+  out = tmp_path / 'motion_seeds.json'
+  motion_seeds.main(['--quick', '--rows', '2', f'--out={out}'])
+  with open(out) as f:
+    rows = json.load(f)['rows']
+  assert [r['row'] for r in rows] == ['skip-sideways A, flush 4']
+  (row,) = rows
+  assert row['flush'] == 4 and row['mode'] == 'sideways'
+  assert row['skips'] == [list(e) for e in reproduce.SKIPS_A]
+  (run,) = row['runs']
+  assert 0 <= run['accuracy'] <= 1 and row['worst'] == run['accuracy']
+  assert run['lowest_train_loss'] <= run['final_train_loss']

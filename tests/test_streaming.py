@@ -214,3 +214,32 @@ def test_chunked_forward_equals_the_whole_clip(shape):
   _close(got.example_loss, want.example_loss)
   for key in ('loss', 'accuracy', 'valid_ticks'):
     _close(got.metrics[key], want.metrics[key])
+
+
+def test_run_chunks_keeps_at_most_two_chunks_in_flight(monkeypatch):
+  """Chunk k+2 is not sent before program k is waited for: asynchronous
+  dispatch would otherwise queue the whole clip on the devices."""
+  events = []
+
+  def batches():
+    for k in range(5):
+      events.append(('send', k))
+      yield k, None
+
+  def step(i, chunk, targets, state):
+    del targets, state
+    events.append(('run', i))
+    return chunk
+
+  def wait(state):
+    events.append(('wait', state))
+    return state
+
+  monkeypatch.setattr(streaming.jax, 'block_until_ready', wait)
+  state, _ = streaming.run_chunks(batches(), step)
+  assert state == 4
+  assert events[:5] == [('send', 0), ('run', 0), ('send', 1), ('wait', 0),
+                        ('run', 1)]
+  for k in range(3):
+    assert events.index(('wait', k)) < events.index(('send', k + 2))
+  assert [e for e in events if e[0] == 'run'] == [('run', i) for i in range(5)]
