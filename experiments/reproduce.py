@@ -277,8 +277,8 @@ def read_benchmarks() -> dict:
   """Headlines of every benchmark JSON (CPU runs, and ``*_h100`` runs)."""
   out = {}
   results = os.path.join(HERE, 'results')
-  for name in ('conv', 'memory', 'mesh', 'multigrid', 'pgt', 'input',
-               'fidelity'):
+  for name in ('conv', 'memory', 'mesh', 'mpmd', 'multigrid', 'pgt', 'input',
+               'fidelity', 'scale'):
     for suffix in ('', '_h100'):
       path = os.path.join(results, f'{name}{suffix}.json')
       if os.path.exists(path):
@@ -403,7 +403,8 @@ def write_report(out_path, args, results, next_frame, fid, bench, env):
     if isinstance(dev, dict):
       dev = dev.get('kind') or dev.get('device_kind') or dev.get('platform')
     head = ', '.join(f'`{k}` = {v:.3g}' if isinstance(v, (int, float))
-                     else f'`{k}` = {v}' for k, v in b['headline'].items())
+                     else f'`{k}` = {v}' for k, v in b['headline'].items()
+                     if not isinstance(v, dict))  # (Nested: in the JSON.)
     lines.append(f'| {name} | {dev} | {head} |')
   missing = sorted({'memory', 'mesh', 'multigrid', 'pgt', 'input'} -
                    {name.split('_')[0] for name in bench})
@@ -423,7 +424,7 @@ def write_report(out_path, args, results, next_frame, fid, bench, env):
         f'{v:.3f}' for v in r['cosine_per_stage']) + ' |')
   lines += ['', f'![gradient fidelity]({rel}/gradient_fidelity.png)', '']
   lines += _fidelity_over_training(rel)
-  lines += _failing_seeds(rel)
+  lines += _failing_seeds(rel, results)
   with open(out_path, 'w') as f:
     f.write('\n'.join(lines))
 
@@ -477,11 +478,13 @@ def _lowest_cosines(blob: dict, every: int) -> list[float]:
   return [min(v[l] for v in rows) for l in range(len(rows[0]))]
 
 
-def _failing_seeds(rel: str) -> list[str]:
-  """Section 6 from ``results/fidelity_seed1.json`` (a seed where
-  Skip-Sideways does not learn motion) beside section 5's seed, and
-  ``results/fidelity_mean_gradients.json`` (the mean-gradient study), each
-  with its command; absent files are named, not invented."""
+def _failing_seeds(rel: str, results) -> list[str]:
+  """Section 6: ``results/fidelity_seed1.json`` (a seed where Skip-Sideways
+  does not learn motion) beside section 5's seed,
+  ``results/motion_seeds.json`` (``_motion_ablations``) and
+  ``results/fidelity_mean_gradients.json`` (the mean-gradient study, each
+  seed's section 1 accuracy from ``results``), each under the command that
+  made it (from its own ``config``); absent files are named, not invented."""
   lines = ['## 6. Skip-Sideways on motion: seeds that do not learn', '']
   path = os.path.join(HERE, 'results', 'fidelity_seed1.json')
   learning = os.path.join(HERE, 'results', 'fidelity.json')
@@ -495,26 +498,28 @@ def _failing_seeds(rel: str) -> list[str]:
 
     def fmt(values):
       return ', '.join(f'{x:.2f}' for x in values)
-    loss = bad['curves']['loss']
+    cfg, loss = bad['config'], bad['curves']['loss']
     lines += [
-        '```bash\npython -m experiments.benchmarks.fidelity --seed 1 '
-        '--every 25 --out experiments/results/fidelity_seed1.json\n```', '',
-        f'Seed {bad["config"]["seed"]}, otherwise the run of section 5: '
-        f'held-out accuracy {100 * bad["headline"]["eval_accuracy"]:.1f}%, '
-        f'train loss between {min(loss):.3f} and {max(loss):.3f} at every '
-        f'logged step. Lowest per-batch cosine per stage over training (at '
-        f'steps that are multiples of {every}): '
+        '```bash\npython -m experiments.benchmarks.fidelity --seed '
+        f'{cfg["seed"]} --every {cfg["every"]} --out {cfg["out"]}\n```', '',
+        f'Seed {cfg["seed"]}, otherwise the run of section 5: held-out '
+        f'accuracy {100 * bad["headline"]["eval_accuracy"]:.1f}%, train loss '
+        f'between {min(loss):.3f} and {max(loss):.3f} at every logged step. '
+        'Lowest per-batch cosine per stage over training (the loop\'s '
+        f'metric, flushed; at steps that are multiples of {every}): '
         f'{fmt(_lowest_cosines(bad, every))}; at the end '
         f'{fmt(bad["curves"]["cosine_per_stage"][-1])}. Section 5\'s seed '
         f'{good["config"]["seed"]} '
         f'({100 * good["headline"]["eval_accuracy"]:.1f}%): lowest '
         f'{fmt(_lowest_cosines(good, every))}.', '',
-        f'![fidelity, seed 1]({rel}/{os.path.basename(bad["plot"])})', '']
+        f'![fidelity, seed {cfg["seed"]}]'
+        f'({rel}/{os.path.basename(bad["plot"])})', '']
   else:
     lines += ['Not yet measured: `python -m experiments.benchmarks.fidelity '
               '--seed 1 --every 25 --out '
               'experiments/results/fidelity_seed1.json` (and section 5).', '']
-  lines += _motion_ablations()
+  lines += _motion_ablations(os.path.join(HERE, 'results',
+                                          'motion_seeds.json'))
   path = os.path.join(HERE, 'results', 'fidelity_mean_gradients.json')
   if not os.path.exists(path):
     return lines + ['Mean-gradient study not yet measured: `python -m '
@@ -524,45 +529,57 @@ def _failing_seeds(rel: str) -> list[str]:
     blob = json.load(f)
   cfg = blob['config']
   k = cfg['probe_batches']
+  accuracy = {}  # Seed -> section 1's Skip-Sideways A accuracy on motion.
+  for r in results:
+    if r['task'] == 'motion' and r['row'] == 'skip-sideways A':
+      accuracy = dict(enumerate(run['eval/accuracy'] for run in r['runs']))
   lines += [
       '```bash\npython -m experiments.benchmarks.fidelity --mean_seeds '
       f'{cfg["mean_seeds"]} --probe_batches {k} '
       f'--after_steps {cfg["after_steps"]}\n```', '',
       f'Per seed, on the same {k} held-out batches at each step of a '
-      f'{cfg["steps"]}-step Sideways run: `mean cos` is the cosine of the '
-      '*mean* Sideways gradient with the *mean* exact one (the direction '
-      'training follows on average), `batch cos` the mean of the per-batch '
-      'cosines (no flush, as training; the metric the loop logs flushes), '
-      '`consistency` |mean g| / mean |g| (1: every batch agrees; '
-      f'independent noise gives about 1/sqrt({k}) = {k ** -0.5:.2f}). Per '
-      'stage, bottom first. Final accuracy of each seed: section 1 '
-      '(Skip-Sideways A, motion).', '',
-      '| seed | step | train loss (last 50) | mean cos | batch cos | '
-      'consistency (exact) | consistency (sideways) |',
-      '| --- | --- | --- | --- | --- | --- | --- |']
+      f'{cfg["steps"]}-step Skip-Sideways A run (section 1\'s runs, '
+      'retrained): `mean cos` is the cosine of the *mean* Sideways gradient '
+      'with the *mean* exact one (the direction training follows on '
+      'average), `batch cos` the mean of the per-batch cosines (no flush, '
+      'as training; the metric the loop logs flushes), `consistency` |mean '
+      'g| / mean |g| (1: every batch agrees; independent noise gives about '
+      f'1/sqrt({k}) = {k ** -0.5:.2f}, where the mean exact direction is '
+      'itself mostly noise). Per stage, bottom first; `accuracy` is the '
+      'seed\'s held-out accuracy in section 1.', '',
+      '| seed | accuracy | step | train loss (last 50) | mean cos | '
+      'batch cos | consistency (exact) | consistency (sideways) |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in blob['rows']:
-    loss = r['train_loss_last_50']
+    loss, acc = r['train_loss_last_50'], accuracy.get(r['seed'])
     lines.append(
-        f'| {r["seed"]} | {r["step"]} | '
-        + ('-' if loss is None else f'{loss:.3f}') + ' | ' + ' | '.join(
+        f'| {r["seed"]} | ' + ('-' if acc is None else f'{100 * acc:.1f}%')
+        + f' | {r["step"]} | ' + ('-' if loss is None else f'{loss:.3f}')
+        + ' | ' + ' | '.join(
             ' '.join(f'{v:.2f}' for v in r[key]) for key in (
                 'mean_gradient_cosine', 'per_batch_cosine_mean',
                 'consistency_pipelined_bp', 'consistency_sideways')) + ' |')
   return lines + ['']
 
 
-def _motion_ablations() -> list[str]:
-  """Section 6's table from ``results/motion_seeds.json``."""
-  path = os.path.join(HERE, 'results', 'motion_seeds.json')
+def _motion_ablations(path: str) -> list[str]:
+  """Section 6's table of ``experiments.benchmarks.motion_seeds``'s JSON."""
   if not os.path.exists(path):
     return ['Ablations not yet measured: `python -m '
             'experiments.benchmarks.motion_seeds`.', '']
   with open(path) as f:
     blob = json.load(f)
-  lines = ['```bash\npython -m experiments.benchmarks.motion_seeds\n```', '',
-           'Each row changes one thing against section 1\'s Skip-Sideways A '
-           'on motion (2 pixels per frame, no flush), same settings '
-           'otherwise, over seeds ' + f'0-{blob["config"]["seeds"] - 1}:', '',
+  seeds = blob['config']['seeds']
+  lines = ['```bash\npython -m experiments.benchmarks.motion_seeds '
+           f'--seeds {seeds}\n```', '',
+           'Skip-Sideways and its controls on motion, section 1\'s settings '
+           f'otherwise, seeds 0-{seeds - 1}. Read `1 px/frame` against '
+           'section 1\'s `skip-sideways A` (2 pixels per frame) and the '
+           'exact gradient on the same video (the next row), `flush 4` '
+           'against `skip-sideways A`, `sideways + temporal stage` (chain, '
+           'no skips) against section 1\'s chain `sideways` and `bp + '
+           'temporal stage`. Train losses: mean of the last 50 steps and '
+           'lowest 50-step mean.', '',
            '| row | held-out accuracy, mean +- std | worst | seeds >= 95% | '
            'per seed | final train loss | lowest train loss |',
            '| --- | --- | --- | --- | --- | --- | --- |']

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -97,19 +98,39 @@ def test_fidelity_mean_gradients_study(tmp_path):
   assert rows[1]['train_loss_last_50'] is not None
 
 
-def test_motion_seed_ablations_write_what_the_report_reads(tmp_path):
-  """The motion ablations (quick, one row) train through reproduce's own
-  runner with the row's change applied, and write the per-seed figures
-  section 6 of the report tabulates."""
+def test_motion_seed_rows_apply_their_change_and_render(tmp_path,
+                                                        monkeypatch):
+  """Each ablation row reaches reproduce's runner with its one change
+  applied (video, flush, mode, net), its figures are computed from the
+  runs, and report section 6 tabulates the JSON written."""
   from experiments.benchmarks import motion_seeds
+  seen = []
+
+  def train_run(config, args):
+    seen.append((config.data.dataset_config, args.flush, config.mode,
+                 config.model.stages, tuple(map(tuple, config.model.skips))))
+    return {'eval/accuracy': 0.96 if len(seen) % 2 else 0.5,
+            'curve': list(np.linspace(2.0, 1.0, 100)), 'wall_s': 1.0}
+
+  monkeypatch.setattr(reproduce, 'train_run', train_run)
   out = tmp_path / 'motion_seeds.json'
-  motion_seeds.main(['--quick', '--rows', '2', f'--out={out}'])
+  motion_seeds.main(['--seeds', '2', f'--out={out}'])
+  conv = 'conv:8:2,conv:16:2,res:16,conv:32:2,'
+  a = tuple(map(tuple, reproduce.SKIPS_A))
+  assert seen == 2 * [('smooth', 0, 'sideways', conv + 'res:32', a)] + (
+      2 * [('smooth', 0, 'pipelined_bp', conv + 'res:32', a)]) + (
+      2 * [('default', 4, 'sideways', conv + 'res:32', a)]) + (
+      2 * [('default', 0, 'sideways', conv + 'tconv', ())])
   with open(out) as f:
     rows = json.load(f)['rows']
-  assert [r['row'] for r in rows] == ['skip-sideways A, flush 4']
-  (row,) = rows
-  assert row['flush'] == 4 and row['mode'] == 'sideways'
-  assert row['skips'] == [list(e) for e in reproduce.SKIPS_A]
-  (run,) = row['runs']
-  assert 0 <= run['accuracy'] <= 1 and row['worst'] == run['accuracy']
-  assert run['lowest_train_loss'] <= run['final_train_loss']
+  for r in rows:
+    assert (r['mean'], r['worst'], r['seeds_at_95']) == (
+        pytest.approx(0.73), 0.5, 1)
+    (run, _) = r['runs']
+    # The last 50 steps of a line from 2 to 1, and its lowest 50-step mean.
+    assert run['final_train_loss'] == pytest.approx(
+        np.linspace(2.0, 1.0, 100)[-50:].mean())
+    assert run['lowest_train_loss'] == pytest.approx(run['final_train_loss'])
+  table = '\n'.join(reproduce._motion_ablations(str(out)))
+  assert '| sideways + temporal stage | 73.0 +- 23.0 | 50.0 | 1 of 2 | ' \
+      '96.0, 50.0 |' in table

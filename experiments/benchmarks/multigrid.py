@@ -77,25 +77,27 @@ NOTES = [
     '(bp 96.6%): Sideways does not learn this appearance task at 64x64 in '
     '16 epochs at lr 3e-3, so its multigrid row compares two unconverged '
     'runs.',
-    'bp, --epochs 16: baseline 2000 steps, 91.8%; multigrid 613 steps, '
+    '32x32: bp, --epochs 16: baseline 2000 steps, 91.8%; multigrid 613 steps, '
     '76.6%: 15.2 points lower (vs 39.8 points at 6 epochs): the gap shrinks '
     'with the budget. (Its wall times, 2.74x, were taken before '
     'skipside/conv.py, when a per-step overhead dominated on CPU.)',
-    'Before the conv stages had sub-batch BN (model.stages '
+    '32x32: before the conv stages had sub-batch BN (model.stages '
     "'conv:8:2,conv:16:2,res:16,conv:32:2'), bp multigrid lost 39.8 points "
     '(long cycle only: 9.2), sideways 27.6. With BN and a conv bias ahead of '
     'it (a different init): 24.6 (long only 3.8), sideways 14.8; there, '
     'lr_scaling sqrt gave 50.2% (none: 49.0%), linear 28.8%. One run per '
     'row: the init alone moved the bp baseline from 73.6% to 79.4%, so '
     'differences of ~5 points are noise.',
-    'On the 2-core CPU the loader reads 1.5x the clips (1.5x the epochs) and '
-    'takes as long as the steps: multigrid saves 2.9x (bp) and 1.6x '
+    '32x32, the earlier loader: on the 2-core CPU it reads 1.5x the clips '
+    '(1.5x the epochs) and takes as long as the steps: multigrid saves 2.9x '
+    '(bp) and 1.6x '
     '(sideways) in compute_s but about nothing in train_s.',
-    'bp, --epochs 8, lr 3e-3, multigrid only: lr_scaling none 50.4%, sqrt '
-    '29.8% (baseline 82.6%); SGD momentum + linear scaling (the reference): '
+    '32x32: bp, --epochs 8, lr 3e-3, multigrid only: lr_scaling none 50.4%, '
+    'sqrt 29.8% (baseline 82.6%); SGD momentum + linear scaling (the '
+    'reference): '
     'baseline 25.6% / multigrid 7.6% at lr 0.1, 19.0% / 9.8% at lr 0.03.',
-    'Short runs are update-starved: with Adam a multigrid step (8x batch, '
-    'low resolution) is worth about one baseline step, not eight.',
+    '32x32: short runs are update-starved: with Adam a multigrid step (8x '
+    'batch, low resolution) is worth about one baseline step, not eight.',
 ]
 # Rows run by default: (mode, variant).
 DEFAULT_ROWS = ('bp:baseline,bp:multigrid,sideways:baseline,'
