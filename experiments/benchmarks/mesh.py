@@ -23,7 +23,11 @@ conv net (5 stages, 32x32x1 frames, Skip-Sideways edges), batch 8, T=16:
   both vmapped and unrolled), all five programs timed interleaved, with
   counts of the HLO ops that tell the programs apart.
 
-Headline (DESIGN.md §8): ``mesh_over_single_ticks_per_s`` (sideways, 2x4),
+Headline (DESIGN.md §8): ``mesh_over_single_ticks_per_s`` (sideways, 2x4;
+``mesh.loss_and_grads`` on the params pytree, which packs them and unpacks
+the gradient every call) and ``mesh_sharded_over_single_ticks_per_s`` (the
+same mesh engine on its stage-sharded state with a placed batch, as the
+training loop runs it),
 ``fill_flush_tick_share`` (carried stream) and ``padding_bytes_share``;
 ``homog_mesh_over_single_ticks_per_s`` (skipside, homogeneous net, 1x8),
 ``peer_mesh_over_single_ticks_per_s`` (the peer, same net) and
@@ -154,25 +158,47 @@ def _medians(programs: dict, repeats: int) -> dict:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+@functools.partial(jax.jit, static_argnames=('eng', 'mode'))
+def window_grads(eng, state, clip, labels, *, mode='sideways'):
+  """A fresh clip's loss and gradients on any engine, params in its own
+  state layout (the mesh's stage-sharded ``(S, P)``): the engine as the
+  training loop runs it."""
+  carry = eng.init_carry(state, clip, labels, mode)
+  return eng.window_grads(state, clip, labels, carry, mode=mode, start=0,
+                          length=clip.shape[1], mask_fill=True,
+                          compute_dtype=jnp.float32)
+
+
 def compare(spec, params, mspec, mode, clip, labels, repeats):
-  """Compile and time both engines on the same clip, interleaved."""
+  """Compile and time, on the same clip, interleaved: ``engine`` and
+  ``mesh.loss_and_grads`` on the params pytree (the README's calls; the
+  mesh packs the params and unpacks the gradient every call), and the mesh
+  engine on its stage-sharded state with a placed batch (``window_grads``,
+  as the training loop runs it)."""
   single, single_compile = _compile(engine.loss_and_grads, spec, params, clip,
                                     labels, mode=mode)
   on_mesh, mesh_compile = _compile(mesh.loss_and_grads, mspec, params, clip,
                                    labels, mode=mode)
+  eng = mesh.MeshEngine(mesh.place(spec, mspec.mesh, mspec.groups,
+                                   params=params))
+  sharded_args = (eng.to_state(params),
+                  *eng.put_batch((clip, labels), clip.shape[0]))
+  sharded, _ = _compile(window_grads, eng, *sharded_args, mode=mode)
   args = (params, clip, labels)
-  t = _medians({'single': (single, args), 'mesh': (on_mesh, args)}, repeats)
-  ticks = clip.shape[1]
-  single_tps = ticks / t['single']
-  mesh_tps = ticks / t['mesh']
+  t = _medians({'single': (single, args), 'mesh': (on_mesh, args),
+                'mesh_sharded': (sharded, sharded_args)}, repeats)
+  tps = {k: clip.shape[1] / v for k, v in t.items()}
   return {
       'mode': mode, 'mesh': f"{mspec.num_data}x{mspec.num_stage}",
       'groups': [list(g) for g in mspec.groups],
-      'single_ticks_per_s': single_tps, 'mesh_ticks_per_s': mesh_tps,
-      'mesh_over_single': mesh_tps / single_tps,
+      'single_ticks_per_s': tps['single'], 'mesh_ticks_per_s': tps['mesh'],
+      'mesh_sharded_ticks_per_s': tps['mesh_sharded'],
+      'mesh_over_single': tps['mesh'] / tps['single'],
+      'mesh_sharded_over_single': tps['mesh_sharded'] / tps['single'],
       'single_compile_s': single_compile, 'mesh_compile_s': mesh_compile,
       'single_step_s_median': t['single'],
-      'mesh_step_s_median': t['mesh']}
+      'mesh_step_s_median': t['mesh'],
+      'mesh_sharded_step_s_median': t['mesh_sharded']}
 
 
 def train_steps(spec, params, mspec, clip, labels, repeats):
@@ -359,13 +385,14 @@ def main():
 
   rows = []
   print(f'{"mode":>13} {"mesh":>5} {"single t/s":>11} {"mesh t/s":>9} '
-        f'{"ratio":>6} {"compile 1/mesh s":>17}')
+        f'{"ratio":>6} {"sharded":>7} {"compile 1/mesh s":>17}')
   for mode, data, stage in CONFIGS:
     row = compare(spec, params, meshes[data, stage], mode, clip, labels,
                   args.repeats)
     rows.append(row)
     print(f"{mode:>13} {row['mesh']:>5} {row['single_ticks_per_s']:>11.1f} "
           f"{row['mesh_ticks_per_s']:>9.1f} {row['mesh_over_single']:>6.3f} "
+          f"{row['mesh_sharded_over_single']:>7.3f} "
           f"{row['single_compile_s']:>8.1f}/{row['mesh_compile_s']:<8.1f}")
 
   main_mspec = meshes[2, 4]
@@ -404,6 +431,8 @@ def main():
                       if r['mode'] == 'sideways' and r['mesh'] == '2x4')
   headline = {
       'mesh_over_single_ticks_per_s': headline_row['mesh_over_single'],
+      'mesh_sharded_over_single_ticks_per_s': headline_row[
+          'mesh_sharded_over_single'],
       'fill_flush_tick_share': fill['carried_share'],
       'fill_flush_tick_share_fresh_clips': fill['fresh_share'],
       'padding_bytes_share': 1 - used / total,

@@ -78,7 +78,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -282,16 +281,6 @@ def check(spec, params, groups, clip, labels) -> float:
   return float(np.max(errors + [_rel(loss, want_loss)]))  # (NaN wins.)
 
 
-@functools.partial(jax.jit, static_argnames=('eng',))
-def window_grads(eng, state, clip, labels):
-  """A fresh clip's Sideways loss and gradients on any engine, params in
-  its own state layout (the mesh's stage-sharded ``(S, P)``)."""
-  carry = eng.init_carry(state, clip, labels, 'sideways')
-  return eng.window_grads(state, clip, labels, carry, mode='sideways',
-                          start=0, length=clip.shape[1], mask_fill=True,
-                          compute_dtype=jnp.float32)
-
-
 def _lines(compiled) -> int:
   return compiled.as_text().count('\n')
 
@@ -314,7 +303,8 @@ def compare(name, spec, params, groups, clip, labels, repeats) -> dict:
   operands = {k: (e.to_state(params), *e.put_batch((clip, labels),
                                                    clip.shape[0]))
               for k, e in engines.items()}
-  compiled = {k: mesh_bench._compile(window_grads, e, *operands[k])
+  compiled = {k: mesh_bench._compile(mesh_bench.window_grads, e,
+                                    *operands[k])
               for k, e in engines.items()}
   start = time.perf_counter()
   per_device = run.programs(args)
