@@ -97,15 +97,12 @@ and ablations, 2-core CPU):
   ``peer_mesh_over_single_unrolled_ticks_per_s`` compare without it.
 """
 
-import os
+from experiments.benchmarks import host_devices
 
-_FLAG = '--xla_force_host_platform_device_count=8'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
-                             _FLAG).strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+host_devices.simulate(8)  # Before jax is imported.
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import functools  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402

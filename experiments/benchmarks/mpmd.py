@@ -68,15 +68,12 @@ repeats each, ``experiments/results/mpmd.json`` the second):
   written per device here.
 """
 
-import os
+from experiments.benchmarks import host_devices
 
-_FLAG = '--xla_force_host_platform_device_count=8'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
-                             _FLAG).strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+host_devices.simulate(8)  # Before jax is imported.
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 

@@ -31,12 +31,10 @@ mesh and on one device agree, and that both agree with
 ``skipside.engine.loss_and_grads(..., mode='sideways')`` per stage.
 """
 
-import os
+from experiments.benchmarks import host_devices
 
 if __name__ == '__main__':  # 8 CPU devices for --check, before jax loads.
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8')
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  host_devices.simulate(8)
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
