@@ -20,6 +20,7 @@ Sections (each table and plot in RESULTS.md is preceded by this command):
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -144,19 +145,25 @@ def _pixel_stats(dataset_config: str, task: str) -> tuple[float, float]:
   return _PIXEL_STATS[key]
 
 
-def train_run(config, args) -> dict:
-  """Trains with the engine directly; returns the curve and held-out metrics."""
+def train_run(config, args, step=None) -> dict:
+  """Trains with the engine directly; returns the curve and held-out metrics.
+
+  ``step(spec, optimizer, params, opt_state, clip, targets) -> (params,
+  opt_state, ClipOutput)`` replaces ``engine.train_step`` in
+  ``config.mode`` (the benchmarks' hybrid gradients).
+  """
   dconfig = config_lib.data_config(config)
   it = data.make_iterator(dconfig)
   spec, optimizer, state = checkpoints.init_state(config, it.info)
   params, opt_state = state.params, state.opt_state
+  step = step or functools.partial(engine.train_step, mode=config.mode,
+                                   flush=args.flush)
   curve, t0 = [], time.time()
-  for step in range(config.train.num_steps):
+  for _ in range(config.train.num_steps):
     batch = next(it)
     targets = batch['target'] if spec.loss == 'mse' else batch['label']
-    params, opt_state, out = engine.train_step(
-        spec, optimizer, params, opt_state, batch['video'], targets,
-        mode=config.mode, flush=args.flush)
+    params, opt_state, out = step(spec, optimizer, params, opt_state,
+                                  batch['video'], targets)
     curve.append(float(out.metrics['loss']))
   wall = time.time() - t0
   it.close()

@@ -106,7 +106,8 @@ def test_motion_seed_rows_apply_their_change_and_render(tmp_path,
   from experiments.benchmarks import motion_seeds
   seen = []
 
-  def train_run(config, args):
+  def train_run(config, args, step=None):
+    assert step is None
     seen.append((config.data.dataset_config, args.flush, config.mode,
                  config.model.stages, tuple(map(tuple, config.model.skips))))
     return {'eval/accuracy': 0.96 if len(seen) % 2 else 0.5,
@@ -134,3 +135,53 @@ def test_motion_seed_rows_apply_their_change_and_render(tmp_path,
   table = '\n'.join(reproduce._motion_ablations(str(out)))
   assert '| sideways + temporal stage | 73.0 +- 23.0 | 50.0 | 1 of 2 | ' \
       '96.0, 50.0 |' in table
+
+
+def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
+  """The hybrid step of motion_hybrid is engine.train_step in 'sideways'
+  with every stage named and in 'pipelined_bp' with none; with (0, 1)
+  (SGD, so the update is the gradient) stages 0-1 move as in 'sideways' and
+  stages 2-4 and the head as in 'pipelined_bp'."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import motion_hybrid
+  from skipside import checkpoints, data, engine  # pylint: disable=g-import-not-at-top
+  from skipside import config as config_lib  # pylint: disable=g-import-not-at-top
+  args = reproduce.parse_args(['--quick'])
+  c = reproduce.run_config('motion', ('skip-sideways A', 'sideways',
+                                      reproduce.STAGES, reproduce.SKIPS_A),
+                           seed=0, args=args)
+  c.data.num_frames, c.data.batch_size = 12, 2  # Every stage gets gradient.
+  it = data.make_iterator(config_lib.data_config(c))
+  batch = next(it)
+  it.close()
+  spec, _, state = checkpoints.init_state(c, it.info)
+  sgd = optax.sgd(1.0)
+  opt_state = sgd.init(state.params)
+  clip, labels = batch['video'], batch['label']
+
+  def moved(step):
+    p, _, _ = step(spec, sgd, state.params, opt_state, clip, labels)
+    return jax.tree.map(lambda a, b: np.asarray(b - a), p, state.params)
+
+  def hybrid(stages):
+    return moved(lambda *a: motion_hybrid.hybrid_train_step(
+        *a, sideways_stages=stages))
+
+  plain = {m: moved(lambda *a, m=m: engine.train_step(*a, mode=m))
+           for m in ('sideways', 'pipelined_bp')}
+  close = lambda a, b: jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+      a, b)
+  close(hybrid((0, 1, 2, 3, 4)), plain['sideways'])
+  close(hybrid(()), plain['pipelined_bp'])
+  mixed = hybrid((0, 1))
+  for l in range(5):
+    mode = 'sideways' if l < 2 else 'pipelined_bp'
+    close(mixed['blocks'][l], plain[mode]['blocks'][l])
+    assert np.abs(np.concatenate([x.ravel() for x in jax.tree.leaves(
+        mixed['blocks'][l])])).max() > 0  # Every stage has gradient.
+  close(mixed['head'], plain['pipelined_bp']['head'])
+  # The modes differ on this clip, so the checks above tell them apart.
+  assert not np.allclose(plain['sideways']['blocks'][0]['stage']['conv'][
+      'kernel'], plain['pipelined_bp']['blocks'][0]['stage']['conv'][
+          'kernel'], rtol=1e-3)

@@ -51,8 +51,9 @@ ROWS = (
 )
 
 
-def run_row(row, seeds: int, base) -> dict:
-  """One row over ``seeds`` seeds with ``reproduce.train_run``."""
+def run_row(row, seeds: int, base, step=None) -> dict:
+  """One row over ``seeds`` seeds with ``reproduce.train_run`` (``step``:
+  as there)."""
   name, mode, stages, skips, dataset_config, flush = row
   args = copy.copy(base)
   args.flush = flush
@@ -61,7 +62,8 @@ def run_row(row, seeds: int, base) -> dict:
   runs = []
   for seed in range(seeds):
     r = reproduce.train_run(reproduce.run_config(
-        'motion', (name, mode, stages, skips), seed=seed, args=args), args)
+        'motion', (name, mode, stages, skips), seed=seed, args=args), args,
+        step)
     runs.append({'seed': seed, 'accuracy': r['eval/accuracy'],
                  'final_train_loss': float(np.mean(r['curve'][-LOSS_WINDOW:])),
                  'lowest_train_loss': reproduce._lowest(r['curve'],

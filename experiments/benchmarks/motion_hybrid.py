@@ -1,0 +1,129 @@
+r"""Which stages' Sideways gradients stop Skip-Sideways learning motion.
+
+  python -m experiments.benchmarks.motion_hybrid            # ~45 min, 2 cores
+  python -m experiments.benchmarks.motion_hybrid --rows 0,1 --seeds 5
+  python -m experiments.benchmarks.motion_hybrid --quick    # a smoke run
+
+Section 1 of RESULTS.md trains the Skip-Sideways A net on motion to 52.0 +-
+24.0% over 5 seeds while the exact gradient of the same pipelined net
+(``pipelined_bp`` with the same skips) reaches 100% on every seed. Both
+gradients are of one loss (the pipelined forward is the same); they differ
+only per stage, in the time mismatch of each stage's Sideways VJP. This
+benchmark locates the failure: every row trains with the *hybrid* gradient
+that takes the Sideways gradient for the stages it names and the exact
+``pipelined_bp`` gradient for every other stage (and the head), from the
+same clip, the same forward, the same optimizer step
+(``engine.optimize_clip``). With every stage named it is Skip-Sideways,
+with none ``pipelined_bp`` (the test checks both, to the last bit of the
+update).
+
+Settings, seeds, nets and the held-out score are section 1's (through
+``motion_seeds.run_row`` and ``reproduce.train_run``): seed ``s`` here
+starts from the same init and reads the same batches as seed ``s`` there.
+Rows (Sideways stages, bottom first; stage 4's Sideways gradient is exact,
+its staleness is 0):
+
+- ``sideways on stages 0-1``: exact above. If the bottom stages' Sideways
+  gradients are what fails, this row fails like Skip-Sideways;
+- ``sideways on stages 2-4``: exact on stages 0-1;
+- ``sideways on stage 0``, ``sideways on stage 1``: one stage each.
+
+Writes ``experiments/results/motion_hybrid.json`` (rows as
+``motion_seeds``, each with its ``sideways_stages``).
+"""
+
+import argparse
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from experiments import reproduce
+from experiments.benchmarks import common
+from experiments.benchmarks import motion_seeds
+from skipside import engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (name, stages whose gradient is Sideways's; the others take the exact one)
+ROWS = (
+    ('sideways on stages 0-1', (0, 1)),
+    ('sideways on stages 2-4', (2, 3, 4)),
+    ('sideways on stage 1', (1,)),
+    ('sideways on stage 0', (0,)),
+)
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'optimizer',
+                                             'sideways_stages'))
+def hybrid_train_step(spec, optimizer, params, opt_state, clip, targets, *,
+                      sideways_stages: tuple[int, ...]):
+  """``engine.train_step`` (fresh stream, fill masked, no flush) with stage
+  ``l``'s gradient from ``mode='sideways'`` if ``l in sideways_stages``,
+  else from ``mode='pipelined_bp'``; the head's is exact in both.
+
+  Args:
+    spec, optimizer, params, opt_state: as ``engine.train_step``.
+    clip: ``(B, T, H, W, C)``; targets: ``(B,)`` labels.
+    sideways_stages: stage indices, bottom = 0.
+
+  Returns:
+    ``(params, opt_state, ClipOutput)``, the output of the forward both
+    gradients share.
+  """
+  eng = engine.LocalEngine(spec)
+  kw = dict(mask_fill=True, compute_dtype=jnp.float32)
+
+  def grads_fn(p, carry, start, length):
+    loss, sideways, out = eng.window_grads(
+        p, clip, targets, carry, mode='sideways', start=start, length=length,
+        **kw)
+    fresh = eng.init_carry(p, clip, targets, 'pipelined_bp')
+    _, exact, _ = eng.window_grads(
+        p, clip, targets, fresh, mode='pipelined_bp', start=start,
+        length=length, **kw)
+    blocks = [sideways['blocks'][l] if l in sideways_stages else b
+              for l, b in enumerate(exact['blocks'])]
+    return loss, {**exact, 'blocks': blocks}, out
+
+  carry = eng.init_carry(params, clip, targets, 'sideways')
+  return engine.optimize_clip(grads_fn, optimizer, params, opt_state, carry,
+                              num_frames=clip.shape[1], flush=0,
+                              update_every=None)
+
+
+def run_row(row, seeds: int, base) -> dict:
+  """``motion_seeds.run_row`` on the Skip-Sideways A net, hybrid steps."""
+  name, sideways_stages = row
+  step = functools.partial(hybrid_train_step,
+                           sideways_stages=tuple(sideways_stages))
+  out = motion_seeds.run_row(
+      (name, 'sideways', reproduce.STAGES, reproduce.SKIPS_A, 'default', 0),
+      seeds, base, step)
+  out['mode'] = 'hybrid'
+  out['sideways_stages'] = list(sideways_stages)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--seeds', type=int, default=5)
+  parser.add_argument('--rows', default=','.join(map(str, range(len(ROWS)))),
+                      help='indices into ROWS')
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--out', default=os.path.join(
+      HERE, '..', 'results', 'motion_hybrid.json'))
+  args = parser.parse_args(argv)
+  base = reproduce.parse_args(['--quick'] if args.quick else [])
+  seeds = 1 if args.quick else args.seeds
+  rows = [run_row(ROWS[int(i)], seeds, base) for i in args.rows.split(',')]
+  headline = {r['row']: {k: r[k] for k in ('mean', 'std', 'worst',
+                                            'seeds_at_95')} for r in rows}
+  print('headline:', headline)
+  common.write_result(args.out, dict(
+      config=dict(vars(args), task='motion', seeds=seeds),
+      device=common.device_info(), rows=rows, headline=headline))
+
+
+if __name__ == '__main__':
+  main()
