@@ -527,6 +527,7 @@ def _failing_seeds(rel: str, results) -> list[str]:
               'experiments/results/fidelity_seed1.json` (and section 5).', '']
   lines += _motion_ablations(os.path.join(HERE, 'results',
                                           'motion_seeds.json'))
+  lines += _motion_hybrid(os.path.join(HERE, 'results', 'motion_hybrid.json'))
   path = os.path.join(HERE, 'results', 'fidelity_mean_gradients.json')
   if not os.path.exists(path):
     return lines + ['Mean-gradient study not yet measured: `python -m '
@@ -586,11 +587,36 @@ def _motion_ablations(path: str) -> list[str]:
            'against `skip-sideways A`, `sideways + temporal stage` (chain, '
            'no skips) against section 1\'s chain `sideways` and `bp + '
            'temporal stage`. Train losses: mean of the last 50 steps and '
-           'lowest 50-step mean.', '',
-           '| row | held-out accuracy, mean +- std | worst | seeds >= 95% | '
+           'lowest 50-step mean.', '']
+  return lines + _seed_table(blob['rows'])
+
+
+def _motion_hybrid(path: str) -> list[str]:
+  """Section 6's table of ``experiments.benchmarks.motion_hybrid``'s JSON."""
+  if not os.path.exists(path):
+    return ['Hybrid gradients not yet measured: `python -m '
+            'experiments.benchmarks.motion_hybrid`.', '']
+  with open(path) as f:
+    blob = json.load(f)
+  cfg = blob['config']
+  seeds = cfg['seeds']
+  lines = ['```bash\npython -m experiments.benchmarks.motion_hybrid '
+           f'--rows {cfg["rows"]} --seeds {seeds}\n```', '',
+           'Section 1\'s `skip-sideways A` run (same seeds 0-'
+           f'{seeds - 1}, init, batches and settings) with a hybrid gradient: '
+           'the named stages take their Sideways gradient, every other stage '
+           'and the head the exact `pipelined_bp` gradient of the same '
+           'forward. Every stage Sideways is section 1\'s `skip-sideways A`, '
+           'none its `pipelined_bp + skips A` (100.0 on every seed).', '']
+  return lines + _seed_table(blob['rows'])
+
+
+def _seed_table(rows) -> list[str]:
+  """Rows of ``motion_seeds.run_row``: accuracy over seeds, train losses."""
+  lines = ['| row | held-out accuracy, mean +- std | worst | seeds >= 95% | '
            'per seed | final train loss | lowest train loss |',
            '| --- | --- | --- | --- | --- | --- | --- |']
-  for r in blob['rows']:
+  for r in rows:
     runs = r['runs']
     lines.append(
         f'| {r["row"]} | {100 * r["mean"]:.1f} +- {100 * r["std"]:.1f} | '

@@ -137,6 +137,35 @@ def test_motion_seed_rows_apply_their_change_and_render(tmp_path,
       '96.0, 50.0 |' in table
 
 
+def test_motion_hybrid_rows_reach_the_runner_and_render(tmp_path,
+                                                       monkeypatch):
+  """Each hybrid row trains section 1's Skip-Sideways A net with its own
+  stages named in the step, and report section 6 tabulates the JSON."""
+  from experiments.benchmarks import motion_hybrid
+  seen = []
+
+  def train_run(config, args, step=None):
+    seen.append((config.model.skips, args.flush,
+                 step.func is motion_hybrid.hybrid_train_step,
+                 step.keywords['sideways_stages']))
+    return {'eval/accuracy': 0.25 * len(seen), 'wall_s': 1.0,
+            'curve': list(np.linspace(2.0, 1.0, 100))}
+
+  monkeypatch.setattr(reproduce, 'train_run', train_run)
+  out = tmp_path / 'motion_hybrid.json'
+  motion_hybrid.main(['--seeds', '2', '--rows', '1,2', f'--out={out}'])
+  a = tuple(map(tuple, reproduce.SKIPS_A))
+  assert [(tuple(map(tuple, k)), f, h, st) for k, f, h, st in seen] == [
+      (a, 0, True, (2, 3, 4))] * 2 + [(a, 0, True, (1,))] * 2
+  with open(out) as f:
+    rows = json.load(f)['rows']
+  assert [r['sideways_stages'] for r in rows] == [[2, 3, 4], [1]]
+  table = '\n'.join(reproduce._motion_hybrid(str(out)))
+  assert '--rows 1,2 --seeds 2' in table
+  assert '| sideways on stage 1 | 87.5 +- 12.5 | 75.0 | 1 of 2 | ' \
+      '75.0, 100.0 |' in table
+
+
 def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
   """The hybrid step of motion_hybrid is engine.train_step in 'sideways'
   with every stage named and in 'pipelined_bp' with none; with (0, 1)
