@@ -147,21 +147,23 @@ def test_motion_hybrid_rows_reach_the_runner_and_render(tmp_path,
   def train_run(config, args, step=None):
     seen.append((config.model.skips, args.flush,
                  step.func is motion_hybrid.hybrid_train_step,
-                 step.keywords['sideways_stages']))
+                 step.keywords['sideways_stages'],
+                 step.keywords['frozen_stages']))
     return {'eval/accuracy': 0.25 * len(seen), 'wall_s': 1.0,
             'curve': list(np.linspace(2.0, 1.0, 100))}
 
   monkeypatch.setattr(reproduce, 'train_run', train_run)
   out = tmp_path / 'motion_hybrid.json'
-  motion_hybrid.main(['--seeds', '2', '--rows', '1,2', f'--out={out}'])
+  motion_hybrid.main(['--seeds', '2', '--rows', '4,2', f'--out={out}'])
   a = tuple(map(tuple, reproduce.SKIPS_A))
-  assert [(tuple(map(tuple, k)), f, h, st) for k, f, h, st in seen] == [
-      (a, 0, True, (2, 3, 4))] * 2 + [(a, 0, True, (1,))] * 2
+  assert [(tuple(map(tuple, k)), *rest) for k, *rest in seen] == [
+      (a, 0, True, (2, 3, 4), (0, 1))] * 2 + [(a, 0, True, (1,), ())] * 2
   with open(out) as f:
     rows = json.load(f)['rows']
-  assert [r['sideways_stages'] for r in rows] == [[2, 3, 4], [1]]
+  assert [(r['sideways_stages'], r['frozen_stages']) for r in rows] == [
+      ([2, 3, 4], [0, 1]), ([1], [])]
   table = '\n'.join(reproduce._motion_hybrid(str(out)))
-  assert '--rows 1,2 --seeds 2' in table
+  assert '--rows 4,2 --seeds 2' in table
   assert '| sideways on stage 1 | 87.5 +- 12.5 | 75.0 | 1 of 2 | ' \
       '75.0, 100.0 |' in table
 
@@ -192,9 +194,9 @@ def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
     p, _, _ = step(spec, sgd, state.params, opt_state, clip, labels)
     return jax.tree.map(lambda a, b: np.asarray(b - a), p, state.params)
 
-  def hybrid(stages):
+  def hybrid(stages, frozen=()):
     return moved(lambda *a: motion_hybrid.hybrid_train_step(
-        *a, sideways_stages=stages))
+        *a, sideways_stages=stages, frozen_stages=frozen))
 
   plain = {m: moved(lambda *a, m=m: engine.train_step(*a, mode=m))
            for m in ('sideways', 'pipelined_bp')}
@@ -210,6 +212,10 @@ def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
     assert np.abs(np.concatenate([x.ravel() for x in jax.tree.leaves(
         mixed['blocks'][l])])).max() > 0  # Every stage has gradient.
   close(mixed['head'], plain['pipelined_bp']['head'])
+  frozen = hybrid((2, 3, 4), frozen=(0, 1))
+  for l in range(5):
+    close(frozen['blocks'][l], jax.tree.map(np.zeros_like, mixed[
+        'blocks'][l]) if l < 2 else plain['sideways']['blocks'][l])
   # The modes differ on this clip, so the checks above tell them apart.
   assert not np.allclose(plain['sideways']['blocks'][0]['stage']['conv'][
       'kernel'], plain['pipelined_bp']['blocks'][0]['stage']['conv'][

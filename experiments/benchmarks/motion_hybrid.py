@@ -26,7 +26,11 @@ its staleness is 0):
 - ``sideways on stages 0-1``: exact above. If the bottom stages' Sideways
   gradients are what fails, this row fails like Skip-Sideways;
 - ``sideways on stages 2-4``: exact on stages 0-1;
-- ``sideways on stage 0``, ``sideways on stage 1``: one stage each.
+- ``sideways on stage 0``, ``sideways on stage 1``: one stage each;
+- ``stages 0-1 frozen, sideways on 2-4``: stages 0-1 keep their random
+  init (no gradient). Against ``sideways on stages 2-4`` it asks whether
+  the bottom stages need training at all; against Skip-Sideways, whether
+  their Sideways gradient is worse than none.
 
 Writes ``experiments/results/motion_hybrid.json`` (rows as
 ``motion_seeds``, each with its ``sideways_stages``).
@@ -45,27 +49,32 @@ from experiments.benchmarks import motion_seeds
 from skipside import engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (name, stages whose gradient is Sideways's; the others take the exact one)
+# (name, stages whose gradient is Sideways's, stages with no gradient); the
+# others take the exact one.
 ROWS = (
-    ('sideways on stages 0-1', (0, 1)),
-    ('sideways on stages 2-4', (2, 3, 4)),
-    ('sideways on stage 1', (1,)),
-    ('sideways on stage 0', (0,)),
+    ('sideways on stages 0-1', (0, 1), ()),
+    ('sideways on stages 2-4', (2, 3, 4), ()),
+    ('sideways on stage 1', (1,), ()),
+    ('sideways on stage 0', (0,), ()),
+    ('stages 0-1 frozen, sideways on 2-4', (2, 3, 4), (0, 1)),
 )
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'optimizer',
-                                             'sideways_stages'))
+                                             'sideways_stages',
+                                             'frozen_stages'))
 def hybrid_train_step(spec, optimizer, params, opt_state, clip, targets, *,
-                      sideways_stages: tuple[int, ...]):
+                      sideways_stages: tuple[int, ...],
+                      frozen_stages: tuple[int, ...] = ()):
   """``engine.train_step`` (fresh stream, fill masked, no flush) with stage
   ``l``'s gradient from ``mode='sideways'`` if ``l in sideways_stages``,
-  else from ``mode='pipelined_bp'``; the head's is exact in both.
+  zero if ``l in frozen_stages`` (Adam then leaves it at its init), else
+  from ``mode='pipelined_bp'``; the head's is exact in both.
 
   Args:
     spec, optimizer, params, opt_state: as ``engine.train_step``.
     clip: ``(B, T, H, W, C)``; targets: ``(B,)`` labels.
-    sideways_stages: stage indices, bottom = 0.
+    sideways_stages, frozen_stages: stage indices, bottom = 0.
 
   Returns:
     ``(params, opt_state, ClipOutput)``, the output of the forward both
@@ -84,6 +93,8 @@ def hybrid_train_step(spec, optimizer, params, opt_state, clip, targets, *,
         length=length, **kw)
     blocks = [sideways['blocks'][l] if l in sideways_stages else b
               for l, b in enumerate(exact['blocks'])]
+    blocks = [jax.tree.map(jnp.zeros_like, b) if l in frozen_stages else b
+              for l, b in enumerate(blocks)]
     return loss, {**exact, 'blocks': blocks}, out
 
   carry = eng.init_carry(params, clip, targets, 'sideways')
@@ -94,14 +105,16 @@ def hybrid_train_step(spec, optimizer, params, opt_state, clip, targets, *,
 
 def run_row(row, seeds: int, base) -> dict:
   """``motion_seeds.run_row`` on the Skip-Sideways A net, hybrid steps."""
-  name, sideways_stages = row
+  name, sideways_stages, frozen_stages = row
   step = functools.partial(hybrid_train_step,
-                           sideways_stages=tuple(sideways_stages))
+                           sideways_stages=tuple(sideways_stages),
+                           frozen_stages=tuple(frozen_stages))
   out = motion_seeds.run_row(
       (name, 'sideways', reproduce.STAGES, reproduce.SKIPS_A, 'default', 0),
       seeds, base, step)
   out['mode'] = 'hybrid'
   out['sideways_stages'] = list(sideways_stages)
+  out['frozen_stages'] = list(frozen_stages)
   return out
 
 
