@@ -85,8 +85,11 @@ def init_state(config: ml_collections.ConfigDict, info,
   net = config_lib.build_network(config, config_lib.frame_shape_of(info),
                                  info.num_classes, nnx.Rngs(config.seed))
   spec, params = network.split(net)
-  trainable = functools.partial(network.trainable_mask, spec)
-  # Only a net with batch statistics pays for the mask in optimizer state.
+  trainable = functools.partial(
+      network.trainable_mask, spec,
+      frozen_stages=tuple(config.optimizer.get('frozen_stages', ())))
+  # Only a net with batch statistics or frozen stages pays for the mask in
+  # optimizer state.
   masked = not all(jax.tree.leaves(trainable(params)))
   optimizer = optim.make_optimizer(config, schedule,
                                    trainable=trainable if masked else None)

@@ -125,6 +125,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer.step_boundaries = (0.5, 0.75)  # Fractions of num_steps ('step').
   c.optimizer.weight_decay = 1e-4  # adamw (decoupled), sgd, momentum; not adam.
   c.optimizer.grad_clip_norm = 1.0  # 0 disables.
+  # Stages (indices, bottom = 0) whose parameters never train: they keep
+  # their init and count in neither clipping nor Adam; messages still pass
+  # through them. Skip-Sideways A learns motion on every seed with stage 1
+  # frozen (experiments/RESULTS.md section 6).
+  c.optimizer.frozen_stages = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -470,6 +475,12 @@ def validate_config(config: ml_collections.ConfigDict,
       raise ConfigError(f'config.optimizer.{key}', f'got {value}',
                         'a number > 0' if key == 'learning_rate'
                         else 'a number >= 0')
+  frozen = config.optimizer.get('frozen_stages', ())
+  if not isinstance(frozen, (tuple, list)) or any(
+      not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < num
+      for l in frozen):
+    raise ConfigError('config.optimizer.frozen_stages', f'got {frozen!r}',
+                      f'a tuple of stage indices 0..{num - 1}')
   devices = num_devices or jax.device_count()
   mesh_size = config.mesh.data * config.mesh.stage
   if mesh_size > devices:

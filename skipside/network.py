@@ -440,17 +440,20 @@ def for_frame_shape(spec: NetworkSpec, params: PyTree,
   return derived
 
 
-def trainable_mask(spec: NetworkSpec, params: PyTree) -> PyTree:
+def trainable_mask(spec: NetworkSpec, params: PyTree,
+                   frozen_stages: Sequence[int] = ()) -> PyTree:
   """``params``' structure with ``True`` on ``nnx.Param`` leaves and
   ``False`` on ``nnx.BatchStat`` ones (statistics evaluation fills in:
-  ``optim.make_optimizer`` never updates or decays them)."""
-  def mask(graphdef, p):
+  ``optim.make_optimizer`` never updates or decays them) and on every leaf
+  of the stages ``frozen_stages`` (they keep their values; messages still
+  pass through them)."""
+  def mask(graphdef, p, frozen=False):
     stats = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, p), nnx.BatchStat))
     paths = {path for path, _ in jax.tree_util.tree_leaves_with_path(stats)}
-    return jax.tree_util.tree_map_with_path(lambda path, _: path not in paths,
-                                            p)
-  return {'blocks': [mask(d, p) for d, p in zip(spec.block_defs,
-                                                params['blocks'])],
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not frozen and path not in paths, p)
+  return {'blocks': [mask(d, p, l in frozen_stages) for l, (d, p) in
+                     enumerate(zip(spec.block_defs, params['blocks']))],
           'head': mask(spec.head_def, params['head'])}
 
 

@@ -183,8 +183,9 @@ def make_optimizer(config: ml_collections.ConfigDict,
   ``momentum`` (0.9; ``weight_decay`` added to the gradient first, as
   PyTorch's SGD and the SlowFast configs do). ``trainable(params)`` (e.g.
   ``lambda p: network.trainable_mask(spec, p)``) marks the leaves that
-  train; the others (batch statistics) are never updated nor decayed
-  (``only_trainable``; their Adam moments stay zero, as their gradient is).
+  train; the others (batch statistics, frozen stages) are never updated nor
+  decayed (``only_trainable``), and their gradients are zeroed before the
+  chain (no part in clipping's norm; Adam moments stay zero).
   """
   c = config.optimizer
   parts = []
@@ -201,6 +202,21 @@ def make_optimizer(config: ml_collections.ConfigDict,
       parts.append(optax.trace(decay=0.9))
   parts.append(scale_by_training_step_schedule(
       learning_rate_schedule(config, multigrid_schedule)))
-  if trainable is not None:
-    parts.append(only_trainable(trainable))
-  return optax.chain(*parts)
+  if trainable is None:
+    return optax.chain(*parts)
+  return _gradients_of_trainable(optax.chain(*parts, only_trainable(
+      trainable)))
+
+
+def _gradients_of_trainable(chain: optax.GradientTransformation
+                            ) -> optax.GradientTransformation:
+  """``chain`` (ending in ``only_trainable``) fed only the trainable leaves'
+  gradients: frozen stages (``optimizer.frozen_stages``) count in neither
+  gradient clipping's global norm nor Adam's moments, as if they had no
+  gradient. The mask is read from ``chain``'s own last state, so the state
+  is ``chain``'s (and follows the params into any layout)."""
+  def update(updates, state, params=None):
+    updates = jax.tree.map(lambda u, m: jnp.where(m > 0, u, 0).astype(u.dtype),
+                           updates, state[-1].mask)
+    return chain.update(updates, state, params)
+  return optax.GradientTransformation(chain.init, update)

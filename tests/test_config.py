@@ -153,6 +153,8 @@ def test_eval_launcher_prints_one_line_naming_the_key(tmp_path):
     ('model.skips', ((0, 9),), 'config.model.skips: skip edge (0, 9) points '
      'at missing stage 9: the network has stages 0..2 (pairs (src, dst) of '
      'stages 0..2, src < dst - 1)'),
+    ('optimizer.frozen_stages', (1, 3), 'config.optimizer.frozen_stages: got '
+     '(1, 3) (a tuple of stage indices 0..2)'),
 ])
 def test_validate_config_names_the_key(key, value, line):
   with pytest.raises(config_lib.ConfigError) as e:

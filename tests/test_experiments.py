@@ -216,6 +216,19 @@ def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
   for l in range(5):
     close(frozen['blocks'][l], jax.tree.map(np.zeros_like, mixed[
         'blocks'][l]) if l < 2 else plain['sideways']['blocks'][l])
+  # The library's optimizer.frozen_stages trains what the benchmark's frozen
+  # row does, with the run's own Adam (clipping at norm 1).
+  c.optimizer.frozen_stages = (1,)
+  _, adam_frozen, _ = checkpoints.init_state(c, it.info)
+  c.optimizer.frozen_stages = ()
+  _, adam, _ = checkpoints.init_state(c, it.info)
+  lib, _, _ = engine.train_step(spec, adam_frozen, state.params,
+                                adam_frozen.init(state.params), clip, labels,
+                                mode='sideways')
+  bench, _, _ = motion_hybrid.hybrid_train_step(
+      spec, adam, state.params, adam.init(state.params), clip, labels,
+      sideways_stages=(0, 2, 3, 4), frozen_stages=(1,))
+  close(lib, bench)
   # The modes differ on this clip, so the checks above tell them apart.
   assert not np.allclose(plain['sideways']['blocks'][0]['stage']['conv'][
       'kernel'], plain['pipelined_bp']['blocks'][0]['stage']['conv'][

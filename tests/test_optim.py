@@ -162,3 +162,47 @@ def test_batch_statistics_are_never_updated_nor_decayed(on_mesh):
   for trains, moved in zip(flat_mask, jax.tree.leaves(changed)):
     assert moved == trains
   assert not all(flat_mask)  # The net has statistics.
+
+
+@pytest.mark.parametrize('on_mesh', [False, True])
+def test_frozen_stages_stay_and_leave_clipping_to_the_others(on_mesh):
+  """``optimizer.frozen_stages``: a frozen stage keeps its values (adamw's
+  decay included) while the others move exactly as if it had no gradient:
+  gradient clipping's global norm (active here) does not count it. On the
+  stage-sharded state too."""
+  from skipside import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  spec, params = _net()
+  config = _config(name='adamw', weight_decay=0.5, schedule='constant',
+                   learning_rate=0.1, warmup_steps=0, grad_clip_norm=1e-3)
+  frozen = optim.make_optimizer(config, trainable=lambda p: (
+      network.trainable_mask(spec, p, frozen_stages=(1,))))
+  clip, labels = _clip(8)
+  if on_mesh:
+    mspec = mesh_lib.place(spec, mesh_lib.make_mesh(1, 2), params=params)
+    p, o, _ = mesh_lib.train_step_sharded(
+        mspec, frozen, mesh_lib.shard_tree(mspec, params),
+        mesh_lib.shard_tree(mspec, frozen.init(params)), clip, labels,
+        mode='sideways')
+    new = mesh_lib.unshard_tree(mspec, p)
+  else:
+    new, _, _ = engine.train_step(spec, frozen, params, frozen.init(params),
+                                  clip, labels, mode='sideways')
+  # The reference: the plain optimizer on the gradient with stage 1 zeroed.
+  _, grads, out = engine.loss_and_grads(spec, params, clip, labels,
+                                        mode='sideways')
+  assert optax.tree.norm(grads['blocks'][1]) > 1e-3  # It would clip.
+  grads['blocks'][1] = jax.tree.map(jnp.zeros_like, grads['blocks'][1])
+  plain = optim.make_optimizer(config)
+  ref, _ = engine.apply_gradients(plain, params, plain.init(params), grads,
+                                  out.metrics['valid_ticks'])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+               new['blocks'][1], params['blocks'][1])
+  for part in ('blocks', 0), ('blocks', 2), ('head',):
+    get = lambda tree, part=part: tree[part[0]][part[1]] if len(part) == 2 \
+        else tree[part[0]]
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), get(ref),
+                         get(params))
+    assert all(jax.tree.leaves(moved))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=1e-7),
+                 get(new), get(ref))
