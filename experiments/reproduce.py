@@ -604,10 +604,12 @@ def _motion_hybrid(path: str) -> list[str]:
            f'--rows {cfg["rows"]} --seeds {seeds}\n```', '',
            'Section 1\'s `skip-sideways A` run (same seeds 0-'
            f'{seeds - 1}, init, batches and settings) with a hybrid gradient: '
-           'the named stages take their Sideways gradient, every other stage '
-           'and the head the exact `pipelined_bp` gradient of the same '
-           'forward. Every stage Sideways is section 1\'s `skip-sideways A`, '
-           'none its `pipelined_bp + skips A` (100.0 on every seed).', '']
+           'the stages named Sideways take their Sideways gradient, frozen '
+           'ones none (they keep their init: '
+           '`--config.optimizer.frozen_stages`), every other stage and the '
+           'head the exact `pipelined_bp` gradient of the same forward. '
+           'Every stage Sideways is section 1\'s `skip-sideways A`, none its '
+           '`pipelined_bp + skips A` (100.0 on every seed).', '']
   return lines + _seed_table(blob['rows'])
 
 

@@ -122,14 +122,19 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
   """``(harmful, harmless)`` keys that differ between two flat configs
-  (``_flat`` of their JSON). A key only one side has is harmless: a key
-  added to (or dropped from) skipside since the run started."""
-  changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+  (``_flat`` of their JSON). A key only one side has was added to (or
+  dropped from) skipside since the run started, which ran with its default:
+  harmless, unless ``new`` sets it to something else."""
+  default = _flat(json.loads(config_lib.defaults().to_json_best_effort()))
+  changed = sorted(
+      [k for k in old.keys() & new.keys() if old[k] != new[k]]
+      + [k for k in new.keys() - old.keys()
+         if k in default and new[k] != default[k]])
   harmless = [k for k in changed
               if any(k == h or (h.endswith('.') and k.startswith(h))
                      for h in HARMLESS_KEYS)]
   harmful = [k for k in changed if k not in harmless]
-  return harmful, harmless + sorted(old.keys() ^ new.keys())
+  return harmful, harmless + sorted((old.keys() ^ new.keys()) - set(changed))
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *,

@@ -85,9 +85,14 @@ def only_trainable(trainable: Callable[[PyTree], PyTree]
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: jnp.where(m > 0, u, 0).astype(u.dtype),
-                        updates, state.mask), state
+    return _masked(updates, state.mask), state
   return optax.GradientTransformation(init, update)
+
+
+def _masked(updates: PyTree, mask: PyTree) -> PyTree:
+  """``updates`` with 0 where ``mask`` is not ``> 0`` (NaN padding too)."""
+  return jax.tree.map(lambda u, m: jnp.where(m > 0, u, 0).astype(u.dtype),
+                      updates, mask)
 
 
 def _is_step_state(x) -> bool:
@@ -213,10 +218,10 @@ def _gradients_of_trainable(chain: optax.GradientTransformation
   """``chain`` (ending in ``only_trainable``) fed only the trainable leaves'
   gradients: frozen stages (``optimizer.frozen_stages``) count in neither
   gradient clipping's global norm nor Adam's moments, as if they had no
-  gradient. The mask is read from ``chain``'s own last state, so the state
-  is ``chain``'s (and follows the params into any layout)."""
+  gradient. The mask is read from ``chain``'s own last state (not kept in
+  a second state): the state is ``chain``'s, so checkpoints of nets with
+  batch statistics made before frozen stages existed still restore, and
+  the mask follows the params into any layout."""
   def update(updates, state, params=None):
-    updates = jax.tree.map(lambda u, m: jnp.where(m > 0, u, 0).astype(u.dtype),
-                           updates, state[-1].mask)
-    return chain.update(updates, state, params)
+    return chain.update(_masked(updates, state[-1].mask), state, params)
   return optax.GradientTransformation(chain.init, update)

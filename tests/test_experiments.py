@@ -217,7 +217,9 @@ def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
     close(frozen['blocks'][l], jax.tree.map(np.zeros_like, mixed[
         'blocks'][l]) if l < 2 else plain['sideways']['blocks'][l])
   # The library's optimizer.frozen_stages trains what the benchmark's frozen
-  # row does, with the run's own Adam (clipping at norm 1).
+  # row does, with the run's own Adam (clipping at norm 1); a constant rate
+  # (the warm-up's first rate is 0).
+  c.optimizer.schedule, c.optimizer.warmup_steps = 'constant', 0
   c.optimizer.frozen_stages = (1,)
   _, adam_frozen, _ = checkpoints.init_state(c, it.info)
   c.optimizer.frozen_stages = ()
@@ -229,6 +231,9 @@ def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
       spec, adam, state.params, adam.init(state.params), clip, labels,
       sideways_stages=(0, 2, 3, 4), frozen_stages=(1,))
   close(lib, bench)
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), lib, state.params)
+  assert all(jax.tree.leaves(moved['blocks'][0]) + jax.tree.leaves(
+      moved['head'])) and not any(jax.tree.leaves(moved['blocks'][1]))
   # The modes differ on this clip, so the checks above tell them apart.
   assert not np.allclose(plain['sideways']['blocks'][0]['stage']['conv'][
       'kernel'], plain['pipelined_bp']['blocks'][0]['stage']['conv'][

@@ -244,6 +244,24 @@ def test_used_workdir_refuses_another_config_and_restart_moves_it_aside(
     assert json.load(f)['mode'] == 'pipelined_bp'
 
 
+def test_a_key_newer_than_the_run_counts_only_away_from_its_default():
+  """A workdir from before a key existed ran with the key's default:
+  resuming it with the default is harmless, with another value refused
+  (``optimizer.frozen_stages`` lives in the restored optimizer state, so a
+  changed value would be silently lost)."""
+  flat = checkpoints._flat  # pylint: disable=protected-access
+  old = flat(json.loads(config_lib.defaults().to_json_best_effort()))
+  del old['optimizer.frozen_stages']
+  same = config_lib.defaults()
+  frozen = config_lib.defaults()
+  frozen.optimizer.frozen_stages = (1,)
+  for new, harmful in ((same, []), (frozen, ['optimizer.frozen_stages'])):
+    bad, fine = checkpoints.config_changes(
+        old, flat(json.loads(new.to_json_best_effort())))
+    assert bad == harmful
+    assert ('optimizer.frozen_stages' in fine) == (not harmful)
+
+
 def _bar_video(direction, frames=10, size=(72, 88)):
   v = np.zeros((frames, *size, 3), np.uint8)
   for t in range(frames):

@@ -14,8 +14,8 @@ that takes the Sideways gradient for the stages it names and the exact
 ``pipelined_bp`` gradient for every other stage (and the head), from the
 same clip, the same forward, the same optimizer step
 (``engine.optimize_clip``). With every stage named it is Skip-Sideways,
-with none ``pipelined_bp`` (the test checks both, to the last bit of the
-update).
+with none ``pipelined_bp`` (the test checks both, to float rounding, and
+that ``optimizer.frozen_stages`` trains as the frozen rows do).
 
 Settings, seeds, nets and the held-out score are section 1's (through
 ``motion_seeds.run_row`` and ``reproduce.train_run``): seed ``s`` here
@@ -37,8 +37,10 @@ its staleness is 0):
 Writes ``experiments/results/motion_hybrid.json`` (rows as
 ``motion_seeds``, each with its ``sideways_stages`` and ``frozen_stages``).
 
-Measured (2-core CPU, 5 seeds, 2026-12-06; rows run as ``--rows 0,1``,
-``2,3``, ``4`` and ``5``, ~1-2 min per run; mean +- std, seeds >= 95%):
+Measured (2-core CPU, 5 seeds, 2026-12-06, ~1.5 min per run; mean +- std,
+seeds >= 95%). The committed JSON merges four invocations (``--rows 0,1``,
+``2,3``, ``4``, ``5``; its ``config.invocations``): ``--rows 0,1,2,3,4,5``
+makes it in one, each run depending only on its row and seed.
 
 ====================================  ==============  =====
 row                                   held-out %      >= 95
@@ -54,15 +56,16 @@ stage 1 frozen, sideways on 0, 2-4    98.9 +- 1.9     5
 
 So the failure is stage 1's Sideways gradient (the second stage: stride 4,
 messages 2 ticks away, 4 ticks stale; it feeds stage 2 by the chain and
-stage 3 by a skip, where its features meet a newer frame's): alone among the exact
-ones it fails 2 seeds (49.2%, 71.0%, both after reaching a lower train loss:
-learnt, then lost), and every row without it learns every seed. Stage 0's,
-as stale, is harmless here. It is worse than no gradient at all: left at
-its random init, stage 1 costs nothing (Sideways on every other stage,
-98.9 +- 1.9%). With stages 2-3 also Sideways the failure grows (52.0%).
-Why stage 1's gradient misleads is not established; its *mean* direction
-over held-out batches is near orthogonal to the exact one (RESULTS section
-6, ``fidelity --mean_seeds``: median cosine 0.04).
+stage 3 by a skip, where its features meet a newer frame's). Alone among
+exact ones it fails 2 seeds (49.2% and 71.0%, both after a lower train
+loss, 0.72 and 0.71: partly learnt, then regressed), and every row without
+it learns every seed. Stage 0's, as stale, is harmless here. It is worse
+than no gradient at all: left at its random init, stage 1 costs nothing
+(Sideways on every other stage, 98.9 +- 1.9%). With stages 2-3 also
+Sideways the failure grows (52.0%). Why stage 1's gradient misleads is not
+established; its *mean* direction over held-out batches is near orthogonal
+to the exact one (RESULTS section 6, ``fidelity --mean_seeds``: median
+cosine 0.04).
 """
 
 import argparse
