@@ -211,6 +211,9 @@ def run(mode: str, variant: str, epochs: float, data_dir=None,
       'compute_s': compute_s,
       'steps_per_s': sched.num_steps / train_s,
       'final_train_loss': float(np.mean([float(l) for l in losses[-10:]])),
+      # Mean train loss over each tenth of the steps: has it levelled off?
+      'train_loss_tenths': [float(np.mean(part)) for part in np.array_split(
+          np.asarray([float(l) for l in losses]), 10)],
       'accuracy': metrics['eval/accuracy'],
       'eval_clips': metrics['eval/clips'],
       'compilations_after_compile': compiles.compilations,
