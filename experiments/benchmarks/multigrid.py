@@ -75,6 +75,12 @@ VARIANTS = {
 # other jobs), kept with the results; all but the first at 32x32 (--size 32,
 # results/multigrid_32.json: before the batched in-memory loader).
 NOTES = [
+    '64x64, sideways baseline, --epochs 16, lr sweep (--set '
+    'optimizer.learning_rate=...; the 2 cores shared, accuracies only): '
+    '3e-4 32.8%, 1e-3 45.6%, 3e-3 42.0%, 1e-2 34.4%; 1e-3 with --set '
+    'train.flush=3 44.4%. At --epochs 96 and lr 1e-3 '
+    '(results/multigrid_sideways_96.json, quiet): baseline 73.2%, its train '
+    'loss levelled off; multigrid 70.2% in 1.62x less wall time.',
     '64x64 (--size 64, --epochs 16): the sideways baseline reaches 42.0% '
     '(bp 96.6%): Sideways does not learn this appearance task at 64x64 in '
     '16 epochs at lr 3e-3, so its multigrid row compares two unconverged '
