@@ -217,9 +217,10 @@ def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
     close(frozen['blocks'][l], jax.tree.map(np.zeros_like, mixed[
         'blocks'][l]) if l < 2 else plain['sideways']['blocks'][l])
   # The library's optimizer.frozen_stages trains what the benchmark's frozen
-  # row does, with the run's own Adam (clipping at norm 1); a constant rate
-  # (the warm-up's first rate is 0).
+  # row does, with the run's own Adam; a constant rate (the warm-up's first
+  # rate is 0) and clipping that acts on this clip.
   c.optimizer.schedule, c.optimizer.warmup_steps = 'constant', 0
+  c.optimizer.grad_clip_norm = 1e-3
   c.optimizer.frozen_stages = (1,)
   _, adam_frozen, _ = checkpoints.init_state(c, it.info)
   c.optimizer.frozen_stages = ()
