@@ -68,19 +68,15 @@ to the exact one (RESULTS section 6, ``fidelity --mean_seeds``: median
 cosine 0.04).
 """
 
-import argparse
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
 from experiments import reproduce
-from experiments.benchmarks import common
 from experiments.benchmarks import motion_seeds
 from skipside import engine
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (name, stages whose gradient is Sideways's, stages with no gradient); the
 # others take the exact one.
 ROWS = (
@@ -120,10 +116,13 @@ def hybrid_train_step(spec, optimizer, params, opt_state, clip, targets, *,
     loss, sideways, out = eng.window_grads(
         p, clip, targets, carry, mode='sideways', start=start, length=length,
         **kw)
-    fresh = eng.init_carry(p, clip, targets, 'pipelined_bp')
-    _, exact, _ = eng.window_grads(
-        p, clip, targets, fresh, mode='pipelined_bp', start=start,
-        length=length, **kw)
+    exact = sideways  # Its head gradient is the exact one too.
+    if set(range(spec.num_stages)) - set(sideways_stages) - set(
+        frozen_stages):  # Some stage takes the exact gradient.
+      fresh = eng.init_carry(p, clip, targets, 'pipelined_bp')
+      _, exact, _ = eng.window_grads(
+          p, clip, targets, fresh, mode='pipelined_bp', start=start,
+          length=length, **kw)
     blocks = [sideways['blocks'][l] if l in sideways_stages else b
               for l, b in enumerate(exact['blocks'])]
     blocks = [jax.tree.map(jnp.zeros_like, b) if l in frozen_stages else b
@@ -152,23 +151,7 @@ def run_row(row, seeds: int, base) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--seeds', type=int, default=5)
-  parser.add_argument('--rows', default=','.join(map(str, range(len(ROWS)))),
-                      help='indices into ROWS')
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--out', default=os.path.join(
-      HERE, '..', 'results', 'motion_hybrid.json'))
-  args = parser.parse_args(argv)
-  base = reproduce.parse_args(['--quick'] if args.quick else [])
-  seeds = 1 if args.quick else args.seeds
-  rows = [run_row(ROWS[int(i)], seeds, base) for i in args.rows.split(',')]
-  headline = {r['row']: {k: r[k] for k in ('mean', 'std', 'worst',
-                                            'seeds_at_95')} for r in rows}
-  print('headline:', headline)
-  common.write_result(args.out, dict(
-      config=dict(vars(args), task='motion', seeds=seeds),
-      device=common.device_info(), rows=rows, headline=headline))
+  motion_seeds.main(argv, ROWS, run_row, 'motion_hybrid', __doc__)
 
 
 if __name__ == '__main__':

@@ -82,24 +82,28 @@ def run_row(row, seeds: int, base, step=None) -> dict:
           'worst': min(acc), 'seeds_at_95': sum(a >= 0.95 for a in acc)}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv=None, rows=ROWS, run=run_row, name='motion_seeds',
+         description=__doc__):
+  """The command line of a benchmark of rows over seeds: ``run(rows[i],
+  seeds, base)`` for each ``--rows`` index, written to
+  ``results/<name>.json`` (``motion_hybrid`` runs its own rows here)."""
+  parser = argparse.ArgumentParser(description=description.split('\n')[0])
   parser.add_argument('--seeds', type=int, default=5)
-  parser.add_argument('--rows', default=','.join(map(str, range(len(ROWS)))),
+  parser.add_argument('--rows', default=','.join(map(str, range(len(rows)))),
                       help='indices into ROWS')
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--out', default=os.path.join(
-      HERE, '..', 'results', 'motion_seeds.json'))
+      HERE, '..', 'results', f'{name}.json'))
   args = parser.parse_args(argv)
   base = reproduce.parse_args(['--quick'] if args.quick else [])
   seeds = 1 if args.quick else args.seeds
-  rows = [run_row(ROWS[int(i)], seeds, base) for i in args.rows.split(',')]
+  done = [run(rows[int(i)], seeds, base) for i in args.rows.split(',')]
   headline = {r['row']: {k: r[k] for k in ('mean', 'std', 'worst',
-                                            'seeds_at_95')} for r in rows}
+                                            'seeds_at_95')} for r in done}
   print('headline:', headline)
   common.write_result(args.out, dict(
       config=dict(vars(args), task='motion', seeds=seeds),
-      device=common.device_info(), rows=rows, headline=headline))
+      device=common.device_info(), rows=done, headline=headline))
 
 
 if __name__ == '__main__':

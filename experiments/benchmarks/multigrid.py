@@ -208,6 +208,7 @@ def run(mode: str, variant: str, epochs: float, data_dir=None,
       compute_s += time.perf_counter() - t0
       del batches
   it.close()
+  losses = np.asarray([float(l) for l in losses])
   return {
       'mode': mode, 'schedule': variant,
       'steps': sched.num_steps,
@@ -216,10 +217,10 @@ def run(mode: str, variant: str, epochs: float, data_dir=None,
       'compile_s': compile_s, 'train_s': train_s, 'load_s': load_s,
       'compute_s': compute_s,
       'steps_per_s': sched.num_steps / train_s,
-      'final_train_loss': float(np.mean([float(l) for l in losses[-10:]])),
+      'final_train_loss': float(np.mean(losses[-10:])),
       # Mean train loss over each tenth of the steps: has it levelled off?
-      'train_loss_tenths': [float(np.mean(part)) for part in np.array_split(
-          np.asarray([float(l) for l in losses]), 10)],
+      'train_loss_tenths': [float(np.mean(part))
+                            for part in np.array_split(losses, 10)],
       'accuracy': metrics['eval/accuracy'],
       'eval_clips': metrics['eval/clips'],
       'compilations_after_compile': compiles.compilations,
