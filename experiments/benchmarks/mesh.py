@@ -42,7 +42,9 @@ on one device, as skipside's engine runs them). ``--quick`` (2 repeats) is
 for smoke runs.
 Also: ``mesh_train_step_over_single`` (the training loop's steps, sideways,
 Adam, 2x4: the single-device engine's against ``mesh.train_step_sharded`` on
-the stage-sharded state) and ``state_bytes_per_device_share_1x4`` (the
+the stage-sharded state, each batch placed as the loop's ``eng.put_batch``
+places it), the transport ablation ``mesh_no_transfers_over_single`` and
+``mesh_no_transfers_no_frames_over_single`` (below) and ``state_bytes_per_device_share_1x4`` (the
 largest device's params + Adam bytes over their total as one pytree; the
 lower bound of a placement is its largest group's parameter share, reported
 beside it: on the default net stage 4 alone holds 64% of the parameters).
@@ -90,6 +92,25 @@ and ablations, 2-core CPU):
   outputs and messages into per-device buffers (concatenates), padding to
   the widest device, and the imbalance of the groups (max/mean flops 1.62 on
   2x4 for the default net).
+- What is left is the transport, measured by ablation
+  (``transport_ablation``: the same window compiled with its ``ppermute``
+  rounds replaced by each device keeping its buffers, then without the
+  per-tick frame ``psum`` too; timing only, the numbers it computes are
+  wrong). On 2x4 (2026-12-06, 2-core CPU): 0.76x one device as is, 1.09x
+  without the rounds, 1.32x without the frame ``psum`` too; the train step
+  0.73x. One ``ppermute`` costs about 0.2-0.26 ms here whatever it carries
+  (``ppermute_ms``: a rendezvous of 8 device threads on 2 cores) and a
+  Sideways tick on 2x4 runs four (two rounds, up and down) plus the frame
+  ``psum``. Prototyped on the same window and not kept: each round as an
+  ``all_to_all`` (0.75 against 0.77 as is), each direction's rounds merged
+  into one ``all_to_all`` (0.76 against 0.70), and the frames fetched a
+  chunk of ``T / S`` at a time (one ``psum`` per chunk: 0.73, unchanged,
+  and temporary memory growing with ``T``). Where a collective costs
+  microseconds (NVLink, ICI) this share should mostly go; no multi-device
+  accelerator has been lent to measure it.
+- The train step's figure used to feed the mesh an unplaced batch, resharded
+  inside every step (0.64); fed as the loop feeds it, it is the bare
+  window's (0.73).
 - The peer's one-device baseline is ``vmap`` over stacked stages: XLA:CPU
   runs its grouped convolutions about 4x slower than plain ones, which
   flatters ``peer_mesh_over_single_ticks_per_s`` and sinks
@@ -102,6 +123,7 @@ from experiments.benchmarks import host_devices
 host_devices.simulate(8)  # Before jax is imported.
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import functools  # noqa: E402
 import re  # noqa: E402
@@ -110,6 +132,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -208,6 +232,11 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
       'single': (jax.tree.map(jnp.array, params), opt.init(params)),
       'mesh': (mesh.shard_tree(mspec, params),
                mesh.shard_tree(mspec, opt.init(params)))}
+  # Each engine gets its batch as the loop's ``eng.put_batch`` places it (an
+  # unplaced batch would be resharded inside every mesh step).
+  batches = {'single': (clip, labels),
+             'mesh': mesh.MeshEngine(mspec).put_batch((clip, labels),
+                                                      clip.shape[0])}
   kw = dict(mode='sideways', compute_dtype=jnp.float32, update_every=None,
             flush=0, skip_nonfinite=False)
   step_fn = programs.train_step
@@ -218,7 +247,7 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
   for i in range(repeats + 1):  # The first round compiles and warms up.
     for k, step in steps.items():
       start = time.perf_counter()
-      p, o, _ = jax.block_until_ready(step(*states[k], clip, labels, None,
+      p, o, _ = jax.block_until_ready(step(*states[k], *batches[k], None,
                                            **kw))
       states[k] = (p, o)
       if i:
@@ -228,6 +257,79 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
           'mesh': f'{mspec.num_data}x{mspec.num_stage}',
           'single_step_s_median': t['single'], 'mesh_step_s_median': t['mesh'],
           'mesh_over_single': t['single'] / t['mesh']}
+
+
+@contextlib.contextmanager
+def _transport_removed(frames: bool):
+  """Inside: the mesh program without its per-tick ``ppermute`` rounds (each
+  device keeps the buffers it would send) and, with ``frames``, without the
+  per-tick frame ``psum`` (each device reads its own frames). Timing only:
+  what it computes is wrong. Programs compiled inside keep the change."""
+  send, reader = mesh._send, mesh._frame_reader  # pylint: disable=protected-access
+  mesh._send = lambda plan, bufs, down: tuple(bufs)
+  if frames:
+    mesh._frame_reader = lambda read, sharded: (
+        lambda buf, t: read(buf, t % buf.shape[1]))
+  try:
+    yield
+  finally:
+    mesh._send, mesh._frame_reader = send, reader
+
+
+def ppermute_ms(m, width: int, rows: int, ticks: int = 16) -> float:
+  """Milliseconds one ``ppermute`` of a ``(rows, width)`` f32 buffer per
+  device costs on mesh ``m`` (to the next device on 'stage'), inside a scan
+  of ``ticks`` as the engine runs them: 8 per tick against none."""
+  stage = m.shape['stage']
+
+  def program(k):
+    def fn(x):
+      def body(c, _):
+        for _ in range(k):
+          c = lax.ppermute(c, 'stage', [(s, (s + 1) % stage)
+                                        for s in range(stage)])
+        return c, None
+      return lax.scan(body, x, jnp.arange(ticks))[0]
+    return jax.jit(jax.shard_map(fn, mesh=m, in_specs=P('data', 'stage'),
+                                 out_specs=P('data', 'stage')))
+  x = jnp.ones((rows * m.shape['data'], width * stage))
+  t = _medians({k: (program(k), (x,)) for k in (0, 8)}, 7)
+  return (t[8] - t[0]) / (8 * ticks) * 1e3
+
+
+def transport_ablation(spec, params, mspec, clip, labels, repeats):
+  """Where the mesh's overhead goes (sideways, stage-sharded state, placed
+  batch): the window timed as is, without its per-tick transfers, and
+  without the per-tick frame ``psum`` too, each against one device,
+  interleaved; and the cost of one ``ppermute`` of each round's buffer on
+  this platform (``ppermute_ms``)."""
+  eng = mesh.MeshEngine(mesh.place(spec, mspec.mesh, mspec.groups,
+                                   params=params))
+  args = (eng.to_state(params), *eng.put_batch((clip, labels), clip.shape[0]))
+  programs_ = {'single': (_compile(window_grads, engine.LocalEngine(spec),
+                                   params, clip, labels)[0],
+                          (params, clip, labels)),
+               'mesh': (_compile(window_grads, eng, *args)[0], args)}
+  for name, frames in (('mesh_no_transfers', False),
+                       ('mesh_no_transfers_no_frames', True)):
+    with _transport_removed(frames):
+      programs_[name] = (_compile(window_grads, eng, *args)[0], args)
+  jax.clear_caches()  # Nothing compiled without the transport stays cached.
+  t = _medians(programs_, repeats)
+  plan = mesh._plan(mspec, params, jnp.float32)  # pylint: disable=protected-access
+  rows = clip.shape[0] // mspec.num_data
+  return {
+      'mesh': f'{mspec.num_data}x{mspec.num_stage}', 'mode': 'sideways',
+      'step_s_median': t,
+      'over_single': {k: t['single'] / v for k, v in t.items()
+                      if k != 'single'},
+      'collectives_per_tick': {
+          'ppermute': 2 * len(plan.rounds),
+          'frame_psum': int(mesh.time_sharded(mspec.mesh, clip.shape))},
+      'round_widths': [r.width for r in plan.rounds],
+      'ppermute_ms': {str(r.width): ppermute_ms(mspec.mesh, r.width, rows)
+                      for r in plan.rounds},
+  }
 
 
 def state_bytes(spec, params, data, stage):
@@ -409,6 +511,13 @@ def main():
                          args.repeats)
   print(f"train step (sideways, Adam, 2x4, stage-sharded state): mesh over "
         f"single {step_row['mesh_over_single']:.3f}")
+  ablation = transport_ablation(spec, params, main_mspec, clip, labels,
+                                args.repeats)
+  print('transport ablation (sideways 2x4, timing only): mesh over single ' +
+        ', '.join(f'{k} {v:.2f}' for k, v in ablation['over_single'].items())
+        + '; one ppermute ' + ', '.join(
+            f'{w} floats/example {ms:.3f} ms'
+            for w, ms in ablation['ppermute_ms'].items()))
   state_row = state_bytes(spec, params, 1, 4)
   print(f"params + Adam state per device (1x4): "
         f"{state_row['per_device_bytes'] / 1024:.0f} KiB of "
@@ -436,6 +545,11 @@ def main():
       'max_over_mean_group_flops_2x4': next(
           r['max_over_mean'] for r in balance_rows if r['mesh'] == '2x4'),
       'mesh_train_step_over_single': step_row['mesh_over_single'],
+      # Timing-only ablations (wrong results): the transport's share.
+      'mesh_no_transfers_over_single': ablation['over_single'][
+          'mesh_no_transfers'],
+      'mesh_no_transfers_no_frames_over_single': ablation['over_single'][
+          'mesh_no_transfers_no_frames'],
       'state_bytes_per_device_share_1x4': state_row['share'],
       'largest_group_param_share_1x4': state_row[
           'largest_group_param_share'],
@@ -469,6 +583,7 @@ def main():
       'padding': layout,
       'fill_flush': fill,
       'train_step': step_row,
+      'transport_ablation': ablation,
       'state_bytes': state_row,
       'homogeneous': {'rows': homog_rows, 'ratios': homog},
       'headline': headline,
