@@ -668,15 +668,18 @@ def apply_gradients(optimizer, params, opt_state, grads, valid_ticks=None):
   """One optax update: ``(params, opt_state)``.
 
   A window with ``valid_ticks == 0`` (all fill) has no loss, and one whose
-  gradient is exactly zero (``mask_fill='stages'`` before the top stage's
-  gate opens) nothing to learn: its update is skipped, so neither Adam's
-  moments nor weight decay see it.
+  gradient is exactly zero on the leaves that train
+  (``optim.trainable_gradients``: ``mask_fill='stages'`` before the top
+  stage's gate opens, or a gradient only on frozen stages) nothing to
+  learn: its update is skipped, so neither Adam's moments nor weight decay
+  see it.
   """
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new = optax.apply_updates(params, updates), new_opt_state
   if valid_ticks is None:
     return new
-  learns = (valid_ticks > 0) & (optax.tree.norm(grads) > 0)
+  learns = ((valid_ticks > 0) &
+            (optax.tree.norm(optim.trainable_gradients(opt_state, grads)) > 0))
   return jax.tree.map(lambda n, o: jnp.where(learns, n, o), new,
                       (params, opt_state))
 

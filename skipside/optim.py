@@ -95,6 +95,16 @@ def _masked(updates: PyTree, mask: PyTree) -> PyTree:
                       updates, mask)
 
 
+def trainable_gradients(opt_state: PyTree, grads: PyTree) -> PyTree:
+  """``grads`` with 0 on the leaves an ``only_trainable`` in ``opt_state``
+  marks as not training (frozen stages, batch statistics); ``grads`` as
+  they are for an optimizer without one."""
+  found = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, TrainableState))
+           if isinstance(s, TrainableState)]
+  return _masked(grads, found[-1].mask) if found else grads
+
+
 def _is_step_state(x) -> bool:
   return isinstance(x, TrainingStepState)
 

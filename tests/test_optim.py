@@ -164,6 +164,29 @@ def test_batch_statistics_are_never_updated_nor_decayed(on_mesh):
   assert not all(flat_mask)  # The net has statistics.
 
 
+def test_update_with_gradient_only_on_frozen_stages_is_skipped():
+  """A window whose only gradient is on frozen stages has nothing to learn,
+  like an all-zero one: no Adam step is counted and nothing moves."""
+  spec, params = _net()
+  config = _config(name='adam', schedule='constant', learning_rate=0.1,
+                   warmup_steps=0)
+  frozen = optim.make_optimizer(config, trainable=lambda p: (
+      network.trainable_mask(spec, p, frozen_stages=(0,))))
+  state = frozen.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads['blocks'][0] = jax.tree.map(jnp.ones_like, params['blocks'][0])
+  new, new_state = engine.apply_gradients(frozen, params, state, grads,
+                                          jnp.int32(4))
+  assert _adam_count(new_state) == 0
+  jax.tree.map(np.testing.assert_array_equal, (new, new_state),
+               (params, state))
+  # A gradient on a stage that trains is a step.
+  grads['blocks'][1] = jax.tree.map(jnp.ones_like, params['blocks'][1])
+  _, new_state = engine.apply_gradients(frozen, params, state, grads,
+                                        jnp.int32(4))
+  assert _adam_count(new_state) == 1
+
+
 @pytest.mark.parametrize('on_mesh', [False, True])
 def test_frozen_stages_stay_and_leave_clipping_to_the_others(on_mesh):
   """``optimizer.frozen_stages``: a frozen stage keeps its values (adamw's
