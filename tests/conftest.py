@@ -10,6 +10,20 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent compilation cache per test session, shared by the test
+# workers and the processes tests start (launchers, multi-host runs and
+# resumed runs compile the same small programs again in fresh processes).
+# Made here, in the first process, and inherited by the others; removed when
+# that process ends, so no run reads an entry an earlier run wrote.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="skipside-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -32,3 +46,9 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
