@@ -44,7 +44,8 @@ Also: ``mesh_train_step_over_single`` (the training loop's steps, sideways,
 Adam, 2x4: the single-device engine's against ``mesh.train_step_sharded`` on
 the stage-sharded state, each batch placed as the loop's ``eng.put_batch``
 places it), the transport ablation ``mesh_no_transfers_over_single`` and
-``mesh_no_transfers_no_frames_over_single`` (below) and ``state_bytes_per_device_share_1x4`` (the
+``mesh_no_transfers_no_frames_over_single`` (below) and
+``state_bytes_per_device_share_1x4`` (the
 largest device's params + Adam bytes over their total as one pytree; the
 lower bound of a placement is its largest group's parameter share, reported
 beside it: on the default net stage 4 alone holds 64% of the parameters).
@@ -96,21 +97,27 @@ and ablations, 2-core CPU):
   (``transport_ablation``: the same window compiled with its ``ppermute``
   rounds replaced by each device keeping its buffers, then without the
   per-tick frame ``psum`` too; timing only, the numbers it computes are
-  wrong). On 2x4 (2026-12-06, 2-core CPU): 0.76x one device as is, 1.09x
-  without the rounds, 1.32x without the frame ``psum`` too; the train step
-  0.73x. One ``ppermute`` costs about 0.2-0.26 ms here whatever it carries
+  wrong). On 2x4 (results/mesh.json, 2026-12-06, 2-core CPU): 0.65x one
+  device as is, 0.99x without the rounds, 1.11x without the frame ``psum``
+  too (an earlier run the same day: 0.76, 1.09, 1.32). One ``ppermute``
+  costs about 0.2-0.26 ms here whatever it carries
   (``ppermute_ms``: a rendezvous of 8 device threads on 2 cores) and a
   Sideways tick on 2x4 runs four (two rounds, up and down) plus the frame
-  ``psum``. Prototyped on the same window and not kept: each round as an
-  ``all_to_all`` (0.75 against 0.77 as is), each direction's rounds merged
-  into one ``all_to_all`` (0.76 against 0.70), and the frames fetched a
-  chunk of ``T / S`` at a time (one ``psum`` per chunk: 0.73, unchanged,
-  and temporary memory growing with ``T``). Where a collective costs
+  ``psum``. Tried in throwaway code on the same window, timed against the
+  program as is in the same process, and not kept (no gain beyond this
+  machine's run-to-run noise): each round as an ``all_to_all``; each
+  direction's rounds merged into one ``all_to_all`` (one collective where
+  there were two); the frames fetched a chunk of ``T / S`` at a time (one
+  ``psum`` per chunk), which also grew temporary memory with ``T`` (a
+  ``tests/test_mesh.py`` bound failed). Where a collective costs
   microseconds (NVLink, ICI) this share should mostly go; no multi-device
   accelerator has been lent to measure it.
 - The train step's figure used to feed the mesh an unplaced batch, resharded
-  inside every step (0.64); fed as the loop feeds it, it is the bare
-  window's (0.73).
+  inside every step; it is now fed as the loop feeds it. It still reads
+  below the bare window's (0.64 against 0.74 in results/mesh.json); the
+  optimizer update on the packed state is not where that goes as far as
+  measured (a side-by-side probe of the two programs, not kept: 0.68 both),
+  so it is put down to this machine's noise, not established.
 - The peer's one-device baseline is ``vmap`` over stacked stages: XLA:CPU
   runs its grouped convolutions about 4x slower than plain ones, which
   flatters ``peer_mesh_over_single_ticks_per_s`` and sinks
