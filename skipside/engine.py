@@ -672,7 +672,8 @@ def apply_gradients(optimizer, params, opt_state, grads, valid_ticks=None):
   (``optim.trainable_gradients``: ``mask_fill='stages'`` before the top
   stage's gate opens, or a gradient only on frozen stages) nothing to
   learn: its update is skipped, so neither Adam's moments nor weight decay
-  see it.
+  see it. Frozen leaves' gradients take no part in the check (a NaN there
+  skips nothing: it never reaches the update either).
   """
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new = optax.apply_updates(params, updates), new_opt_state

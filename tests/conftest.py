@@ -10,19 +10,25 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 # One persistent compilation cache per test session, shared by the test
 # workers and the processes tests start (launchers, multi-host runs and
 # resumed runs compile the same small programs again in fresh processes).
-# Made here, in the first process, and inherited by the others; removed when
-# that process ends, so no run reads an entry an earlier run wrote.
-_OWN_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix="skipside-tests-jax-cache-")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Made in the first process (the xdist controller) and inherited through
+# _CACHE_VAR by the others; removed when that process exits, so no run reads
+# an entry an earlier run wrote (a JAX_COMPILATION_CACHE_DIR of the user's is
+# overridden). Every program is cached, however fast it compiled. Two
+# processes may race on one entry: JAX then warns, compiles it itself and
+# computes the same.
+_CACHE_VAR = "SKIPSIDE_TESTS_JAX_CACHE"
+if _CACHE_VAR not in os.environ:
+  os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="skipside-tests-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VAR]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
@@ -47,8 +53,3 @@ def _release_compiled_programs():
   jax.clear_caches()
   gc.collect()
 
-
-def pytest_unconfigure(config):
-  del config
-  if _OWN_CACHE:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

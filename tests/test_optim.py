@@ -164,27 +164,39 @@ def test_batch_statistics_are_never_updated_nor_decayed(on_mesh):
   assert not all(flat_mask)  # The net has statistics.
 
 
-def test_update_with_gradient_only_on_frozen_stages_is_skipped():
+@pytest.mark.parametrize('on_mesh', [False, True])
+def test_update_with_gradient_only_on_frozen_stages_is_skipped(on_mesh):
   """A window whose only gradient is on frozen stages has nothing to learn,
-  like an all-zero one: no Adam step is counted and nothing moves."""
+  like an all-zero one: no Adam step is counted and nothing moves. On the
+  stage-sharded state too (NaN padding: the mask must not read it)."""
+  from skipside import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   spec, params = _net()
   config = _config(name='adam', schedule='constant', learning_rate=0.1,
                    warmup_steps=0)
   frozen = optim.make_optimizer(config, trainable=lambda p: (
       network.trainable_mask(spec, p, frozen_stages=(0,))))
-  state = frozen.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
   grads['blocks'][0] = jax.tree.map(jnp.ones_like, params['blocks'][0])
-  new, new_state = engine.apply_gradients(frozen, params, state, grads,
-                                          jnp.int32(4))
+  layout = lambda tree: tree
+  if on_mesh:
+    mspec = mesh_lib.place(spec, mesh_lib.make_mesh(1, 2), params=params,
+                           pad_value=float('nan'))
+    layout = lambda tree: mesh_lib.shard_tree(mspec, tree)
+  state = layout(frozen.init(params))
+
+  def update(grads):
+    g = layout(grads)
+    if on_mesh:  # Gradients are exactly zero on padding (mesh.py).
+      g = jnp.where(jnp.isnan(g), 0.0, g)
+    return engine.apply_gradients(frozen, layout(params), state, g,
+                                  jnp.int32(4))
+  new, new_state = update(grads)
   assert _adam_count(new_state) == 0
   jax.tree.map(np.testing.assert_array_equal, (new, new_state),
-               (params, state))
+               (layout(params), state))
   # A gradient on a stage that trains is a step.
   grads['blocks'][1] = jax.tree.map(jnp.ones_like, params['blocks'][1])
-  _, new_state = engine.apply_gradients(frozen, params, state, grads,
-                                        jnp.int32(4))
-  assert _adam_count(new_state) == 1
+  assert _adam_count(update(grads)[1]) == 1
 
 
 @pytest.mark.parametrize('on_mesh', [False, True])

@@ -99,11 +99,13 @@ and ablations, 2-core CPU):
   per-tick frame ``psum`` too; timing only, the numbers it computes are
   wrong). On 2x4 (results/mesh.json, 2026-12-06, 2-core CPU): 0.65x one
   device as is, 0.99x without the rounds, 1.11x without the frame ``psum``
-  too (an earlier run the same day: 0.76, 1.09, 1.32). One ``ppermute``
-  costs about 0.2-0.26 ms here whatever it carries
-  (``ppermute_ms``: a rendezvous of 8 device threads on 2 cores) and a
-  Sideways tick on 2x4 runs four (two rounds, up and down) plus the frame
-  ``psum``. Tried in throwaway code on the same window, timed against the
+  too (an earlier, unrecorded run the same day read higher on all three).
+  One ``ppermute`` in a chain costs 0.20 ms for a 2048-float-per-example
+  buffer and 0.26 ms for 6144 (``ppermute_ms``: mostly a fixed cost, a
+  rendezvous of 8 device threads on 2 cores), and a Sideways tick on 2x4
+  makes four (two rounds, up and down) plus the frame ``psum``: about
+  0.9 ms a tick of the 1.7 ms a tick the ablation removes; the rest (the
+  waiting each rendezvous adds between devices) is not broken down. Tried in throwaway code on the same window, timed against the
   program as is in the same process, and not kept (no gain beyond this
   machine's run-to-run noise): each round as an ``all_to_all``; each
   direction's rounds merged into one ``all_to_all`` (one collective where
@@ -113,11 +115,13 @@ and ablations, 2-core CPU):
   microseconds (NVLink, ICI) this share should mostly go; no multi-device
   accelerator has been lent to measure it.
 - The train step's figure used to feed the mesh an unplaced batch, resharded
-  inside every step; it is now fed as the loop feeds it. It still reads
-  below the bare window's (0.64 against 0.74 in results/mesh.json); the
-  optimizer update on the packed state is not where that goes as far as
-  measured (a side-by-side probe of the two programs, not kept: 0.68 both),
-  so it is put down to this machine's noise, not established.
+  inside every step; it is now fed as the loop feeds it, which changed the
+  figure by nothing measurable (0.638 before, 0.639 after). It reads below
+  the bare window's ``mesh_sharded_over_single`` (0.64 against 0.74), but
+  the same window program read 0.65 in the transport ablation of the same
+  run: one program's figure spans 0.65-0.74 within a run here, so whether
+  the optimizer update on the packed state costs anything is not
+  established.
 - The peer's one-device baseline is ``vmap`` over stacked stages: XLA:CPU
   runs its grouped convolutions about 4x slower than plain ones, which
   flatters ``peer_mesh_over_single_ticks_per_s`` and sinks
@@ -270,8 +274,10 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
 def _transport_removed(frames: bool):
   """Inside: the mesh program without its per-tick ``ppermute`` rounds (each
   device keeps the buffers it would send) and, with ``frames``, without the
-  per-tick frame ``psum`` (each device reads its own frames). Timing only:
-  what it computes is wrong. Programs compiled inside keep the change."""
+  per-tick frame ``psum`` (each device reads its own frames; per-frame
+  targets too). Timing only: what it computes is wrong. Programs compiled
+  inside keep the change; jit caches are cleared on the way out, so nothing
+  traced inside is reused."""
   send, reader = mesh._send, mesh._frame_reader  # pylint: disable=protected-access
   mesh._send = lambda plan, bufs, down: tuple(bufs)
   if frames:
@@ -281,12 +287,15 @@ def _transport_removed(frames: bool):
     yield
   finally:
     mesh._send, mesh._frame_reader = send, reader
+    jax.clear_caches()
 
 
 def ppermute_ms(m, width: int, rows: int, ticks: int = 16) -> float:
   """Milliseconds one ``ppermute`` of a ``(rows, width)`` f32 buffer per
-  device costs on mesh ``m`` (to the next device on 'stage'), inside a scan
-  of ``ticks`` as the engine runs them: 8 per tick against none."""
+  device costs on mesh ``m``: a scan of ``ticks`` with 8 dependent cyclic
+  shifts on 'stage' per tick and no compute between them, against none (7
+  repeats). The latency of one collective in a chain, not the engine's
+  rounds, which use acyclic pairs and sit between computations."""
   stage = m.shape['stage']
 
   def program(k):
@@ -321,7 +330,6 @@ def transport_ablation(spec, params, mspec, clip, labels, repeats):
                        ('mesh_no_transfers_no_frames', True)):
     with _transport_removed(frames):
       programs_[name] = (_compile(window_grads, eng, *args)[0], args)
-  jax.clear_caches()  # Nothing compiled without the transport stays cached.
   t = _medians(programs_, repeats)
   plan = mesh._plan(mspec, params, jnp.float32)  # pylint: disable=protected-access
   rows = clip.shape[0] // mspec.num_data
