@@ -95,13 +95,19 @@ def _masked(updates: PyTree, mask: PyTree) -> PyTree:
                       updates, mask)
 
 
+def _states(opt_state: PyTree, kind: type) -> list:
+  """Every state of type ``kind`` in ``opt_state``, in chain order."""
+  def is_kind(x):
+    return isinstance(x, kind)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_kind)
+          if is_kind(s)]
+
+
 def trainable_gradients(opt_state: PyTree, grads: PyTree) -> PyTree:
   """``grads`` with 0 on the leaves an ``only_trainable`` in ``opt_state``
   marks as not training (frozen stages, batch statistics); ``grads`` as
   they are for an optimizer without one."""
-  found = [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, TrainableState))
-           if isinstance(s, TrainableState)]
+  found = _states(opt_state, TrainableState)
   return _masked(grads, found[-1].mask) if found else grads
 
 
@@ -110,8 +116,7 @@ def _is_step_state(x) -> bool:
 
 
 def _step_states(opt_state: PyTree) -> list[TrainingStepState]:
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_step_state)
-          if _is_step_state(s)]
+  return _states(opt_state, TrainingStepState)
 
 
 def _with_training_step(opt_state: PyTree, step_of) -> PyTree:

@@ -52,4 +52,3 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
-

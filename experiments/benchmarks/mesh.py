@@ -105,9 +105,10 @@ and ablations, 2-core CPU):
   rendezvous of 8 device threads on 2 cores), and a Sideways tick on 2x4
   makes four (two rounds, up and down) plus the frame ``psum``: about
   0.9 ms a tick of the 1.7 ms a tick the ablation removes; the rest (the
-  waiting each rendezvous adds between devices) is not broken down. Tried in throwaway code on the same window, timed against the
-  program as is in the same process, and not kept (no gain beyond this
-  machine's run-to-run noise): each round as an ``all_to_all``; each
+  waiting each rendezvous adds between devices) is not broken down.
+  Tried in throwaway code on the same window, timed against the program as
+  is in the same process, and not kept (no gain beyond this machine's
+  run-to-run noise): each round as an ``all_to_all``; each
   direction's rounds merged into one ``all_to_all`` (one collective where
   there were two); the frames fetched a chunk of ``T / S`` at a time (one
   ``psum`` per chunk), which also grew temporary memory with ``T`` (a
@@ -201,6 +202,16 @@ def window_grads(eng, state, clip, labels, *, mode='sideways'):
                           compute_dtype=jnp.float32)
 
 
+def sharded_engine(spec, params, mspec, clip, labels):
+  """The mesh engine of ``mspec``'s placement and its arguments as the
+  training loop holds them: ``(eng, (stage-sharded params, placed clip,
+  placed labels))``."""
+  eng = mesh.MeshEngine(mesh.place(spec, mspec.mesh, mspec.groups,
+                                   params=params))
+  return eng, (eng.to_state(params),
+               *eng.put_batch((clip, labels), clip.shape[0]))
+
+
 def compare(spec, params, mspec, mode, clip, labels, repeats):
   """Compile and time, on the same clip, interleaved: ``engine`` and
   ``mesh.loss_and_grads`` on the params pytree (the README's calls; the
@@ -211,10 +222,7 @@ def compare(spec, params, mspec, mode, clip, labels, repeats):
                                     labels, mode=mode)
   on_mesh, mesh_compile = _compile(mesh.loss_and_grads, mspec, params, clip,
                                    labels, mode=mode)
-  eng = mesh.MeshEngine(mesh.place(spec, mspec.mesh, mspec.groups,
-                                   params=params))
-  sharded_args = (eng.to_state(params),
-                  *eng.put_batch((clip, labels), clip.shape[0]))
+  eng, sharded_args = sharded_engine(spec, params, mspec, clip, labels)
   sharded, _ = _compile(window_grads, eng, *sharded_args, mode=mode)
   args = (params, clip, labels)
   t = _medians({'single': (single, args), 'mesh': (on_mesh, args),
@@ -319,9 +327,7 @@ def transport_ablation(spec, params, mspec, clip, labels, repeats):
   without the per-tick frame ``psum`` too, each against one device,
   interleaved; and the cost of one ``ppermute`` of each round's buffer on
   this platform (``ppermute_ms``)."""
-  eng = mesh.MeshEngine(mesh.place(spec, mspec.mesh, mspec.groups,
-                                   params=params))
-  args = (eng.to_state(params), *eng.put_batch((clip, labels), clip.shape[0]))
+  eng, args = sharded_engine(spec, params, mspec, clip, labels)
   programs_ = {'single': (_compile(window_grads, engine.LocalEngine(spec),
                                    params, clip, labels)[0],
                           (params, clip, labels)),
