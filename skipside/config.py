@@ -209,6 +209,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.stage = 1
   c.mesh.groups = ''  # '' = flops-balanced; or consecutive stages: '0-1,2,3-4'.
+  # The train state's layout (mesh.STATE_SHARDINGS): 'even' spreads params
+  # and optimizer state evenly over every device (ZeRO; each step gathers
+  # its group's rows); 'stage' keeps each group's on its own stage devices,
+  # padded to the largest group and replicated over 'data'.
+  c.mesh.state_sharding = 'even'
   return c
 
 
@@ -663,6 +668,11 @@ def _mesh_config_errors(config, num_stages: int,
           'config.mesh.groups', f'{groups!r}: {e}',
           f"runs of consecutive stages 0..{num_stages - 1}, one per device "
           "on 'stage', e.g. '0-1,2'"))
+  sharding = config.mesh.get('state_sharding', 'stage')
+  if sharding not in mesh_lib.STATE_SHARDINGS:
+    errors.append(ConfigError(
+        'config.mesh.state_sharding', repr(sharding),
+        f'one of {mesh_lib.STATE_SHARDINGS}'))
   size = config.mesh.data * config.mesh.stage
   if jax.process_count() > 1 and size != devices:
     errors.append(ConfigError(
@@ -790,13 +800,16 @@ def make_engine(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
   if mesh is None:
     return engine.LocalEngine(spec)
   groups = config.mesh.get('groups')
+  sharding = config.mesh.get('state_sharding', 'stage')
   if groups:
     mspec = mesh_lib.place(spec, mesh, parse_groups(
-        groups, spec.num_stages, mesh.shape['stage']), params=params)
+        groups, spec.num_stages, mesh.shape['stage']), params=params,
+                           state_sharding=sharding)
   else:
     mspec = mesh_lib.place(
         spec, mesh, params=params,
-        batch_size=config.data.batch_size // mesh.shape['data'])
+        batch_size=config.data.batch_size // mesh.shape['data'],
+        state_sharding=sharding)
   return mesh_lib.MeshEngine(mspec)
 
 

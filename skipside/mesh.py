@@ -92,6 +92,7 @@ from skipside.network import NetworkSpec
 
 PyTree = Any
 AXES = ('data', 'stage')
+STATE_SHARDINGS = ('stage', 'even')
 MODES = engine.MODES
 
 
@@ -125,6 +126,12 @@ class MeshSpec:
       ``place`` was given them: what the stage-sharded train state
       (``shard_tree``, ``train_step_sharded``) is laid out by
       (``params_like``).
+    state_sharding: the train state's layout (``STATE_SHARDINGS``):
+      ``'stage'``, packed ``(S, P)`` over 'stage' (each device its own
+      group's, padded to the widest group, replicated over 'data'); or
+      ``'even'``, the same values unpadded in one flat vector spread evenly
+      over every device of the mesh (ZeRO / FSDP), each step gathering its
+      group's rows from it and scattering the gradient back.
   """
   spec: NetworkSpec
   mesh: Mesh
@@ -132,6 +139,7 @@ class MeshSpec:
   costs: tuple[float, ...] | None = None
   pad_value: float = 0.0
   param_shapes: tuple | None = None
+  state_sharding: str = 'stage'
   # Layouts per (params' shapes, activation dtype), built on first use; they
   # live as long as this spec (no module-global cache keeps specs alive).
   plans: dict = dataclasses.field(default_factory=dict, repr=False,
@@ -163,7 +171,7 @@ class MeshSpec:
 
 def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
           costs: Sequence[float] | None = None, batch_size: int = 1,
-          pad_value: float = 0.0) -> MeshSpec:
+          pad_value: float = 0.0, state_sharding: str = 'stage') -> MeshSpec:
   """Places ``spec`` on ``mesh``: groups of consecutive stages per device.
 
   Args:
@@ -176,11 +184,16 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
     costs: per-stage costs to balance on (e.g. measured times).
     batch_size: per-device batch for the flops count.
     pad_value: value of every padded buffer slot (NaN proves no leaks).
+    state_sharding: the train state's layout, ``'stage'`` or ``'even'``
+      (``MeshSpec.state_sharding``).
 
   Without ``groups``, ``costs`` or ``params`` stages are balanced by count.
   """
   if tuple(mesh.axis_names) != AXES:
     raise ValueError(f'the mesh axes must be {AXES}, got {mesh.axis_names}')
+  if state_sharding not in STATE_SHARDINGS:
+    raise ValueError(f'state_sharding {state_sharding!r}: expected one of '
+                     f'{STATE_SHARDINGS}')
   num_stage = mesh.shape['stage']
   like = None if params is None else (
       jax.tree.structure(params),
@@ -188,14 +201,16 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
             for x in jax.tree.leaves(params)))
   if groups is not None:
     return MeshSpec(spec, mesh, placement.validate_groups(
-        groups, spec.num_stages, num_stage), None, pad_value, like)
+        groups, spec.num_stages, num_stage), None, pad_value, like,
+                    state_sharding)
   if costs is None and params is not None:
     costs = placement.stage_costs(spec, params, batch_size)
   weights = costs if costs is not None else (1.0,) * spec.num_stages
   if len(weights) != spec.num_stages:
     raise ValueError(f'{len(weights)} costs for {spec.num_stages} stages')
   return MeshSpec(spec, mesh, placement.balance(weights, num_stage),
-                  None if costs is None else tuple(costs), pad_value, like)
+                  None if costs is None else tuple(costs), pad_value, like,
+                  state_sharding)
 
 
 def time_sharded(mesh: Mesh, shape: Sequence[int]) -> bool:
@@ -1131,18 +1146,205 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
 # Checkpoints and evaluation use the plain pytree (``unshard_tree``), so they
 # move between the single-device engine and every mesh shape.
 
-def _is_packed(mspec: MeshSpec, x) -> bool:
+def _row_used(plan: _Plan) -> tuple[int, ...]:
+  """Parameters (unpadded) in each device's row of the packed layout."""
+  owner = list(plan.device_of) + [plan.top_device]  # The head rides on top.
+  used = [0] * len(plan.mspec.groups)
+  for k, (_, slots) in enumerate(plan.param_defs):
+    used[owner[k]] += sum(s.size for s in slots)
+  return tuple(used)
+
+
+def _flat_width(plan: _Plan) -> int:
+  """The even layout's length: every parameter, padded to a multiple of the
+  mesh's devices."""
+  devices = plan.mspec.mesh.size
+  return -(-sum(_row_used(plan)) // devices) * devices
+
+
+def _flat_of_packed(plan: _Plan, stack: jax.Array, pad_value) -> jax.Array:
+  """``(S, P)`` -> ``(N,)``: the rows without their padding, in order (the
+  params' leaves in pytree order), then ``pad_value`` up to ``N``."""
+  used = _row_used(plan)
+  parts = [stack[g, :u] for g, u in enumerate(used) if u]
+  tail = _flat_width(plan) - sum(used)
+  if tail:
+    parts.append(jnp.full((tail,), pad_value, stack.dtype))
+  return jnp.concatenate(parts)
+
+
+def _packed_of_flat(plan: _Plan, flat: jax.Array) -> jax.Array:
+  """``(N,)`` -> ``(S, P)``, the inverse of ``_flat_of_packed``."""
+  rows, offset = [], 0
+  for u in _row_used(plan):
+    rows.append(_pack([flat[offset:offset + u]] if u else [],
+                      plan.param_width, plan.mspec.pad_value, flat.dtype))
+    offset += u
+  return jnp.stack(rows)
+
+
+def _state_shape(mspec: MeshSpec) -> tuple[int, ...]:
+  """The shape of a params-shaped leaf of the train state."""
   plan = _plan(mspec)
-  return (hasattr(x, 'shape') and
-          tuple(x.shape) == (len(mspec.groups), plan.param_width))
+  if mspec.state_sharding == 'even':
+    return (_flat_width(plan),)
+  return (len(mspec.groups), plan.param_width)
+
+
+def _is_packed(mspec: MeshSpec, x) -> bool:
+  return hasattr(x, 'shape') and tuple(x.shape) == _state_shape(mspec)
+
+
+# 'even': dim 0 split over 'stage', then 'data' (device (d, s) holds piece
+# s * D + d), so that a reduce-scatter over 'stage' lands each piece on the
+# devices of its data row.
+_EVEN = P(('stage', 'data'))
+
+
+def _state_sharding(mspec: MeshSpec) -> NamedSharding:
+  return NamedSharding(mspec.mesh, _EVEN if mspec.state_sharding == 'even'
+                       else P('stage'))
+
+
+def _exchange_rounds(plan: _Plan):
+  """The static plan of the even layout's exchange over 'stage'.
+
+  Device ``s`` on 'stage' holds segment ``s`` of the vector
+  (``[s * C, (s + 1) * C)``, ``C = N / S``, its data row's pieces together);
+  its row ``g = s`` spans ``[a_g, a_g + used_g)``, which overlaps a few
+  consecutive segments. Round ``k`` moves segment ``g + k`` to device ``g``
+  (a shift: one ``ppermute``, none for ``k = 0``).
+
+  Returns ``(seg, rounds)``: ``seg`` = ``C``; ``rounds`` a tuple of
+  ``(k, needed, at)``, ``needed[g]`` whether device ``g`` uses segment
+  ``g + k`` and ``at[g]`` where it starts in ``g``'s row, plus ``C`` (the
+  row sits at ``C`` in a buffer of ``C + P + C``).
+  """
+  num = len(plan.mspec.groups)
+  used = np.asarray(_row_used(plan))
+  starts = np.concatenate([[0], np.cumsum(used)[:-1]])
+  seg = _flat_width(plan) // num
+  spans = [(a // seg, (a + u - 1) // seg) if u else None
+           for a, u in zip(starts, used)]
+  shifts = sorted({q - g for g, sp in enumerate(spans) if sp
+                   for q in range(sp[0], sp[1] + 1)})
+  rounds = []
+  for k in shifts:
+    needed = np.array([bool(sp) and sp[0] <= g + k <= sp[1]
+                       for g, sp in enumerate(spans)])
+    at = np.where(needed, (np.arange(num) + k) * seg - starts + seg, 0)
+    rounds.append((k, needed, at.astype(np.int32)))
+  return seg, tuple(rounds)
+
+
+def _shift(x, k: int, num: int):
+  """Device ``g`` on 'stage' receives ``x`` of device ``g + k`` (zeros
+  where there is none)."""
+  if k == 0:
+    return x
+  return lax.ppermute(x, 'stage', [(g + k, g) for g in range(num)
+                                   if 0 <= g + k < num])
+
+
+def _gather_rows(mspec: MeshSpec, flat: jax.Array) -> jax.Array:
+  """The even layout ``(N,)`` -> ``(S, P)`` sharded over 'stage'.
+
+  Each data row's pieces are summed into their segment (a ``psum`` over
+  'data' of each piece in place: jax 0.10 types an ``all_gather`` as
+  varying, and the rows leave replicated over 'data'), then the segments a
+  row overlaps are shifted to its device (``_exchange_rounds``).
+  Temporaries per device: a segment and a row, not the whole vector.
+  """
+  plan = _plan(mspec)
+  num, width = len(mspec.groups), plan.param_width
+  seg, rounds = _exchange_rounds(plan)
+  used = jnp.asarray(_row_used(plan))
+
+  def fn(piece):
+    at = lax.axis_index('data') * piece.shape[0]
+    segment = lax.psum(lax.dynamic_update_slice(
+        jnp.zeros((seg,), piece.dtype), piece, (at,)), 'data')
+    g = lax.axis_index('stage')
+    buf = jnp.zeros((seg + width + seg,), piece.dtype)
+    for k, needed, start in rounds:
+      got = lax.dynamic_update_slice(jnp.zeros_like(buf),
+                                     _shift(segment, k, num),
+                                     (jnp.asarray(start)[g],))
+      buf = buf + jnp.where(jnp.asarray(needed)[g], got, 0)
+    row = buf[seg:seg + width]
+    return jnp.where(jnp.arange(width) < used[g], row,
+                     jnp.asarray(mspec.pad_value, row.dtype))[None]
+  return jax.shard_map(fn, mesh=mspec.mesh, in_specs=_EVEN,
+                       out_specs=P('stage'))(flat)
+
+
+def _scatter_rows(mspec: MeshSpec, stack: jax.Array) -> jax.Array:
+  """``(S, P)`` over 'stage' (equal on every data row; zero on padding, as
+  gradients are) -> the even layout ``(N,)``, zero on its tail: the
+  transpose of ``_gather_rows`` (each overlapped segment's part of a row
+  shifted back to the segment's device and added)."""
+  plan = _plan(mspec)
+  num, width = len(mspec.groups), plan.param_width
+  seg, rounds = _exchange_rounds(plan)
+  used = jnp.asarray(_row_used(plan))
+  piece = _flat_width(plan) // mspec.mesh.size
+
+  def fn(row):
+    g = lax.axis_index('stage')
+    row = jnp.where(jnp.arange(width) < used[g], row[0], 0)
+    buf = jnp.concatenate([jnp.zeros((seg,), row.dtype), row,
+                           jnp.zeros((seg,), row.dtype)])
+    segment = jnp.zeros((seg,), row.dtype)
+    for k, needed, start in rounds:
+      part = jnp.where(jnp.asarray(needed)[g], lax.dynamic_slice(
+          buf, (jnp.asarray(start)[g],), (seg,)), 0)
+      segment = segment + _shift(part, -k, num)
+    return lax.dynamic_slice(segment, (lax.axis_index('data') * piece,),
+                             (piece,))
+  return jax.shard_map(fn, mesh=mspec.mesh, in_specs=P('stage'),
+                       out_specs=_EVEN)(stack)
+
+
+def _to_packed(mspec: MeshSpec, x: jax.Array) -> jax.Array:
+  """A params-shaped state leaf -> ``(S, P)`` sharded over 'stage' (the
+  layout the ticks run on)."""
+  if mspec.state_sharding == 'even':
+    return _gather_rows(mspec, x)
+  return lax.with_sharding_constraint(x, NamedSharding(mspec.mesh,
+                                                       P('stage')))
+
+
+def _from_packed(mspec: MeshSpec, grads: jax.Array) -> jax.Array:
+  """A packed gradient ``(S, P)`` -> the state's layout."""
+  if mspec.state_sharding == 'even':
+    return _scatter_rows(mspec, grads)
+  return grads
+
+
+def _ravel_state(mspec: MeshSpec, params: PyTree) -> jax.Array:
+  """A params-shaped pytree (replicated) -> the state's layout."""
+  plan = _plan(mspec)
+  stack = _ravel_params(plan, params, mspec.pad_value)
+  if mspec.state_sharding == 'even':
+    return _flat_of_packed(plan, stack, mspec.pad_value)
+  return stack
+
+
+def _unravel_state(mspec: MeshSpec, x: jax.Array) -> PyTree:
+  """The inverse of ``_ravel_state``: the pytree, replicated."""
+  plan = _plan(mspec)
+  if mspec.state_sharding == 'even':
+    x = _packed_of_flat(plan, lax.with_sharding_constraint(
+        x, NamedSharding(mspec.mesh, P())))
+  return _unravel_params(plan, x)
 
 
 def _constrain(mspec: MeshSpec, tree: PyTree) -> PyTree:
-  """Packed leaves sharded over 'stage', every other leaf replicated."""
-  stage = NamedSharding(mspec.mesh, P('stage'))
+  """Params-shaped leaves in the state's sharding, every other leaf
+  replicated."""
   whole = NamedSharding(mspec.mesh, P())
   return jax.tree.map(lambda x: lax.with_sharding_constraint(
-      x, stage if _is_packed(mspec, x) else whole), tree)
+      x, _state_sharding(mspec) if _is_packed(mspec, x) else whole), tree)
 
 
 def _check_like(sub: PyTree, like: PyTree) -> PyTree:
@@ -1176,13 +1378,12 @@ def shard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
         mspec, optimizer, pstack, opt_state, clip, labels, mode='sideways')
     params = mesh.unshard_tree(mspec, pstack)   # checkpoints, evaluation
   """
-  plan = _plan(mspec)
+  _plan(mspec)  # A named error without the params' shapes.
   like = mspec.params_like
   treedef = jax.tree.structure(like)
 
   packed = jax.tree.map(
-      lambda sub: (_ravel_params(plan, _check_like(sub, like),
-                                 mspec.pad_value)
+      lambda sub: (_ravel_state(mspec, _check_like(sub, like))
                    if jax.tree.structure(sub) == treedef else sub),
       tree, is_leaf=lambda sub: jax.tree.structure(sub) == treedef)
   return _constrain(mspec, packed)
@@ -1192,12 +1393,11 @@ def shard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
 def unshard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
   """The inverse of ``shard_tree``: every packed leaf back to a params
   pytree (replicated over the mesh)."""
-  plan = _plan(mspec)
   whole = NamedSharding(mspec.mesh, P())
   return jax.tree.map(
       lambda x: jax.tree.map(
           lambda y: lax.with_sharding_constraint(y, whole),
-          _unravel_params(plan, x) if _is_packed(mspec, x) else x), tree)
+          _unravel_state(mspec, x) if _is_packed(mspec, x) else x), tree)
 
 
 def train_step_sharded(mspec: MeshSpec,
@@ -1217,16 +1417,16 @@ def train_step_sharded(mspec: MeshSpec,
   Returns:
     ``(pstack, opt_state, ClipOutput)`` in the same layouts.
   """
-  plan = _plan(mspec)
-  params = _unravel_params(plan, pstack)  # Shapes for a fresh carry only.
-  carry = _prepare(mspec, params, clip, targets, carry, mode,
+  params = _unravel_params(_plan(mspec), _to_packed(mspec, pstack))
+  carry = _prepare(mspec, params, clip, targets, carry, mode,  # Shapes only.
                    compute_dtype, flush=flush, mask_fill=mask_fill)
 
   def grads_fn(p, c, start, length):
-    return _window_grads_packed(mspec, p, clip, targets, c, mode=mode,
-                                start=start, length=length,
-                                mask_fill=mask_fill,
-                                compute_dtype=compute_dtype)
+    loss, grads, out = _window_grads_packed(
+        mspec, _to_packed(mspec, p), clip, targets, c, mode=mode,
+        start=start, length=length, mask_fill=mask_fill,
+        compute_dtype=compute_dtype)
+    return loss, _from_packed(mspec, grads), out
   pstack, opt_state, out = engine.optimize_clip(
       grads_fn, optimizer, pstack, opt_state, carry, num_frames=clip.shape[1],
       flush=flush, update_every=update_every)
@@ -1250,6 +1450,7 @@ def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
                     compute_dtype=jnp.float32) -> engine.ClipOutput:
   """``forward`` on the stage-sharded params (``shard_tree``): evaluation
   without unpacking them."""
+  pstack = _to_packed(mspec, pstack)
   params = _unravel_params(_plan(mspec), pstack)  # Shapes for a fresh carry.
   return _forward(mspec, pstack, params, clip, targets, mode=mode,
                   carry=carry, flush=flush, mask_fill=mask_fill,
@@ -1259,11 +1460,11 @@ def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
 def sharded_like(mspec: MeshSpec, tree: PyTree) -> PyTree:
   """``ShapeDtypeStruct``s (with shardings) of ``shard_tree(mspec, tree)``:
   the stage-sharded state's shapes, for ``lower`` and compile-only plans."""
-  stage = NamedSharding(mspec.mesh, P('stage'))
   whole = NamedSharding(mspec.mesh, P())
   shapes = jax.eval_shape(functools.partial(shard_tree, mspec), tree)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=stage if _is_packed(mspec, x) else whole),
+      x.shape, x.dtype, sharding=(_state_sharding(mspec)
+                                  if _is_packed(mspec, x) else whole)),
                       shapes)
 
 
@@ -1308,7 +1509,8 @@ class MeshEngine:
     if spec == m.spec:
       return self
     return MeshEngine(place(spec, m.mesh, m.groups, params=m.params_like,
-                            pad_value=m.pad_value))
+                            pad_value=m.pad_value,
+                            state_sharding=m.state_sharding))
 
   def to_state(self, tree: PyTree) -> PyTree:
     return shard_tree(self.mspec, tree)
@@ -1338,8 +1540,9 @@ class MeshEngine:
 
   def init_carry(self, params, clip, targets, mode: str,
                  compute_dtype=jnp.float32) -> MeshCarry:
-    return init_carry(self.mspec, _unravel_params(_plan(self.mspec), params),
-                      clip, targets, mode, compute_dtype)
+    return init_carry(self.mspec, _unravel_params(
+        _plan(self.mspec), _to_packed(self.mspec, params)), clip, targets,
+                      mode, compute_dtype)
 
   def from_stream_carry(self, carry) -> MeshCarry:
     """A ``StreamCarry`` in the mesh layout (a ``MeshCarry`` as it is)."""
@@ -1354,16 +1557,19 @@ class MeshEngine:
           length: int, mask_fill: bool | str, compute_dtype, total=None):
     """``length`` ticks without gradients: ``(loss, ClipOutput)``."""
     loss, (carry, m, _) = _run_packed(
-        self.mspec, params, clip, targets, carry, mode=mode, start=start,
+        self.mspec, _to_packed(self.mspec, params), clip, targets, carry,
+        mode=mode, start=start,
         length=length, mask_fill=mask_fill, compute_dtype=compute_dtype,
         total=total)
     return loss, engine.finish(self.spec, carry, m)
 
   def window_grads(self, params, clip, targets, carry, **kw):
-    """``(loss, grads, ClipOutput)`` of a window; ``grads`` packed (zero
-    on padding)."""
-    return _window_grads_packed(self.mspec, params, clip, targets, carry,
-                                **kw)
+    """``(loss, grads, ClipOutput)`` of a window; ``grads`` in the
+    state's layout (zero on padding)."""
+    loss, grads, out = _window_grads_packed(
+        self.mspec, _to_packed(self.mspec, params), clip, targets, carry,
+        **kw)
+    return loss, _from_packed(self.mspec, grads), out
 
   def forward(self, params, clip, targets, **kw) -> engine.ClipOutput:
     return forward_sharded(self.mspec, params, clip, targets, **kw)

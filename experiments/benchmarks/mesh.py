@@ -244,24 +244,24 @@ def compare(spec, params, mspec, mode, clip, labels, repeats):
 def train_steps(spec, params, mspec, clip, labels, repeats):
   """The training loop's steps (``programs.train_step``: sideways, Adam, one
   step per clip, params and optimizer state donated) on one device and on
-  the mesh's stage-sharded state, each state fed back, interleaved."""
+  the mesh in both train-state layouts ('mesh': 'stage', 'mesh_even':
+  'even'), each state fed back, interleaved."""
   opt = optax.adam(1e-3)
-  mspec = mesh.place(mspec.spec, mspec.mesh, mspec.groups, params=params)
-  states = {
-      'single': (jax.tree.map(jnp.array, params), opt.init(params)),
-      'mesh': (mesh.shard_tree(mspec, params),
-               mesh.shard_tree(mspec, opt.init(params)))}
+  engines = {'single': engine.LocalEngine(spec)}
+  for name, sharding in (('mesh', 'stage'), ('mesh_even', 'even')):
+    engines[name] = mesh.MeshEngine(mesh.place(
+        mspec.spec, mspec.mesh, mspec.groups, params=params,
+        state_sharding=sharding))
+  states = {k: (e.to_state(params), e.to_state(opt.init(params)))
+            for k, e in engines.items()}
   # Each engine gets its batch as the loop's ``eng.put_batch`` places it (an
   # unplaced batch would be resharded inside every mesh step).
-  batches = {'single': (clip, labels),
-             'mesh': mesh.MeshEngine(mspec).put_batch((clip, labels),
-                                                      clip.shape[0])}
+  batches = {k: e.put_batch((clip, labels), clip.shape[0])
+             for k, e in engines.items()}
   kw = dict(mode='sideways', compute_dtype=jnp.float32, update_every=None,
             flush=0, skip_nonfinite=False)
-  step_fn = programs.train_step
-  steps = {k: functools.partial(step_fn, e, opt)
-           for k, e in (('single', engine.LocalEngine(spec)),
-                        ('mesh', mesh.MeshEngine(mspec)))}
+  steps = {k: functools.partial(programs.train_step, e, opt)
+           for k, e in engines.items()}
   times = {k: [] for k in steps}
   for i in range(repeats + 1):  # The first round compiles and warms up.
     for k, step in steps.items():
@@ -275,7 +275,9 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
   return {'mode': 'sideways', 'optimizer': 'adam',
           'mesh': f'{mspec.num_data}x{mspec.num_stage}',
           'single_step_s_median': t['single'], 'mesh_step_s_median': t['mesh'],
-          'mesh_over_single': t['single'] / t['mesh']}
+          'mesh_even_step_s_median': t['mesh_even'],
+          'mesh_over_single': t['single'] / t['mesh'],
+          'mesh_even_over_single': t['single'] / t['mesh_even']}
 
 
 @contextlib.contextmanager
@@ -353,11 +355,12 @@ def transport_ablation(spec, params, mspec, clip, labels, repeats):
   }
 
 
-def state_bytes(spec, params, data, stage):
-  """Per-device bytes of params + Adam state in the stage-sharded layout
-  (the largest device's) over their bytes as one pytree."""
+def state_bytes(spec, params, data, stage, state_sharding):
+  """Per-device bytes of params + Adam state in a train-state layout
+  (``mesh.STATE_SHARDINGS``; the largest device's) over their bytes as one
+  pytree."""
   m = mesh.make_mesh(data, stage, devices=jax.devices()[:data * stage])
-  mspec = mesh.place(spec, m, params=params)
+  mspec = mesh.place(spec, m, params=params, state_sharding=state_sharding)
   opt = optax.adam(1e-3)
   tree = (params, opt.init(params))
   sharded = (mesh.shard_tree(mspec, params),
@@ -371,7 +374,8 @@ def state_bytes(spec, params, data, stage):
   sizes = [sum(x.size for x in jax.tree.leaves(b)) for b in params['blocks']]
   sizes[-1] += sum(x.size for x in jax.tree.leaves(params['head']))
   largest = max(sum(sizes[l] for l in g) for g in mspec.groups)
-  return {'mesh': f'{data}x{stage}', 'groups': [list(g) for g in mspec.groups],
+  return {'mesh': f'{data}x{stage}', 'state_sharding': state_sharding,
+          'groups': [list(g) for g in mspec.groups],
           'whole_bytes': whole, 'per_device_bytes': max(per_device.values()),
           'share': max(per_device.values()) / whole,
           'largest_group_param_share': largest / sum(sizes)}
@@ -530,8 +534,9 @@ def main():
 
   step_row = train_steps(spec, params, main_mspec, clip, labels,
                          args.repeats)
-  print(f"train step (sideways, Adam, 2x4, stage-sharded state): mesh over "
-        f"single {step_row['mesh_over_single']:.3f}")
+  print(f"train step (sideways, Adam, 2x4): mesh over single, state "
+        f"sharded by stage {step_row['mesh_over_single']:.3f}, evenly "
+        f"{step_row['mesh_even_over_single']:.3f}")
   ablation = transport_ablation(spec, params, main_mspec, clip, labels,
                                 args.repeats)
   print('transport ablation (sideways 2x4, timing only): mesh over single ' +
@@ -539,11 +544,13 @@ def main():
         + '; one ppermute ' + ', '.join(
             f'{w} floats/example {ms:.3f} ms'
             for w, ms in ablation['ppermute_ms'].items()))
-  state_row = state_bytes(spec, params, 1, 4)
-  print(f"params + Adam state per device (1x4): "
-        f"{state_row['per_device_bytes'] / 1024:.0f} KiB of "
-        f"{state_row['whole_bytes'] / 1024:.0f} KiB "
-        f"({state_row['share']:.1%}; groups {state_row['groups']})")
+  state_rows = {k: state_bytes(spec, params, 1, 4, k)
+                for k in mesh.STATE_SHARDINGS}
+  for k, r in state_rows.items():
+    print(f"params + Adam state per device (1x4, {k}): "
+          f"{r['per_device_bytes'] / 1024:.1f} KiB of "
+          f"{r['whole_bytes'] / 1024:.1f} KiB "
+          f"({r['share']:.1%}; groups {r['groups']})")
 
   homog_rows, homog = homogeneous(k4, args.repeats)
   print(f'homogeneous, {HOMOG_STAGES} stages, T={HOMOG_FRAMES}, 1x'
@@ -566,13 +573,17 @@ def main():
       'max_over_mean_group_flops_2x4': next(
           r['max_over_mean'] for r in balance_rows if r['mesh'] == '2x4'),
       'mesh_train_step_over_single': step_row['mesh_over_single'],
+      'mesh_train_step_even_over_single': step_row['mesh_even_over_single'],
       # Timing-only ablations (wrong results): the transport's share.
       'mesh_no_transfers_over_single': ablation['over_single'][
           'mesh_no_transfers'],
       'mesh_no_transfers_no_frames_over_single': ablation['over_single'][
           'mesh_no_transfers_no_frames'],
-      'state_bytes_per_device_share_1x4': state_row['share'],
-      'largest_group_param_share_1x4': state_row[
+      # The training loop's default layout (config.mesh.state_sharding).
+      'state_bytes_per_device_share_1x4': state_rows['even']['share'],
+      'state_bytes_per_device_share_1x4_stage_layout': state_rows['stage'][
+          'share'],
+      'largest_group_param_share_1x4': state_rows['stage'][
           'largest_group_param_share'],
       'homog_mesh_over_single_ticks_per_s': homog['skipside'],
       'peer_mesh_over_single_ticks_per_s': homog['peer'],
@@ -605,7 +616,7 @@ def main():
       'fill_flush': fill,
       'train_step': step_row,
       'transport_ablation': ablation,
-      'state_bytes': state_row,
+      'state_bytes': state_rows,
       'homogeneous': {'rows': homog_rows, 'ratios': homog},
       'headline': headline,
   }
