@@ -44,10 +44,13 @@ Modes on the mesh:
   the residuals of every branch of the switch.
 
 Params keep the ``network.split`` pytree structure in and out of
-``loss_and_grads``, ``forward`` and ``train_step``. A training loop keeps the
-*stage-sharded* train state instead (``shard_tree``, ``train_step_sharded``,
-``unshard_tree``): the packed ``[S, P]`` params and an optimizer state of the
-same layout, sharded over ``stage``, donated to every step; evaluation runs
+``loss_and_grads``, ``forward`` and ``train_step``. A training loop keeps a
+*sharded* train state instead (``shard_tree``, ``train_step_sharded``,
+``unshard_tree``), in one of two layouts (``MeshSpec.state_sharding``):
+``'stage'``, the packed ``[S, P]`` params and an optimizer state of the same
+layout sharded over ``stage``, or ``'even'``, the same values unpadded in
+one vector split evenly over every device (ZeRO), each window gathering its
+rows; donated to every step; evaluation runs
 on it (``forward_sharded``) and checkpoints hold the pytree, so they do not
 care which engine ran. ``MeshEngine`` is this engine behind the interface
 every runner uses (``engine.LocalEngine``'s methods). The stream carry has a
@@ -1134,14 +1137,18 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
                               update_every=update_every)
 
 
-# -- The stage-sharded train state. ------------------------------------------
+# -- The sharded train state. -------------------------------------------------
 #
-# On the mesh the train state is the packed layout itself: params ``(S, P)``
-# sharded over 'stage' (each device holds its own group's parameters and
-# their padding, nothing else) and an optimizer state of the same layout.
-# Elementwise optimizers (sgd, momentum, adam, adamw) and global-norm
-# clipping act on it exactly as on the params pytree, because every padded
-# slot's gradient is exactly zero; optimizers that take per-leaf norms
+# On the mesh the train state is one of two layouts (``STATE_SHARDINGS``):
+# 'stage', the packed layout itself, params ``(S, P)`` sharded over 'stage'
+# (each device holds its own group's parameters and their padding), or
+# 'even', the rows' parameters without padding in one vector ``(N,)`` split
+# evenly over ('stage', 'data') (each device ``N / (S * D)`` values, whatever
+# the groups' sizes; each window gathers its rows from it, ``_to_packed``,
+# and scatters its gradient back, ``_from_packed``). The optimizer state has
+# the params' layout. Elementwise optimizers (sgd, momentum, adam, adamw)
+# and global-norm clipping act on either exactly as on the params pytree,
+# because every padded slot's gradient is exactly zero; optimizers that take per-leaf norms
 # (LARS, LAMB) would see one leaf per device instead and are not supported.
 # Checkpoints and evaluation use the plain pytree (``unshard_tree``), so they
 # move between the single-device engine and every mesh shape.
@@ -1363,11 +1370,12 @@ def _check_like(sub: PyTree, like: PyTree) -> PyTree:
 
 @functools.partial(jax.jit, static_argnames=('mspec',))
 def shard_tree(mspec: MeshSpec, tree: PyTree) -> PyTree:
-  """Params (or an optimizer state over them) -> the stage-sharded layout.
+  """Params (or an optimizer state over them) -> the sharded train state.
 
-  Every subtree of ``tree`` with the params' structure becomes one packed
-  ``(S, P)`` array sharded over 'stage'; other leaves (step counts) are
-  replicated. Needs ``place(..., params=params)``.
+  Every subtree of ``tree`` with the params' structure becomes one array in
+  the placement's layout (``MeshSpec.state_sharding``: packed ``(S, P)``
+  sharded over 'stage', or ``(N,)`` split evenly over every device); other
+  leaves (step counts) are replicated. Needs ``place(..., params=params)``.
 
   Example::
 
@@ -1407,12 +1415,13 @@ def train_step_sharded(mspec: MeshSpec,
                        flush: int = 0, mask_fill: bool | str = True,
                        update_every: int | None = None,
                        compute_dtype=jnp.float32):
-  """One training step on the stage-sharded train state (``shard_tree``).
+  """One training step on the sharded train state (``shard_tree``).
 
-  As ``train_step``, but params and optimizer state stay in the packed
-  layout sharded over 'stage': nothing is packed, unpacked or replicated per
-  step, each device updates only its own group's parameters, and both are
-  donated (the step reuses their buffers).
+  As ``train_step``, but params and optimizer state stay sharded: nothing
+  is packed, unpacked or replicated per step, each device updates only its
+  own part (its group's row, or its even piece: then each window gathers
+  its rows and scatters the gradient back), and both are donated (the step
+  reuses their buffers).
 
   Returns:
     ``(pstack, opt_state, ClipOutput)`` in the same layouts.
@@ -1448,7 +1457,7 @@ def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
                     targets: jax.Array, *, mode: str, carry=None,
                     flush: int = 0, mask_fill: bool | str = True,
                     compute_dtype=jnp.float32) -> engine.ClipOutput:
-  """``forward`` on the stage-sharded params (``shard_tree``): evaluation
+  """``forward`` on the sharded params (``shard_tree``): evaluation
   without unpacking them."""
   pstack = _to_packed(mspec, pstack)
   params = _unravel_params(_plan(mspec), pstack)  # Shapes for a fresh carry.
@@ -1459,7 +1468,7 @@ def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
 
 def sharded_like(mspec: MeshSpec, tree: PyTree) -> PyTree:
   """``ShapeDtypeStruct``s (with shardings) of ``shard_tree(mspec, tree)``:
-  the stage-sharded state's shapes, for ``lower`` and compile-only plans."""
+  the sharded state's shapes, for ``lower`` and compile-only plans."""
   whole = NamedSharding(mspec.mesh, P())
   shapes = jax.eval_shape(functools.partial(shard_tree, mspec), tree)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -1475,9 +1484,10 @@ class MeshEngine:
   """The mesh engine behind the interface every runner uses.
 
   The same methods and return types as ``engine.LocalEngine`` (see there);
-  the state layout is the stage-sharded one (``shard_tree``): params and
-  optimizer state packed ``(S, P)`` and sharded over 'stage', so each device
-  holds and updates only its own group's. Carries are ``MeshCarry``s.
+  the state layout is the sharded one (``shard_tree``): params and
+  optimizer state spread evenly over every device
+  (``state_sharding='even'``) or packed ``(S, P)`` and sharded over 'stage',
+  each device holding its own group's. Carries are ``MeshCarry``s.
 
   Example::
 

@@ -48,8 +48,8 @@ SPMD-partitioned program, i.e. per chip; checked in tests/test_tpu_plan.py
 against programs with hand-computed footprints):
 
 - ``args``: HBM bytes of the program's parameters on one chip: its shard of
-  every argument (its own row of the stage-sharded params and optimizer
-  state, the clip's 'data' shard), in TPU tiled layouts -- small arrays pad to (8, 128) tiles,
+  every argument (its piece of the evenly sharded params and optimizer
+  state, or its row of the stage-sharded ones, the clip's 'data' shard), in TPU tiled layouts -- small arrays pad to (8, 128) tiles,
   so a tiny net's figure exceeds its logical bytes.
 - ``out``: HBM bytes of the results on one chip (new params, optimizer
   state, carry, metrics).

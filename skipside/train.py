@@ -289,7 +289,8 @@ class _Run:
   registered with the caller's ``ExitStack``.
 
   ``state`` holds params and optimizer state in the engine's layout (on a
-  mesh stage-sharded: each device holds and updates its own stages');
+  mesh sharded, ``config.mesh.state_sharding``: evenly over every device,
+  or by stage group);
   checkpoints and evaluation's statistics see the pytree (``as_tree``).
   """
   workdir: str

@@ -252,8 +252,9 @@ def train_steps(spec, params, mspec, clip, labels, repeats):
     engines[name] = mesh.MeshEngine(mesh.place(
         mspec.spec, mspec.mesh, mspec.groups, params=params,
         state_sharding=sharding))
-  states = {k: (e.to_state(params), e.to_state(opt.init(params)))
-            for k, e in engines.items()}
+  # Copies: the steps donate their state (the local engine's is the pytree).
+  states = {k: (e.to_state(jax.tree.map(jnp.array, params)),
+                e.to_state(opt.init(params))) for k, e in engines.items()}
   # Each engine gets its batch as the loop's ``eng.put_batch`` places it (an
   # unplaced batch would be resharded inside every mesh step).
   batches = {k: e.put_batch((clip, labels), clip.shape[0])
