@@ -40,15 +40,20 @@ two more keys compare without it: ``homog_mesh_over_peer_mesh_ticks_per_s``
 ``peer_mesh_over_single_unrolled_ticks_per_s`` (the peer's stages unrolled
 on one device, as skipside's engine runs them). ``--quick`` (2 repeats) is
 for smoke runs.
-Also: ``mesh_train_step_over_single`` (the training loop's steps, sideways,
-Adam, 2x4: the single-device engine's against ``mesh.train_step_sharded`` on
-the stage-sharded state, each batch placed as the loop's ``eng.put_batch``
-places it), the transport ablation ``mesh_no_transfers_over_single`` and
+Also: ``mesh_train_step_even_over_single`` and
+``mesh_train_step_over_single`` (the training loop's steps, sideways, Adam,
+2x4: the single-device engine's against the mesh engine's on its evenly
+sharded state, ``state_sharding='even'``, the config default, and on its
+stage-sharded one, each batch placed as the loop's ``eng.put_batch`` places
+it), the transport ablation ``mesh_no_transfers_over_single`` and
 ``mesh_no_transfers_no_frames_over_single`` (below) and
-``state_bytes_per_device_share_1x4`` (the
-largest device's params + Adam bytes over their total as one pytree; the
-lower bound of a placement is its largest group's parameter share, reported
-beside it: on the default net stage 4 alone holds 64% of the parameters).
+``state_bytes_per_device_share_1x4`` (the largest device's params + Adam
+bytes over their total as one pytree, in the even layout: 0.25 up to the
+rounding of the flat vector to the device count), beside
+``state_bytes_per_device_share_1x4_stage_layout`` (the same in the stage
+layout, which cannot go below its largest group's parameter share,
+``largest_group_param_share_1x4``: on the default net stage 4 alone holds
+64% of the parameters).
 On CPU the 8 "devices" share 2 cores, so the mesh is expected to be slower
 than one device: the figures measure the overhead of the SPMD program, not a
 speed-up; single-device programs also run slower in an 8-device process.
@@ -123,6 +128,14 @@ and ablations, 2-core CPU):
   run: one program's figure spans 0.65-0.74 within a run here, so whether
   the optimizer update on the packed state costs anything is not
   established.
+- The evenly sharded train state (ZeRO, ``state_sharding='even'``) adds per
+  window a gather of each device's rows (a ``psum`` over 'data' of a
+  segment, then one ``ppermute`` shift over 'stage' per overlapped segment
+  offset: two on the default net's 1x4 and 2x4 placements) and the
+  transposed scatter of the gradient. Its train step read 0.69 of one
+  device against the stage layout's 0.66 in the same run (2026-12-06): no
+  measurable cost next to the per-tick transport, for 0.25 of the state
+  per device on 1x4 instead of 0.64.
 - The peer's one-device baseline is ``vmap`` over stacked stages: XLA:CPU
   runs its grouped convolutions about 4x slower than plain ones, which
   flatters ``peer_mesh_over_single_ticks_per_s`` and sinks
