@@ -168,6 +168,36 @@ def test_motion_hybrid_rows_reach_the_runner_and_render(tmp_path,
       '75.0, 100.0 |' in table
 
 
+def test_rerunning_some_rows_keeps_the_others(tmp_path, monkeypatch):
+  """``--rows`` reruns only those rows: the result keeps the rows an
+  earlier run with the same seeds wrote, and replaces all of them when the
+  seeds differ."""
+  from experiments.benchmarks import motion_hybrid
+  accuracy = {'now': 0.5}
+
+  def train_run(config, args, step=None):
+    del config, args, step
+    return {'eval/accuracy': accuracy['now'], 'wall_s': 1.0,
+            'curve': list(np.linspace(2.0, 1.0, 100))}
+
+  monkeypatch.setattr(reproduce, 'train_run', train_run)
+  out = tmp_path / 'motion_hybrid.json'
+
+  def rows():
+    with open(out) as f:
+      blob = json.load(f)
+    return blob['config']['rows'], [(r['row'], r['mean'])
+                                    for r in blob['rows']]
+  name = [r[0] for r in motion_hybrid.ROWS]
+  motion_hybrid.main(['--seeds', '2', '--rows', '4,2', f'--out={out}'])
+  accuracy['now'] = 1.0
+  motion_hybrid.main(['--seeds', '2', '--rows', '2,1', f'--out={out}'])
+  assert rows() == ('4,2,1', [(name[4], 0.5), (name[2], 1.0),
+                              (name[1], 1.0)])
+  motion_hybrid.main(['--seeds', '3', '--rows', '0', f'--out={out}'])
+  assert rows() == ('0', [(name[0], 1.0)])
+
+
 def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():
   """The hybrid step of motion_hybrid is engine.train_step in 'sideways'
   with every stage named and in 'pipelined_bp' with none; with (0, 1)

@@ -29,6 +29,7 @@ section 1 uses 20-step windows).
 
 import argparse
 import copy
+import json
 import os
 
 import numpy as np
@@ -82,6 +83,25 @@ def run_row(row, seeds: int, base, step=None) -> dict:
           'worst': min(acc), 'seeds_at_95': sum(a >= 0.95 for a in acc)}
 
 
+def with_earlier_rows(path: str, done: list, seeds: int,
+                      quick: bool) -> list:
+  """The rows of the result already at ``path``, each replaced by its new
+  run in ``done``, then ``done``'s other rows: a run of some ``--rows``
+  keeps the others. Only an earlier result with the same ``--seeds`` and
+  ``--quick`` counts (its rows would not compare otherwise)."""
+  if not os.path.exists(path):
+    return done
+  with open(path) as f:
+    earlier = json.load(f)
+  config = earlier.get('config', {})
+  if (config.get('seeds'), bool(config.get('quick'))) != (seeds, quick):
+    print(f'{path}: its rows ran with other --seeds/--quick; replaced')
+    return done
+  new = {r['row']: r for r in done}
+  rows = [new.pop(r['row'], r) for r in earlier.get('rows', [])]
+  return rows + [r for r in done if r['row'] in new]
+
+
 def main(argv=None, rows=ROWS, run=run_row, name='motion_seeds',
          description=__doc__):
   """The command line of a benchmark of rows over seeds: ``run(rows[i],
@@ -90,7 +110,8 @@ def main(argv=None, rows=ROWS, run=run_row, name='motion_seeds',
   parser = argparse.ArgumentParser(description=description.split('\n')[0])
   parser.add_argument('--seeds', type=int, default=5)
   parser.add_argument('--rows', default=','.join(map(str, range(len(rows)))),
-                      help='indices into ROWS')
+                      help='indices into ROWS; rows already in --out '
+                      '(same --seeds and --quick) and not run are kept')
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--out', default=os.path.join(
       HERE, '..', 'results', f'{name}.json'))
@@ -98,9 +119,13 @@ def main(argv=None, rows=ROWS, run=run_row, name='motion_seeds',
   base = reproduce.parse_args(['--quick'] if args.quick else [])
   seeds = 1 if args.quick else args.seeds
   done = [run(rows[int(i)], seeds, base) for i in args.rows.split(',')]
+  names = [r[0] for r in rows]
+  done = with_earlier_rows(args.out, done, seeds, args.quick)
   headline = {r['row']: {k: r[k] for k in ('mean', 'std', 'worst',
                                             'seeds_at_95')} for r in done}
   print('headline:', headline)
+  args.rows = ','.join(str(names.index(r['row'])) for r in done
+                       if r['row'] in names)
   common.write_result(args.out, dict(
       config=dict(vars(args), task='motion', seeds=seeds),
       device=common.device_info(), rows=done, headline=headline))
