@@ -46,6 +46,9 @@ PyTree = Any
 
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The mesh train state's layout a config without the key gets (ZeRO; see
+# mesh.STATE_SHARDINGS). ``mesh.place`` itself defaults to 'stage'.
+STATE_SHARDING = 'even'
 
 
 STAGE_KINDS = ('conv', 'convbn', 'res', 'tconv', 'mlp')
@@ -213,7 +216,7 @@ def defaults() -> ml_collections.ConfigDict:
   # and optimizer state evenly over every device (ZeRO; each step gathers
   # its group's rows); 'stage' keeps each group's on its own stage devices,
   # padded to the largest group and replicated over 'data'.
-  c.mesh.state_sharding = 'even'
+  c.mesh.state_sharding = STATE_SHARDING
   return c
 
 
@@ -668,7 +671,7 @@ def _mesh_config_errors(config, num_stages: int,
           'config.mesh.groups', f'{groups!r}: {e}',
           f"runs of consecutive stages 0..{num_stages - 1}, one per device "
           "on 'stage', e.g. '0-1,2'"))
-  sharding = config.mesh.get('state_sharding', 'stage')
+  sharding = config.mesh.get('state_sharding', STATE_SHARDING)
   if sharding not in mesh_lib.STATE_SHARDINGS:
     errors.append(ConfigError(
         'config.mesh.state_sharding', repr(sharding),
@@ -800,7 +803,7 @@ def make_engine(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
   if mesh is None:
     return engine.LocalEngine(spec)
   groups = config.mesh.get('groups')
-  sharding = config.mesh.get('state_sharding', 'stage')
+  sharding = config.mesh.get('state_sharding', STATE_SHARDING)
   if groups:
     mspec = mesh_lib.place(spec, mesh, parse_groups(
         groups, spec.num_stages, mesh.shape['stage']), params=params,

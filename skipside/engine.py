@@ -783,7 +783,7 @@ class LocalEngine:
 
   An engine is a network's static structure (on a mesh, also its placement)
   and runs it on params held in the engine's own *state layout*: here the
-  ``network.split`` pytree, on ``mesh.MeshEngine`` the stage-sharded packed
+  ``network.split`` pytree, on ``mesh.MeshEngine`` its sharded (even or packed)
   layout. ``skipside.train``, ``skipside.progressive`` and
   ``skipside.tpu_plan`` call only these methods, so they run unchanged on
   one device or a mesh. Hashable by value (a static ``jit`` argument).

@@ -126,7 +126,7 @@ class MeshSpec:
       given explicitly).
     pad_value: fills every padded slot of every buffer.
     param_shapes: ``(treedef, ((shape, dtype), ...))`` of the params when
-      ``place`` was given them: what the stage-sharded train state
+      ``place`` was given them: what the sharded train state
       (``shard_tree``, ``train_step_sharded``) is laid out by
       (``params_like``).
     state_sharding: the train state's layout (``STATE_SHARDINGS``):
@@ -181,7 +181,7 @@ def place(spec: NetworkSpec, mesh: Mesh, groups=None, *, params=None,
     groups: explicit placement (one run of consecutive stages per device;
       missing trailing groups are empty). Overrides everything else.
     params: the params (or their ``ShapeDtypeStruct``s): recorded as
-      ``params_like`` for the stage-sharded train state; if no
+      ``params_like`` for the sharded train state; if no
       ``groups``/``costs`` are given, stages are balanced on the flops XLA
       counts for each stage's forward + backward (``placement.stage_costs``).
     costs: per-stage costs to balance on (e.g. measured times).
@@ -407,7 +407,7 @@ def _plan(mspec: MeshSpec, params: PyTree = None,
   if params is None:
     if mspec.params_like is None:
       raise ValueError(
-          'the stage-sharded train state needs the params\' shapes: place '
+          'the sharded train state needs the params\' shapes: place '
           'the network with mesh.place(spec, mesh, ..., params=params)')
     params = mspec.params_like
   key = (jax.tree.structure(params), jnp.dtype(act_dtype),
@@ -1119,7 +1119,7 @@ def train_step(mspec: MeshSpec, optimizer: optax.GradientTransformation,
   """One training step on the mesh, as ``engine.train_step``.
 
   A convenience: it packs the params pytree into the mesh layout and back
-  at every step; training loops keep the stage-sharded state instead
+  at every step; training loops keep the sharded state instead
   (``shard_tree``, ``train_step_sharded``).
 
   Returns ``(params, opt_state, ClipOutput)`` with ``params`` in the
@@ -1203,8 +1203,8 @@ def _is_packed(mspec: MeshSpec, x) -> bool:
 
 
 # 'even': dim 0 split over 'stage', then 'data' (device (d, s) holds piece
-# s * D + d), so that a reduce-scatter over 'stage' lands each piece on the
-# devices of its data row.
+# s * D + d), so that segment s of the vector is the D pieces on stage s:
+# a row's exchange is then a shift over 'stage' alone.
 _EVEN = P(('stage', 'data'))
 
 
@@ -1256,11 +1256,14 @@ def _shift(x, k: int, num: int):
 def _gather_rows(mspec: MeshSpec, flat: jax.Array) -> jax.Array:
   """The even layout ``(N,)`` -> ``(S, P)`` sharded over 'stage'.
 
-  Each data row's pieces are summed into their segment (a ``psum`` over
-  'data' of each piece in place: jax 0.10 types an ``all_gather`` as
-  varying, and the rows leave replicated over 'data'), then the segments a
-  row overlaps are shifted to its device (``_exchange_rounds``).
-  Temporaries per device: a segment and a row, not the whole vector.
+  Each stage's pieces are summed into their segment (a ``psum`` over 'data'
+  of each piece in place, twice an ``all_gather``'s bytes: jax 0.10.2 types
+  an ``all_gather``'s result as varying over the axis, and the rows must
+  leave replicated over 'data'), then the segments a row overlaps are
+  shifted to its device (``_exchange_rounds``). Temporaries per device: a
+  buffer of a row and two segments (``P + 2 N / S``), not the whole vector
+  when the groups are balanced (``P`` about ``N / S``); at ``S = 1`` the
+  row is the whole vector anyway.
   """
   plan = _plan(mspec)
   num, width = len(mspec.groups), plan.param_width
@@ -1346,6 +1349,15 @@ def _unravel_state(mspec: MeshSpec, x: jax.Array) -> PyTree:
   return _unravel_params(plan, x)
 
 
+def _window_grads_state(mspec: MeshSpec, state: jax.Array, clip, targets,
+                        carry, **kw):
+  """``_window_grads_packed`` on the state's layout: the rows gathered,
+  the gradient scattered back (zero on padding)."""
+  loss, grads, out = _window_grads_packed(mspec, _to_packed(mspec, state),
+                                          clip, targets, carry, **kw)
+  return loss, _from_packed(mspec, grads), out
+
+
 def _constrain(mspec: MeshSpec, tree: PyTree) -> PyTree:
   """Params-shaped leaves in the state's sharding, every other leaf
   replicated."""
@@ -1362,7 +1374,7 @@ def _check_like(sub: PyTree, like: PyTree) -> PyTree:
       raise ValueError(
           f"shard_tree: a subtree with the params' structure holds "
           f'{x.dtype}{list(x.shape)} where the params hold '
-          f'{y.dtype}{list(y.shape)}; the stage-sharded state needs '
+          f'{y.dtype}{list(y.shape)}; the sharded state needs '
           'optimizer states shaped like the params (sgd, momentum, adam, '
           "adamw in the params' dtype)")
   return sub
@@ -1426,16 +1438,14 @@ def train_step_sharded(mspec: MeshSpec,
   Returns:
     ``(pstack, opt_state, ClipOutput)`` in the same layouts.
   """
-  params = _unravel_params(_plan(mspec), _to_packed(mspec, pstack))
-  carry = _prepare(mspec, params, clip, targets, carry, mode,  # Shapes only.
+  carry = _prepare(mspec, mspec.params_like, clip, targets, carry, mode,
                    compute_dtype, flush=flush, mask_fill=mask_fill)
 
   def grads_fn(p, c, start, length):
-    loss, grads, out = _window_grads_packed(
-        mspec, _to_packed(mspec, p), clip, targets, c, mode=mode,
-        start=start, length=length, mask_fill=mask_fill,
-        compute_dtype=compute_dtype)
-    return loss, _from_packed(mspec, grads), out
+    return _window_grads_state(mspec, p, clip, targets, c, mode=mode,
+                               start=start, length=length,
+                               mask_fill=mask_fill,
+                               compute_dtype=compute_dtype)
   pstack, opt_state, out = engine.optimize_clip(
       grads_fn, optimizer, pstack, opt_state, carry, num_frames=clip.shape[1],
       flush=flush, update_every=update_every)
@@ -1459,11 +1469,9 @@ def forward_sharded(mspec: MeshSpec, pstack: jax.Array, clip: jax.Array,
                     compute_dtype=jnp.float32) -> engine.ClipOutput:
   """``forward`` on the sharded params (``shard_tree``): evaluation
   without unpacking them."""
-  pstack = _to_packed(mspec, pstack)
-  params = _unravel_params(_plan(mspec), pstack)  # Shapes for a fresh carry.
-  return _forward(mspec, pstack, params, clip, targets, mode=mode,
-                  carry=carry, flush=flush, mask_fill=mask_fill,
-                  compute_dtype=compute_dtype)
+  return _forward(mspec, _to_packed(mspec, pstack), mspec.params_like, clip,
+                  targets, mode=mode, carry=carry, flush=flush,
+                  mask_fill=mask_fill, compute_dtype=compute_dtype)
 
 
 def sharded_like(mspec: MeshSpec, tree: PyTree) -> PyTree:
@@ -1504,7 +1512,7 @@ class MeshEngine:
   def __post_init__(self):
     if self.mspec.param_shapes is None:
       raise ValueError(
-          'mesh.MeshEngine needs the params\' shapes for its stage-sharded '
+          'mesh.MeshEngine needs the params\' shapes for its sharded '
           'state: place the network with mesh.place(spec, mesh, ..., '
           'params=params)')
 
@@ -1550,8 +1558,8 @@ class MeshEngine:
 
   def init_carry(self, params, clip, targets, mode: str,
                  compute_dtype=jnp.float32) -> MeshCarry:
-    return init_carry(self.mspec, _unravel_params(
-        _plan(self.mspec), _to_packed(self.mspec, params)), clip, targets,
+    del params  # Its shapes are the placement's (and a fresh carry's).
+    return init_carry(self.mspec, self.mspec.params_like, clip, targets,
                       mode, compute_dtype)
 
   def from_stream_carry(self, carry) -> MeshCarry:
@@ -1576,10 +1584,8 @@ class MeshEngine:
   def window_grads(self, params, clip, targets, carry, **kw):
     """``(loss, grads, ClipOutput)`` of a window; ``grads`` in the
     state's layout (zero on padding)."""
-    loss, grads, out = _window_grads_packed(
-        self.mspec, _to_packed(self.mspec, params), clip, targets, carry,
-        **kw)
-    return loss, _from_packed(self.mspec, grads), out
+    return _window_grads_state(self.mspec, params, clip, targets, carry,
+                               **kw)
 
   def forward(self, params, clip, targets, **kw) -> engine.ClipOutput:
     return forward_sharded(self.mspec, params, clip, targets, **kw)

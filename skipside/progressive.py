@@ -65,7 +65,7 @@ Example::
 
 Engines: ``spec`` is a ``NetworkSpec`` (one device) or any engine
 (``engine.LocalEngine``, ``mesh.MeshEngine``), with params and optimizer
-state in that engine's state layout: on a mesh the stage-sharded one
+state in that engine's state layout: on a mesh the sharded one
 (``eng.to_state(params)``), gradients and updates included. The fragments
 are the engine's windows (``run``, ``window_grads``) and the cache policies
 act on its carry through ``to_stream_carry`` / ``from_stream_carry``
@@ -255,7 +255,7 @@ def as_engine(spec):
     raise TypeError(
         f'progressive takes a NetworkSpec or an engine (engine.LocalEngine, '
         f'mesh.MeshEngine), got {type(spec).__name__}; on a mesh pass '
-        'mesh.MeshEngine(mspec) with the stage-sharded state '
+        'mesh.MeshEngine(mspec) with the sharded state '
         '(MeshEngine.to_state)')
   return spec
 
@@ -799,7 +799,7 @@ def make_train_step(spec, optimizer, config, *, compute_dtype,
   """The training loop's step for ``config.progressive.enabled``.
 
   ``spec``: a ``NetworkSpec`` or an engine (``mesh.MeshEngine``: params and
-  optimizer state in its stage-sharded layout).
+  optimizer state in its sharded layout).
 
   Returns ``step(params, opt_state, video, targets, carry) -> (params,
   opt_state, ClipOutput)`` like ``skipside.train``'s; ``carry`` is ignored

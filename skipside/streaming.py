@@ -111,7 +111,7 @@ def first_chunk(eng, params, chunk, targets, carry, clip_frames, *, mode,
   ``carry``: the stream carry to continue, or None for a fresh stream;
   ``clip_frames``: the whole clip's frames (an int32 array: one program for
   every clip length). The accumulators start here, inside the program, so
-  that they come out in the engine's layout (on a mesh, stage-sharded like
+  that they come out in the engine's layout (on a mesh, sharded like
   the gradient).
   """
   acc = _start(eng, params, chunk, targets, carry, mode=mode,

@@ -26,8 +26,8 @@ conv net (5 stages, 32x32x1 frames, Skip-Sideways edges), batch 8, T=16:
 Headline (DESIGN.md §8): ``mesh_over_single_ticks_per_s`` (sideways, 2x4;
 ``mesh.loss_and_grads`` on the params pytree, which packs them and unpacks
 the gradient every call) and ``mesh_sharded_over_single_ticks_per_s`` (the
-same mesh engine on its stage-sharded state with a placed batch, as the
-training loop runs it),
+same mesh engine's window on its stage-sharded state, ``'stage'``, with a
+placed batch; the loop's default even layout is timed in the train step),
 ``fill_flush_tick_share`` (carried stream) and ``padding_bytes_share``;
 ``homog_mesh_over_single_ticks_per_s`` (skipside, homogeneous net, 1x8),
 ``peer_mesh_over_single_ticks_per_s`` (the peer, same net) and
@@ -102,15 +102,15 @@ and ablations, 2-core CPU):
   (``transport_ablation``: the same window compiled with its ``ppermute``
   rounds replaced by each device keeping its buffers, then without the
   per-tick frame ``psum`` too; timing only, the numbers it computes are
-  wrong). On 2x4 (results/mesh.json, 2026-12-06, 2-core CPU): 0.65x one
-  device as is, 0.99x without the rounds, 1.11x without the frame ``psum``
-  too (an earlier, unrecorded run the same day read higher on all three).
-  One ``ppermute`` in a chain costs 0.20 ms for a 2048-float-per-example
-  buffer and 0.26 ms for 6144 (``ppermute_ms``: mostly a fixed cost, a
-  rendezvous of 8 device threads on 2 cores), and a Sideways tick on 2x4
-  makes four (two rounds, up and down) plus the frame ``psum``: about
-  0.9 ms a tick of the 1.7 ms a tick the ablation removes; the rest (the
-  waiting each rendezvous adds between devices) is not broken down.
+  wrong). On 2x4 (results/mesh.json, 2026-12-06, 2-core CPU): 0.67x one
+  device as is, 1.07x without the rounds, 1.16x without the frame ``psum``
+  too (the run before read 0.65, 0.99, 1.11). One ``ppermute`` in a chain
+  costs 0.18 ms for a 2048-float-per-example buffer and 0.20 ms for 6144
+  (``ppermute_ms``: mostly a fixed cost, a rendezvous of 8 device threads
+  on 2 cores), and a Sideways tick on 2x4 makes four (two rounds, up and
+  down) plus the frame ``psum``: roughly half of what the ablation
+  removes per tick; the rest (the waiting each rendezvous adds between
+  devices) is not broken down.
   Tried in throwaway code on the same window, timed against the program as
   is in the same process, and not kept (no gain beyond this machine's
   run-to-run noise): each round as an ``all_to_all``; each
@@ -123,19 +123,21 @@ and ablations, 2-core CPU):
 - The train step's figure used to feed the mesh an unplaced batch, resharded
   inside every step; it is now fed as the loop feeds it, which changed the
   figure by nothing measurable (0.638 before, 0.639 after). It reads below
-  the bare window's ``mesh_sharded_over_single`` (0.64 against 0.74), but
-  the same window program read 0.65 in the transport ablation of the same
-  run: one program's figure spans 0.65-0.74 within a run here, so whether
-  the optimizer update on the packed state costs anything is not
-  established.
+  the bare window's ``mesh_sharded_over_single`` (0.66 against 0.71 in the
+  last run), but the same window program read 0.67 in the transport
+  ablation of the same run: one program's figure spans several hundredths
+  within a run here, so whether the optimizer update on the packed state
+  costs anything is not established.
 - The evenly sharded train state (ZeRO, ``state_sharding='even'``) adds per
   window a gather of each device's rows (a ``psum`` over 'data' of a
   segment, then one ``ppermute`` shift over 'stage' per overlapped segment
   offset: two on the default net's 1x4 and 2x4 placements) and the
   transposed scatter of the gradient. Its train step read 0.69 of one
-  device against the stage layout's 0.66 in the same run (2026-12-06): no
-  measurable cost next to the per-tick transport, for 0.25 of the state
-  per device on 1x4 instead of 0.64.
+  device against the stage layout's 0.66 in the same run (2026-12-06, one
+  run): no cost that run could measure next to the per-tick transport, for
+  0.25 of the state's argument bytes per device on 1x4 instead of 0.64
+  (the step's temporaries add the gathered row, its gradient and the
+  exchange buffer).
 - The peer's one-device baseline is ``vmap`` over stacked stages: XLA:CPU
   runs its grouped convolutions about 4x slower than plain ones, which
   flatters ``peer_mesh_over_single_ticks_per_s`` and sinks
