@@ -46,9 +46,10 @@ PyTree = Any
 
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# The mesh train state's layout a config without the key gets (ZeRO; see
-# mesh.STATE_SHARDINGS). ``mesh.place`` itself defaults to 'stage'.
-STATE_SHARDING = 'even'
+# The mesh train state's layout by default (mesh.STATE_SHARDINGS): 'stage'
+# moves nothing per step; 'even' (ZeRO) holds far less state per chip and
+# pays a gather and a scatter per window (README, "Using the library").
+STATE_SHARDING = 'stage'
 
 
 STAGE_KINDS = ('conv', 'convbn', 'res', 'tconv', 'mlp')
@@ -212,10 +213,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.stage = 1
   c.mesh.groups = ''  # '' = flops-balanced; or consecutive stages: '0-1,2,3-4'.
-  # The train state's layout (mesh.STATE_SHARDINGS): 'even' spreads params
-  # and optimizer state evenly over every device (ZeRO; each step gathers
-  # its group's rows); 'stage' keeps each group's on its own stage devices,
-  # padded to the largest group and replicated over 'data'.
+  # The train state's layout (mesh.STATE_SHARDINGS): 'stage' keeps each
+  # group's params and optimizer state on its own stage devices, padded to
+  # the largest group and replicated over 'data'; 'even' spreads them evenly
+  # over every device (ZeRO; each window gathers its group's rows).
   c.mesh.state_sharding = STATE_SHARDING
   return c
 

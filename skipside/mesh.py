@@ -1277,10 +1277,12 @@ def _gather_rows(mspec: MeshSpec, flat: jax.Array) -> jax.Array:
     g = lax.axis_index('stage')
     buf = jnp.zeros((seg + width + seg,), piece.dtype)
     for k, needed, start in rounds:
-      got = lax.dynamic_update_slice(jnp.zeros_like(buf),
-                                     _shift(segment, k, num),
-                                     (jnp.asarray(start)[g],))
-      buf = buf + jnp.where(jnp.asarray(needed)[g], got, 0)
+      at = jnp.asarray(start)[g]
+      # Written in place; a round this device does not need rewrites what
+      # is there (segments land on disjoint parts of the buffer).
+      got = jnp.where(jnp.asarray(needed)[g], _shift(segment, k, num),
+                      lax.dynamic_slice(buf, (at,), (seg,)))
+      buf = lax.dynamic_update_slice(buf, got, (at,))
     row = buf[seg:seg + width]
     return jnp.where(jnp.arange(width) < used[g], row,
                      jnp.asarray(mspec.pad_value, row.dtype))[None]

@@ -160,13 +160,15 @@ def _launch_two(workdir, data_dir, mesh_flags, env) -> list[str]:
     ((), "{'data': 4, 'stage': 1}", (2, 2)),
     (('--config.mesh.data=4', '--config.mesh.stage=1'),
      "{'data': 4, 'stage': 1}", (2, 2)),
-    (('--config.mesh.data=1', '--config.mesh.stage=4'),
-     "{'data': 1, 'stage': 4}", (0, 4)),
+    # The evenly sharded state: its gather and scatter cross processes.
+    (('--config.mesh.data=1', '--config.mesh.stage=4',
+      '--config.mesh.state_sharding=even'), "{'data': 1, 'stage': 4}",
+     (0, 4)),
     # Clips in chunks (skipside/streaming.py): host batches, each process's
     # rows of every chunk; evaluation scores the global rows.
     (('--config.mesh.data=4', '--config.mesh.stage=1',
       '--config.train.chunk_frames=3'), "{'data': 4, 'stage': 1}", (2, 2)),
-], ids=['no_mesh_keys', 'data4', 'stage4', 'data4_chunked'])
+], ids=['no_mesh_keys', 'data4', 'stage4_even', 'data4_chunked'])
 def test_launch_train_two_processes_match_one(tmp_path, mesh_flags, layout,
                                               rows):
   """``python -m launch.train`` as 2 processes x 2 CPU devices ends with the

@@ -435,7 +435,7 @@ def test_mesh_equals_single_device(mode, policy, truncate, sharding):
 
 def test_mesh_train_step_on_sharded_state():
   """PGT's step per fragment with Adam on the mesh's evenly sharded params
-  and optimizer state (the loop's default) equals the single-device step."""
+  and optimizer state equals the single-device step."""
   from skipside import mesh
   opts = _opts(2, cache_policy='avg', momentum=0.25, step_per='fragment')
   optimizer = optax.adam(1e-2)

@@ -27,7 +27,8 @@ Headline (DESIGN.md §8): ``mesh_over_single_ticks_per_s`` (sideways, 2x4;
 ``mesh.loss_and_grads`` on the params pytree, which packs them and unpacks
 the gradient every call) and ``mesh_sharded_over_single_ticks_per_s`` (the
 same mesh engine's window on its stage-sharded state, ``'stage'``, with a
-placed batch; the loop's default even layout is timed in the train step),
+placed batch, as the loop runs it by default; the even layout is timed in
+the train step),
 ``fill_flush_tick_share`` (carried stream) and ``padding_bytes_share``;
 ``homog_mesh_over_single_ticks_per_s`` (skipside, homogeneous net, 1x8),
 ``peer_mesh_over_single_ticks_per_s`` (the peer, same net) and
@@ -43,8 +44,8 @@ for smoke runs.
 Also: ``mesh_train_step_even_over_single`` and
 ``mesh_train_step_over_single`` (the training loop's steps, sideways, Adam,
 2x4: the single-device engine's against the mesh engine's on its evenly
-sharded state, ``state_sharding='even'``, the config default, and on its
-stage-sharded one, each batch placed as the loop's ``eng.put_batch`` places
+sharded state, ``state_sharding='even'``, and on its stage-sharded one, the
+config default, each batch placed as the loop's ``eng.put_batch`` places
 it), the transport ablation ``mesh_no_transfers_over_single`` and
 ``mesh_no_transfers_no_frames_over_single`` (below) and
 ``state_bytes_per_device_share_1x4`` (the largest device's params + Adam
@@ -595,7 +596,8 @@ def main():
           'mesh_no_transfers'],
       'mesh_no_transfers_no_frames_over_single': ablation['over_single'][
           'mesh_no_transfers_no_frames'],
-      # The training loop's default layout (config.mesh.state_sharding).
+      # The even layout (config.mesh.state_sharding='even'): the state at
+      # rest; the stage layout (the default) beside it.
       'state_bytes_per_device_share_1x4': state_rows['even']['share'],
       'state_bytes_per_device_share_1x4_stage_layout': state_rows['stage'][
           'share'],
