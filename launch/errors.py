@@ -17,6 +17,7 @@ Example::
 
 import difflib
 import importlib.util
+import os
 import re
 import sys
 
@@ -31,6 +32,21 @@ def exit_with(line: str) -> None:
   print(f'config error: {" ".join(line.split())}', file=sys.stderr,
         flush=True)  # One line, whatever the message held.
   sys.exit(2)
+
+
+def exit_now(line: str, code: int) -> None:
+  """Prints ``line`` on stderr and ends the process with ``code`` at once,
+  without the interpreter's shutdown.
+
+  For a failed checkpoint save, whose line must stay the last one written:
+  the writes orbax abandoned (coroutines never awaited, which
+  ``checkpoints`` cannot reach) report when the interpreter frees them at
+  shutdown, after it. Call it only where nothing is left to close (the
+  training run's ``ExitStack`` has closed the checkpointer and the logs).
+  """
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def config_flag(argv: list[str], default: str) -> str:

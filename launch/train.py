@@ -151,8 +151,8 @@ def main(argv):
   except config_lib.ConfigError as e:  # One line, exit code 2 (usage).
     errors.exit_with(str(e))
   except checkpoints.CheckpointSaveError as e:  # The earlier ones are kept.
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    sys.exit(CHECKPOINT_FAILED_EXIT_CODE)
+    errors.exit_now(f'error: {" ".join(str(e).split())}',
+                    CHECKPOINT_FAILED_EXIT_CODE)
   print('Summary: ' + json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v
        for k, v in summary.items()}, sort_keys=True), flush=True)

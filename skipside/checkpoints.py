@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -221,11 +220,6 @@ def _quiet_abandoned_writes() -> None:
   exit, after the one line that names the failure."""
   py_logging.getLogger('asyncio').addFilter(
       lambda record: 'exception was never retrieved' not in record.msg)
-  # A coroutine never awaited reports through ``warnings`` (not the hook
-  # below), naming only its own name: the process is ending on the failed
-  # save, so any such warning from here on is one of the abandoned writes.
-  warnings.filterwarnings('ignore', message="coroutine '.*' was never awaited",
-                          category=RuntimeWarning)
   orbax_dir = os.path.dirname(os.path.dirname(ocp.__file__))
   hook = sys.unraisablehook
 

@@ -196,6 +196,9 @@ def test_rerunning_some_rows_keeps_the_others(tmp_path, monkeypatch):
                               (name[1], 1.0)])
   motion_hybrid.main(['--seeds', '3', '--rows', '0', f'--out={out}'])
   assert rows() == ('0', [(name[0], 1.0)])
+  out.write_text('{"rows": [')  # Cut short: replaced, nothing lost.
+  motion_hybrid.main(['--seeds', '3', '--rows', '1', f'--out={out}'])
+  assert rows() == ('1', [(name[1], 1.0)])
 
 
 def test_motion_hybrid_step_takes_each_stage_gradient_from_its_mode():

@@ -158,24 +158,26 @@ def _launch_two(workdir, data_dir, mesh_flags, env) -> list[str]:
                     reason=str(_platform_reason()))
 @pytest.mark.parametrize('mesh_flags,layout,rows', [
     ((), "{'data': 4, 'stage': 1}", (2, 2)),
-    (('--config.mesh.data=4', '--config.mesh.stage=1'),
-     "{'data': 4, 'stage': 1}", (2, 2)),
-    # The evenly sharded state: its gather and scatter cross processes.
-    (('--config.mesh.data=1', '--config.mesh.stage=4',
-      '--config.mesh.state_sharding=even'), "{'data': 1, 'stage': 4}",
-     (0, 4)),
+    # The evenly sharded state: the 'data' rows (the gather's psum) span
+    # the processes.
+    (('--config.mesh.data=2', '--config.mesh.stage=2',
+      '--config.mesh.state_sharding=even'), "{'data': 2, 'stage': 2}",
+     (2, 2)),
+    (('--config.mesh.data=1', '--config.mesh.stage=4'),
+     "{'data': 1, 'stage': 4}", (0, 4)),
     # Clips in chunks (skipside/streaming.py): host batches, each process's
     # rows of every chunk; evaluation scores the global rows.
     (('--config.mesh.data=4', '--config.mesh.stage=1',
       '--config.train.chunk_frames=3'), "{'data': 4, 'stage': 1}", (2, 2)),
-], ids=['no_mesh_keys', 'data4', 'stage4_even', 'data4_chunked'])
+], ids=['no_mesh_keys', 'data2_stage2_even', 'stage4', 'data4_chunked'])
 def test_launch_train_two_processes_match_one(tmp_path, mesh_flags, layout,
                                               rows):
   """``python -m launch.train`` as 2 processes x 2 CPU devices ends with the
   checkpoint and metrics of 1 process x 4 devices, the same command.
 
   The 'data' rows span the processes (the README's command without mesh
-  keys: a 4 x 1 mesh; or mesh.data=4): each reads its rows of the global
+  keys: a 4 x 1 mesh; or a 2 x 2 mesh, its state spread evenly over all
+  four devices): each reads its rows of the global
   batch that one process reads (each used to read its own shard of the
   dataset and the results differed); or the 'stage' axis spans them
   (1 x 4): both read all rows. Each process prints which rows it reads.

@@ -377,13 +377,16 @@ def _resume_copy(src, dst, drop_step):
   return dst
 
 
-@pytest.mark.parametrize('data, stage, groups', [
-    (2, 2, None),  # Flops-balanced groups, batch split over 'data'.
-    (1, 4, '0,1-2'),  # Explicit groups; the last device idle.
+@pytest.mark.parametrize('data, stage, groups, sharding', [
+    # Flops-balanced groups, batch split over 'data'; the state spread over
+    # all four devices.
+    (2, 2, None, 'even'),
+    (1, 4, '0,1-2', 'stage'),  # Explicit groups; the last device idle.
 ])
 def test_mesh_training_matches_single_device_and_shares_checkpoints(
-    tmp_path, data_dir, single_device_run, data, stage, groups):
-  overrides = {'mesh.data': data, 'mesh.stage': stage}
+    tmp_path, data_dir, single_device_run, data, stage, groups, sharding):
+  overrides = {'mesh.data': data, 'mesh.stage': stage,
+               'mesh.state_sharding': sharding}
   if groups:
     overrides['mesh.groups'] = groups
   _, reference = _final_params(single_device_run)

@@ -18,6 +18,7 @@ def device_info(**extra) -> dict:
 def write_result(path: str, result: dict) -> None:
   """Writes ``result`` (config, device, rows, headline) as JSON to ``path``."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
+  with open(path + '.tmp', 'w') as f:  # A crash leaves the old file whole.
     json.dump(result, f, indent=2)
+  os.replace(path + '.tmp', path)
   print(f'wrote {path}')

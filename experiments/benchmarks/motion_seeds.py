@@ -83,22 +83,34 @@ def run_row(row, seeds: int, base, step=None) -> dict:
           'worst': min(acc), 'seeds_at_95': sum(a >= 0.95 for a in acc)}
 
 
-def with_earlier_rows(path: str, done: list, seeds: int,
-                      quick: bool) -> list:
-  """The rows of the result already at ``path``, each replaced by its new
-  run in ``done``, then ``done``'s other rows: a run of some ``--rows``
-  keeps the others. Only an earlier result with the same ``--seeds`` and
-  ``--quick`` counts (its rows would not compare otherwise)."""
+def earlier_rows(path: str, names: list, seeds: int, quick: bool) -> list:
+  """The rows of the result already at ``path`` that a run of some
+  ``--rows`` keeps: only from a result with the same ``--seeds`` and
+  ``--quick`` (its rows would not compare otherwise), and only rows still
+  in ``names``. Read before anything runs, so a bad file costs no run."""
   if not os.path.exists(path):
-    return done
-  with open(path) as f:
-    earlier = json.load(f)
-  config = earlier.get('config', {})
+    return []
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+    config, rows = earlier['config'], earlier['rows']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    print(f'{path}: unreadable ({type(e).__name__}: {e}); replaced')
+    return []
   if (config.get('seeds'), bool(config.get('quick'))) != (seeds, quick):
     print(f'{path}: its rows ran with other --seeds/--quick; replaced')
-    return done
+    return []
+  gone = [r['row'] for r in rows if r['row'] not in names]
+  if gone:
+    print(f'{path}: rows no longer defined, dropped: {gone}')
+  return [r for r in rows if r['row'] in names]
+
+
+def with_earlier_rows(earlier: list, done: list) -> list:
+  """``earlier``'s rows, each replaced by its new run in ``done``, then
+  ``done``'s other rows."""
   new = {r['row']: r for r in done}
-  rows = [new.pop(r['row'], r) for r in earlier.get('rows', [])]
+  rows = [new.pop(r['row'], r) for r in earlier]
   return rows + [r for r in done if r['row'] in new]
 
 
@@ -118,14 +130,14 @@ def main(argv=None, rows=ROWS, run=run_row, name='motion_seeds',
   args = parser.parse_args(argv)
   base = reproduce.parse_args(['--quick'] if args.quick else [])
   seeds = 1 if args.quick else args.seeds
-  done = [run(rows[int(i)], seeds, base) for i in args.rows.split(',')]
   names = [r[0] for r in rows]
-  done = with_earlier_rows(args.out, done, seeds, args.quick)
+  earlier = earlier_rows(args.out, names, seeds, args.quick)
+  done = [run(rows[int(i)], seeds, base) for i in args.rows.split(',')]
+  done = with_earlier_rows(earlier, done)
   headline = {r['row']: {k: r[k] for k in ('mean', 'std', 'worst',
                                             'seeds_at_95')} for r in done}
   print('headline:', headline)
-  args.rows = ','.join(str(names.index(r['row'])) for r in done
-                       if r['row'] in names)
+  args.rows = ','.join(str(names.index(r['row'])) for r in done)
   common.write_result(args.out, dict(
       config=dict(vars(args), task='motion', seeds=seeds),
       device=common.device_info(), rows=done, headline=headline))
