@@ -66,14 +66,14 @@ def forward_for(config: ml_collections.ConfigDict, eng):
                            compute_dtype=compute_dtype)
 
 
-def eval_feed(eng, batches, batch_size: int, *, mode: str, compute_dtype,
-              compiled=None, host_batches: bool = False):
+def eval_feed(eng, batches, batch_size: int, forward, *,
+              host_batches: bool = False):
   """``(batches, forward)`` for ``evaluate`` on engine ``eng`` (params in its
   state layout): every array of a batch as the engine takes it
-  (``eng.put_batch``: global arrays on a mesh), outputs as host arrays.
-  ``compiled(params, clip, targets)`` replaces ``eval_step`` (multigrid:
-  compiled ahead of time; ``streaming.ChunkedForward``, which takes host
-  arrays: ``host_batches``)."""
+  (``eng.put_batch``: global arrays on a mesh), and ``forward(params, clip,
+  targets)`` (``forward_for``'s, or multigrid's compiled ahead of time;
+  ``streaming.ChunkedForward`` takes host clips: ``host_batches``) with its
+  outputs as host arrays."""
   def feed():  # With host_batches the clip stays on the host (the
     # forward sends it in chunks); targets, labels and mask are scored as
     # global arrays either way, like the forward's outputs.
@@ -83,15 +83,14 @@ def eval_feed(eng, batches, batch_size: int, *, mode: str, compute_dtype,
              for k, v in batch.items()
              if k in ('video', 'target', 'label', 'mask')}
 
-  def forward(params, clip, targets):
-    out = (compiled(params, clip, targets) if compiled else eval_step(
-        eng, params, clip, targets, mode=mode, compute_dtype=compute_dtype))
+  def on_host(params, clip, targets):
+    out = forward(params, clip, targets)
     def maybe_host(x):
       return None if x is None else host(x)
     return out._replace(predictions=maybe_host(out.predictions),
                         example_loss=maybe_host(out.example_loss), metrics={
                             k: host(v) for k, v in out.metrics.items()})
-  return feed(), forward
+  return feed(), on_host
 
 
 def eval_params(config: ml_collections.ConfigDict, spec: network.NetworkSpec,

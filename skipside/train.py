@@ -308,7 +308,8 @@ class _Run:
   writer: metrics_lib.MetricWriter
   step_fn: Any  # (params, opt_state, clip, targets, carry) -> (..., out)
   host_batches: bool = False  # step_fn takes host arrays (chunked clips).
-  # aot.BucketTable (multigrid), streaming.ChunkedForward, else None.
+  # (params, clip, targets) -> ClipOutput: evaluation.forward_for's, or an
+  # aot.BucketTable (multigrid).
   eval_forward: Any = None
   norm_moments: Any = None  # aot.BucketTable (multigrid), else None.
   probe: tuple | None = None  # Gradient fidelity's fixed (clip, targets).
@@ -437,9 +438,8 @@ def _set_up(config, workdir: str, restart: bool, resources) -> _Run:
              schedule=schedule, data_config=data_config,
              train_iter=train_iter, ckpt=ckpt, writer=writer,
              step_fn=programs.train_step_for(config, eng, optimizer),
+             eval_forward=programs.eval_step_for(config, eng),  # Chunked too.
              host_batches=streaming.is_chunked(config))
-  if run.host_batches:  # Evaluation's forward in chunks too.
-    run.eval_forward = programs.eval_step_for(config, eng)
   if schedule is not None:  # Every shape compiled before the first step.
     run.step_fn, run.eval_forward, run.norm_moments = programs.compile_ahead(
         config, eng, optimizer, aot.abstract(state.params),
@@ -469,8 +469,7 @@ def _evaluate(config, run: _Run) -> dict:
   compute_dtype = config_lib.PRECISIONS[config.precision]
   with contextlib.closing(data_lib.make_eval_iterator(run.data_config)) as it:
     batches, forward = evaluation.eval_feed(
-        run.eng, it, config.data.batch_size, mode=config.mode,
-        compute_dtype=compute_dtype, compiled=run.eval_forward,
+        run.eng, it, config.data.batch_size, run.eval_forward,
         host_batches=run.host_batches)
     return evaluation.evaluate(
         run.spec, params, batches, mode=config.mode,
