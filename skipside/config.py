@@ -804,16 +804,15 @@ def make_engine(config: ml_collections.ConfigDict, spec: network.NetworkSpec,
   if mesh is None:
     return engine.LocalEngine(spec)
   groups = config.mesh.get('groups')
-  sharding = config.mesh.get('state_sharding', STATE_SHARDING)
+  kw = dict(params=params, state_sharding=config.mesh.get('state_sharding',
+                                                          STATE_SHARDING))
   if groups:
     mspec = mesh_lib.place(spec, mesh, parse_groups(
-        groups, spec.num_stages, mesh.shape['stage']), params=params,
-                           state_sharding=sharding)
+        groups, spec.num_stages, mesh.shape['stage']), **kw)
   else:
     mspec = mesh_lib.place(
-        spec, mesh, params=params,
-        batch_size=config.data.batch_size // mesh.shape['data'],
-        state_sharding=sharding)
+        spec, mesh, batch_size=config.data.batch_size // mesh.shape['data'],
+        **kw)
   return mesh_lib.MeshEngine(mspec)
 
 

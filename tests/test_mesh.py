@@ -383,6 +383,23 @@ def _copy(tree):
   return jax.tree.map(jnp.array, tree)
 
 
+def _three_steps_match_engine(mspec, opt, params, pstack, state, clip,
+                              targets, mode):
+  """Three ``train_step_sharded`` steps from ``(pstack, state)`` equal
+  three ``engine.train_step`` steps from ``params``; returns ``pstack``."""
+  spec = mspec.spec
+  p_ref, s_ref = _copy(params), opt.init(params)
+  for _ in range(3):
+    pstack, state, out = mesh.train_step_sharded(
+        mspec, opt, pstack, state, clip, targets, mode=mode)
+    p_ref, s_ref, ref = engine.train_step(spec, opt, p_ref, s_ref, clip,
+                                          targets, mode=mode)
+  _close(mesh.unshard_tree(mspec, pstack), p_ref, rtol=1e-4, atol=1e-5)
+  _close(mesh.unshard_tree(mspec, state), s_ref, rtol=1e-4, atol=1e-5)
+  _close(out.metrics['loss'], ref.metrics['loss'], rtol=1e-4)
+  return pstack
+
+
 @pytest.mark.parametrize('mode,shape,opt', [
     # Global-norm clipping: one non-zero padded gradient (NaN here) would
     # turn every parameter NaN.
@@ -399,15 +416,8 @@ def test_sharded_train_step_matches_engine(mode, shape, opt):
   pstack = mesh.shard_tree(mspec, params)
   state = mesh.shard_tree(mspec, opt.init(params))
   assert pstack.sharding.spec[0] == 'stage'
-  p_ref, s_ref = _copy(params), opt.init(params)
-  for _ in range(3):
-    pstack, state, out = mesh.train_step_sharded(
-        mspec, opt, pstack, state, clip, targets, mode=mode)
-    p_ref, s_ref, ref = engine.train_step(spec, opt, p_ref, s_ref, clip,
-                                          targets, mode=mode)
-  _close(mesh.unshard_tree(mspec, pstack), p_ref, rtol=1e-4, atol=1e-5)
-  _close(mesh.unshard_tree(mspec, state), s_ref, rtol=1e-4, atol=1e-5)
-  _close(out.metrics['loss'], ref.metrics['loss'], rtol=1e-4)
+  pstack = _three_steps_match_engine(mspec, opt, params, pstack, state, clip,
+                                     targets, mode)
   # Padding stays exactly what it was: its gradient is zero (NaN stays NaN,
   # and never reached a used slot above).
   assert np.isnan(np.asarray(pstack)).sum() == np.isnan(np.asarray(
@@ -529,15 +539,8 @@ def test_even_train_state_matches_engine(mode, shape, name, groups):
   assert pstack.shape == (-(-used // m.size) * m.size,)
   assert {x.data.shape for x in pstack.addressable_shards} == {
       (pstack.size // m.size,)}  # An equal piece on every device.
-  p_ref, s_ref = _copy(params), opt.init(params)
-  for _ in range(3):
-    pstack, state, out = mesh.train_step_sharded(
-        mspec, opt, pstack, state, clip, targets, mode=mode)
-    p_ref, s_ref, ref = engine.train_step(spec, opt, p_ref, s_ref, clip,
-                                          targets, mode=mode)
-  _close(mesh.unshard_tree(mspec, pstack), p_ref, rtol=1e-4, atol=1e-5)
-  _close(mesh.unshard_tree(mspec, state), s_ref, rtol=1e-4, atol=1e-5)
-  _close(out.metrics['loss'], ref.metrics['loss'], rtol=1e-4)
+  pstack = _three_steps_match_engine(mspec, opt, params, pstack, state, clip,
+                                     targets, mode)
   flat = np.asarray(pstack)
   assert flat.size > used  # A tail to check (each of these nets has one).
   assert np.isfinite(flat[:used]).all() and np.isnan(flat[used:]).all()
